@@ -1,0 +1,61 @@
+"""The Python API: ``dkr.api.pull()`` and its coroutine twin ``pull_async()``.
+
+The CLI is a thin layer over these; other programs may call them directly,
+from plain code or from a running asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from .errors import DkrError, Interrupted
+from .events import Events
+from .pull import PullOptions, PullResult, Puller
+from .reference import default_machine_name, parse_reference
+
+__all__ = ["PullOptions", "PullResult", "pull", "pull_async"]
+
+
+async def pull_async(reference: str, local: str | None = None, *,
+                     options: PullOptions | None = None,
+                     events: Events | None = None) -> PullResult:
+    ref = parse_reference(reference)
+    local = local or default_machine_name(ref.name)
+    async with Puller(options or PullOptions(), events) as puller:
+        return await puller.pull(ref, local)
+
+
+def pull(reference: str, local: str | None = None, *, options: PullOptions | None = None,
+         events: Events | None = None) -> PullResult:
+    """Pull one image; raises DkrError (or Interrupted on SIGINT/SIGTERM)."""
+    return _run(pull_async(reference, local, options=options, events=events))
+
+
+def _run(coro):
+    """Run ``coro``; SIGINT and SIGTERM cancel it so every cleanup path runs."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        received: list[int] = []
+
+        def stop(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop, signum)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if received:
+                raise Interrupted(received[0]) from None
+            raise
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    try:
+        return asyncio.run(main())
+    except DkrError:
+        raise

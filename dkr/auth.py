@@ -1,0 +1,162 @@
+"""Registry credentials and the 401 challenge dance (Basic and Bearer tokens).
+
+Credentials come from ``--creds USER:PASS`` or the ``auths`` of
+``~/.docker/config.json``. Bearer tokens are cached per scope until shortly
+before ``expires_in`` runs out. Tokens and passwords are never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+from urllib.parse import urlencode, urlsplit
+
+from .errors import DkrError
+from .reference import DOCKER_HUB_ALIASES
+
+DEFAULT_TOKEN_LIFETIME = 60
+REFRESH_MARGIN = 10
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def basic_header(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Authorization: Basic " + base64.b64encode(raw).decode()
+
+
+def parse_creds(text: str) -> Credentials:
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise DkrError("invalid --creds: want USER:PASS")
+    return Credentials(user, password)
+
+
+def docker_config_credentials(host: str) -> Credentials | None:
+    """Look ``host`` up in the Docker client's config file, as ``docker login`` wrote it."""
+    config_dir = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
+    path = Path(config_dir) / "config.json"
+    try:
+        auths = json.loads(path.read_text()).get("auths", {})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as e:
+        raise DkrError(f"cannot read credentials from {path}: {e}") from None
+    keys = [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"]
+    if host in DOCKER_HUB_ALIASES:
+        keys += ["https://index.docker.io/v1/", "index.docker.io", "docker.io"]
+    for key in keys:
+        entry = auths.get(key) if isinstance(auths, dict) else None
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("auth"):
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise DkrError(f"{path}: the auth entry for {key} is not base64 USER:PASS") from None
+            return Credentials(user, password)
+        if entry.get("username"):
+            return Credentials(entry["username"], entry.get("password", ""))
+    return None
+
+
+_PARAM_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*,?')
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="…",service="…",scope="…"`` → ("bearer", {...})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        m = _PARAM_RE.match(rest, pos)
+        if not m or m.end() == pos:
+            break
+        value = m.group(2) if m.group(2) is not None else m.group(3)
+        params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+        pos = m.end()
+    return scheme.lower(), params
+
+
+Fetch = Callable[[str, list[str], str], Awaitable[tuple[int, bytes]]]
+
+
+class Authenticator:
+    """Answers a registry's challenges and hands out the header for each request."""
+
+    def __init__(self, registry: str, credentials: Credentials | None, fetch: Fetch):
+        self.registry = registry
+        self.credentials = credentials
+        self.fetch = fetch                      # GET url with headers → (status, body)
+        self._scheme: str | None = None
+        self._challenge: dict[str, str] = {}
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    async def headers(self, scope: str) -> list[str]:
+        if self._scheme == "basic":
+            return [self._require_credentials().basic_header()]
+        if self._scheme == "bearer":
+            token, expires = self._tokens.get(scope, ("", 0.0))
+            if time.monotonic() >= expires:
+                token = await self._fetch_token(scope)
+            return [f"Authorization: Bearer {token}"]
+        return []
+
+    async def answer(self, challenge_header: str | None, scope: str) -> None:
+        """A request got 401: learn the scheme and get what it asks for."""
+        if not challenge_header:
+            raise DkrError(f"{self.registry}: 401 Unauthorized without a WWW-Authenticate challenge")
+        scheme, params = parse_challenge(challenge_header)
+        if scheme not in ("basic", "bearer"):
+            raise DkrError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
+        if scheme == "basic":
+            self._require_credentials()
+        if self._scheme == scheme and scheme == "basic":
+            raise DkrError(f"{self.registry}: credentials for {self.credentials.username!r} "
+                           "were refused (401)")
+        self._scheme, self._challenge = scheme, params
+        self._tokens.pop(scope, None)
+        if scheme == "bearer":
+            await self._fetch_token(scope)
+
+    def _require_credentials(self) -> Credentials:
+        if self.credentials is None:
+            raise DkrError(f"{self.registry} requires a login: no credentials "
+                           "(use --creds USER:PASS or ~/.docker/config.json)")
+        return self.credentials
+
+    async def _fetch_token(self, scope: str) -> str:
+        realm = self._challenge.get("realm", "")
+        if urlsplit(realm).scheme not in ("http", "https"):
+            raise DkrError(f"{self.registry}: token realm {realm!r} is not an http(s) URL")
+        query = {"scope": scope}
+        if "service" in self._challenge:
+            query["service"] = self._challenge["service"]
+        headers = [self.credentials.basic_header()] if self.credentials else []
+        status, body = await self.fetch(f"{realm}?{urlencode(query)}", headers, "token")
+        if status == 401:
+            raise DkrError(f"{self.registry}: token server {urlsplit(realm).netloc} refused "
+                           + ("the credentials" if self.credentials else "anonymous access "
+                              "(use --creds USER:PASS)"))
+        if status != 200:
+            raise DkrError(f"{self.registry}: token server {urlsplit(realm).netloc} answered {status}")
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            lifetime = int(answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            raise DkrError(f"{self.registry}: token server sent an unreadable answer") from None
+        if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+            raise DkrError(f"{self.registry}: token server sent no usable token")
+        margin = min(REFRESH_MARGIN, lifetime / 2)
+        self._tokens[scope] = (token, time.monotonic() + lifetime - margin)
+        return token

@@ -1,0 +1,118 @@
+"""The ``dkr`` command line: a thin layer over ``dkr.api``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__, api
+from .auth import parse_creds
+from .errors import DkrError
+from .events import Events, JsonRenderer, log_renderer
+from .v2 import parse_platform
+
+DEFAULT_IMAGE_ROOT = "/var/lib/machines"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-root", default=DEFAULT_IMAGE_ROOT, type=Path,
+                        help=f"where layers and machines live (default {DEFAULT_IMAGE_ROOT})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say more")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dkr", description="Pull container images into ready root file systems.")
+    parser.add_argument("--version", action="version", version=f"dkr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    pull = sub.add_parser("pull", help="pull an image and make a machine from it")
+    _common(pull)
+    pull.add_argument("--backend", default="auto", help="auto, btrfs, overlay, dir or a plugin's")
+    pull.add_argument("--force", action="store_true", help="replace an existing machine")
+    pull.add_argument("--platform", type=_platform_arg, help="OS/ARCH[/VARIANT] to pick from an index")
+    pull.add_argument("--insecure", action="store_true",
+                      help="allow plain HTTP and unverified TLS for this registry")
+    pull.add_argument("--ca-file", help="PEM file of CA certificates to trust")
+    pull.add_argument("--creds", type=_creds_arg, help="USER:PASS for the registry")
+    pull.add_argument("--jobs", type=int, default=6, help="connections per host (default 6)")
+    pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
+    pull.add_argument("reference", metavar="REFERENCE", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
+    pull.add_argument("local", metavar="LOCAL", nargs="?", help="machine name (default: last name component)")
+    pull.set_defaults(func=cmd_pull)
+
+    demo = sub.add_parser("demo", help="start a local registry with a sample image and pull it")
+    _common(demo)
+    demo.set_defaults(image_root=Path("/var/tmp/dkr-demo"))
+    demo.add_argument("--backend", default="auto")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _platform_arg(text: str):
+    try:
+        return parse_platform(text)
+    except DkrError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _creds_arg(text: str):
+    try:
+        return parse_creds(text)
+    except DkrError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _events(args) -> Events:
+    renderers = [log_renderer]
+    if getattr(args, "json", False):
+        renderers.append(JsonRenderer(sys.stdout))
+    return Events(renderers)
+
+
+def cmd_pull(args) -> int:
+    if args.jobs < 1:
+        raise DkrError("--jobs must be at least 1")
+    options = api.PullOptions(
+        image_root=args.image_root, backend=args.backend, force=args.force,
+        platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
+        credentials=args.creds, jobs=args.jobs)
+    api.pull(args.reference, args.local, options=options, events=_events(args))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args.image_root, args.backend)
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("dkr")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return args.func(args)
+    except DkrError as e:
+        print(f"dkr: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dkr: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""The one exception type a user ever sees: its text is the whole error line."""
+
+
+class DkrError(Exception):
+    """A failure to report as ``dkr: error: <message>`` with a non-zero exit."""
+
+    exit_code = 1
+
+
+class Interrupted(DkrError):
+    """The pull was stopped by a signal; exit codes follow the shell's 128+N."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum

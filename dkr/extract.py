@@ -1,0 +1,378 @@
+"""The confined extractor: one child process per layer.
+
+Run as ``python -m dkr.extract --root DIR --format stacked|diff``. It reads
+the layer blob (gzip, zstd or plain tar, sniffed from its first bytes) on
+stdin, inflates it once, hashes the tar stream (the DiffID) on the same
+pass, and extracts it into DIR after ``chroot(DIR)``: the kernel, not path
+checks, keeps every member, symlink and hardlink inside the layer root, so
+a parser bug cannot reach the host. Without root it first enters a user
+namespace to be allowed the chroot. It ends by printing one JSON line:
+``{"diff_id": ..., "tar_bytes": ..., "entries": ...}`` or ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import io
+import json
+import os
+import signal
+import stat
+import sys
+import zlib
+
+from . import tarstream
+from .tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
+from .treeops import remove_tree
+
+try:
+    from isal import igzip as _gzip
+except ImportError:          # pragma: no cover - isal is a dependency; zlib still works
+    import gzip as _gzip
+import zstandard
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+CLONE_NEWUSER = 0x10000000
+
+
+class ExtractError(Exception):
+    pass
+
+
+def open_decompressed(raw: io.BufferedReader):
+    """Sniff the compression from the magic bytes; media types are only hints."""
+    head = raw.peek(4)[:4]
+    if head.startswith(GZIP_MAGIC):
+        return _gzip.GzipFile(fileobj=raw, mode="rb")
+    if head.startswith(ZSTD_MAGIC):
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=tarstream.CHUNK,
+                                                          read_across_frames=True)
+    return raw
+
+
+def normalize(path: bytes) -> bytes:
+    """Member path relative to the layer root; ``..`` may not climb above it."""
+    parts: list[bytes] = []
+    for part in path.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if not parts:
+                raise ExtractError(f"member {path!r} points outside the layer")
+            parts.pop()
+            continue
+        parts.append(part)
+    return b"/".join(parts) or b"."
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0] or b"."
+
+
+class Extractor:
+    """Applies members to the tree rooted at the current directory."""
+
+    def __init__(self, layer_format: str, classify, as_root: bool):
+        self.layer_format = layer_format
+        self.classify = classify
+        self.as_root = as_root
+        self.added: set[bytes] = set()           # every path this layer wrote
+        self.deletes: list[bytes] = []
+        self.opaques: list[bytes] = []
+        self.dirs: list[tuple[bytes, Member]] = []
+        self.known_dirs: set[bytes] = {b"."}
+        self.entries = 0
+        self.skipped_devices = 0
+
+    # --- members -------------------------------------------------------------
+    def apply(self, member: Member, reader: tarstream.TarReader) -> None:
+        path = normalize(member.path)
+        whiteout = self.classify(path.decode("utf-8", "surrogateescape"))
+        if whiteout is not None:
+            target = whiteout.target.encode("utf-8", "surrogateescape")
+            if target:
+                (self.opaques if whiteout.kind == "opaque" else self.deletes).append(target or b".")
+            elif whiteout.kind == "opaque":
+                self.opaques.append(b".")
+            return
+        if path == b"." and member.kind != DIRECTORY:
+            raise ExtractError(f"member {member.path!r} would replace the layer root")
+        self.entries += 1
+        self.added.add(path)
+        handler = {REGULAR: self._file, DIRECTORY: self._dir, SYMLINK: self._symlink,
+                   HARDLINK: self._hardlink}.get(member.kind, self._special)
+        handler(path, member, reader)
+
+    def _make_parents(self, path: bytes) -> None:
+        parent = _parent(path)
+        if parent in self.known_dirs:
+            return
+        try:
+            os.makedirs(parent, 0o755, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ExtractError(f"cannot create {path!r}: a parent is not a directory") from None
+        self.known_dirs.add(parent)
+
+    def _clear(self, path: bytes, keep_dir: bool = False) -> bool:
+        """Remove what is at ``path`` so a member can take its place.
+
+        Returns True when an existing directory was kept (a dir member over a dir).
+        """
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self._make_parents(path)
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            remove_tree(path)
+            self.known_dirs = {d for d in self.known_dirs if not _is_below(d, path)}
+        else:
+            os.unlink(path)
+        return False
+
+    def _create(self, path: bytes, make) -> None:
+        """Run ``make(path)``; on a collision clear the way once and retry."""
+        try:
+            return make(path)
+        except (FileExistsError, FileNotFoundError):
+            self._clear(path)
+            return make(path)
+
+    def _file(self, path: bytes, m: Member, reader) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = self._create(path, lambda p: os.open(p, flags, 0o600))
+        try:
+            reader.copy_body(fd)
+            self._own(fd, m, follow=True)
+            os.chmod(fd, m.mode)
+            self._xattrs(fd, m)
+            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def _dir(self, path: bytes, m: Member, reader) -> None:
+        if not self._clear(path, keep_dir=True):
+            os.mkdir(path, 0o700)
+        self.known_dirs.add(path)
+        self._own(path, m, follow=False)
+        self._xattrs(path, m)
+        self.dirs.append((path, m))       # mode and mtime last: children change them
+
+    def _symlink(self, path: bytes, m: Member, reader) -> None:
+        self._create(path, lambda p: os.symlink(m.linkname, p))
+        self._own(path, m, follow=False)
+        self._xattrs(path, m, symlink=True)
+        os.utime(path, ns=(m.mtime_ns, m.mtime_ns), follow_symlinks=False)
+
+    def _hardlink(self, path: bytes, m: Member, reader) -> None:
+        target = normalize(m.linkname)
+        if target == path:
+            return
+        try:
+            self._create(path, lambda p: os.link(target, p, follow_symlinks=False))
+        except FileNotFoundError:
+            raise ExtractError(f"hardlink {m.path!r} points to {m.linkname!r}, "
+                               "which the layer does not have") from None
+
+    def _special(self, path: bytes, m: Member, reader) -> None:
+        kinds = {tarstream.CHAR: stat.S_IFCHR, tarstream.BLOCKDEV: stat.S_IFBLK,
+                 tarstream.FIFO: stat.S_IFIFO}
+        if m.kind != tarstream.FIFO and not self.as_root:
+            self.skipped_devices += 1
+            return
+        rdev = os.makedev(m.devmajor, m.devminor)
+        self._create(path, lambda p: os.mknod(p, kinds[m.kind] | 0o600, rdev))
+        self._own(path, m, follow=False)
+        os.chmod(path, m.mode)
+        self._xattrs(path, m)
+        os.utime(path, ns=(m.mtime_ns, m.mtime_ns))
+
+    # --- metadata --------------------------------------------------------------
+    def _own(self, target, m: Member, follow: bool) -> None:
+        if not self.as_root:
+            return
+        if isinstance(target, int):
+            os.fchown(target, m.uid, m.gid)
+        else:
+            os.chown(target, m.uid, m.gid, follow_symlinks=follow)
+
+    def _xattrs(self, target, m: Member, symlink: bool = False) -> None:
+        for name, value in m.xattrs.items():
+            if symlink and name.startswith("user."):
+                continue          # the kernel refuses user.* on symlinks
+            try:
+                os.setxattr(target, name, value, follow_symlinks=not symlink)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+
+    def finish_dirs(self) -> None:
+        for path, m in reversed(self.dirs):
+            os.chmod(path, m.mode)
+            os.utime(path, ns=(m.mtime_ns, m.mtime_ns))
+
+    # --- whiteouts ---------------------------------------------------------------
+    def resolve_whiteouts(self) -> None:
+        if self.layer_format == "diff":
+            self._mark_whiteouts()
+        else:
+            self._apply_whiteouts()
+
+    def _apply_whiteouts(self) -> None:
+        """Stacked layers hold their parents' files: whiteouts delete them."""
+        ancestors = self._ancestors_of_added()
+        for target in self.deletes:
+            if target in self.added or target in ancestors:
+                self._prune(target, ancestors)   # same layer re-adds it: hide only the lower part
+            elif _no_symlink_on_the_way(target):
+                remove_tree(target)
+        for directory in self.opaques:
+            if _no_symlink_on_the_way(directory) and os.path.isdir(directory):
+                self._prune(directory, ancestors)
+
+    def _prune(self, directory: bytes, ancestors: set[bytes]) -> None:
+        """Delete whatever below ``directory`` this layer did not write."""
+        try:
+            names = os.listdir(directory)
+        except (NotADirectoryError, FileNotFoundError):
+            return
+        for name in names:
+            child = name if directory == b"." else directory + b"/" + name
+            if child in self.added or child in ancestors:
+                if os.path.isdir(child) and not os.path.islink(child):
+                    self._prune(child, ancestors)
+            else:
+                remove_tree(child)
+
+    def _ancestors_of_added(self) -> set[bytes]:
+        ancestors: set[bytes] = set()
+        for path in self.added:
+            while path != b".":
+                path = _parent(path)
+                if path in ancestors:
+                    break
+                ancestors.add(path)
+        return ancestors
+
+    def _mark_whiteouts(self) -> None:
+        """Diff layers keep whiteouts as overlay markers for the lower layers."""
+        ancestors = self._ancestors_of_added()
+        for target in self.deletes:
+            if target in self.added or target in ancestors:
+                # The layer brings its own TARGET: a directory must still hide the lower one's entries.
+                if os.path.isdir(target) and not os.path.islink(target):
+                    self._set_opaque(target)
+                continue
+            self._make_parents(target)
+            self._create(target, lambda p: os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0)))
+        for directory in self.opaques:
+            if directory != b"." and not os.path.lexists(directory):
+                self._make_parents(directory)
+                os.mkdir(directory, 0o755)
+            self._set_opaque(directory)
+
+    def _set_opaque(self, directory: bytes) -> None:
+        os.setxattr(directory, OPAQUE_XATTR, b"y", follow_symlinks=False)
+
+
+def _is_below(path: bytes, top: bytes) -> bool:
+    return path == top or path.startswith(top + b"/")
+
+
+def _no_symlink_on_the_way(path: bytes) -> bool:
+    """A whiteout applies to a lower path, never to what a symlink points at."""
+    prefix = b""
+    for part in path.split(b"/")[:-1]:
+        prefix = prefix + b"/" + part if prefix else part
+        if os.path.islink(prefix):
+            return False
+    return True
+
+
+def _enter_root(root: str, as_root: bool) -> None:
+    if not as_root:
+        _enter_user_namespace()
+    os.chdir(root)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def _enter_user_namespace() -> None:
+    uid, gid = os.getuid(), os.getgid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        err = ctypes.get_errno()
+        raise ExtractError(f"cannot confine the extractor without root: unshare: {os.strerror(err)}")
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"0 {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"0 {gid} 1")
+
+
+def _load_classifier():
+    from .plugins import manager
+    hook = manager().hook.dkr_whiteout_classify
+    return lambda path: hook(path=path)
+
+
+def run(root: str, layer_format: str, max_bytes: int | None) -> dict:
+    as_root = os.geteuid() == 0
+    classify = _load_classifier()           # plugins load before the chroot hides them
+    stdin = io.BufferedReader(io.FileIO(0, "rb", closefd=False), buffer_size=tarstream.CHUNK)
+    _enter_root(root, as_root)
+    os.umask(0)
+    extractor = Extractor(layer_format, classify, as_root)
+    reader = tarstream.TarReader(open_decompressed(stdin), max_bytes=max_bytes)
+    for member in reader:
+        extractor.apply(member, reader)
+    reader.drain()
+    extractor.resolve_whiteouts()
+    extractor.finish_dirs()
+    return {"diff_id": "sha256:" + reader.hash.hexdigest(), "tar_bytes": reader.total,
+            "entries": extractor.entries, "skipped_devices": extractor.skipped_devices}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dkr.extract")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--format", choices=("stacked", "diff"), required=True)
+    parser.add_argument("--max-bytes", type=int)
+    args = parser.parse_args(argv)
+    # The parent decides when to stop us (it kills us on Ctrl-C), so a terminal's
+    # SIGINT to the whole process group must not leave a half-written member behind.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = os.fdopen(os.dup(1), "w")
+    try:
+        result = run(args.root, args.format, args.max_bytes)
+    except (ExtractError, TarError) as e:
+        result = {"error": str(e)}
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        result = {"error": _describe(e)}
+    except Exception as e:  # noqa: BLE001 - a decoder's own error types; report, never trace
+        result = {"error": f"cannot read layer: {type(e).__name__}: {e}"}
+    out.write(json.dumps(result) + "\n")
+    out.flush()
+    return 0 if "error" not in result else 1
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError):
+        where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device{where}"
+        return f"{e.strerror or e}{where}"
+    if isinstance(e, EOFError):
+        return "compressed stream ends early (truncated layer?)"
+    return f"corrupt compressed stream: {e}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""One HTTP transfer on the CurlGlue engine (systemd's ImportJob).
+
+A job either collects a small body (manifests, JSON, tokens) into a buffer
+with a hard cap, or streams a blob into a ``Sink`` with backpressure: when the
+sink is full the transfer pauses, and it resumes when the sink drains, so the
+event loop never blocks and a blob is never held whole. The compressed sha256
+is computed on the same pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import pycurl
+
+from .errors import DkrError
+from .glue import CurlGlue
+
+log = logging.getLogger("dkr.job")
+
+MAX_PAYLOAD = 4 * 1024 * 1024      # the OCI cap for a manifest; plenty for JSON
+ERROR_BODY_KEEP = 4096             # enough of an error body to quote it
+BLOB_BUFFER = 1024 * 1024          # large curl buffers: Python touches each MB few times
+USER_AGENT = "dkr/0.1 (+pycurl)"
+
+
+class SinkError(DkrError):
+    """The blob's consumer (the extractor) stopped taking data; it knows why."""
+
+
+class JobState(enum.Enum):
+    INIT = "init"
+    ANALYZING = "analyzing"   # waiting for / reading response headers
+    RUNNING = "running"       # body flowing
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Sink(Protocol):
+    """Where a blob's bytes go."""
+
+    def write(self, data: bytes) -> bool:
+        """Take all of ``data``; return False when full (the job pauses until drained)."""
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the sink can take more."""
+
+
+@dataclass
+class TransferOptions:
+    """TLS and transport settings that apply to every request to one registry."""
+
+    insecure: bool = False
+    ca_file: str | None = None
+    connect_timeout: int = 30
+    low_speed_time: int = 60    # a transfer slower than 1 B/s this long is stalled
+
+
+@dataclass
+class Response:
+    url: str
+    status: int
+    headers: dict[str, list[str]] = field(default_factory=dict)
+    body: bytes = b""
+    received: int = 0
+    sha256: str = ""
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[-1] if values else None
+
+
+class Job:
+    """One GET (or HEAD) with explicit states; ``await job.run()`` gives the Response."""
+
+    def __init__(self, glue: CurlGlue, url: str, *, headers: list[str] | None = None,
+                 sink: Sink | None = None, expected_size: int | None = None,
+                 max_payload: int = MAX_PAYLOAD, options: TransferOptions | None = None,
+                 range_start: int = 0, method: str = "GET", what: str = ""):
+        self.glue = glue
+        self.url = url
+        self.what = what or url
+        self.sink = sink
+        self.expected_size = expected_size
+        self.max_payload = max_payload
+        self.range_start = range_start
+        self.state = JobState.INIT
+        self.status = 0
+        self.headers: dict[str, list[str]] = {}
+        self.received = 0              # body bytes of this response
+        self.content_length: int | None = None
+        self.hasher = hashlib.sha256()
+        self._body = bytearray()
+        self._abort_reason: str | None = None
+        self._sink_failed = False
+        self._hold = False             # sink is full: refuse (pause) the next chunk
+        self._future: asyncio.Future[Response] = glue.loop.create_future()
+        self.curl = self._make_curl(url, headers or [], options or TransferOptions(), method)
+
+    def _make_curl(self, url: str, headers: list[str], options: TransferOptions,
+                   method: str) -> pycurl.Curl:
+        c = pycurl.Curl()
+        c.setopt(pycurl.URL, url)
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.USERAGENT, USER_AGENT)
+        c.setopt(pycurl.HTTPHEADER, headers)
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.FOLLOWLOCATION, 0)   # redirects are ours: credentials must not follow
+        c.setopt(pycurl.CONNECTTIMEOUT, options.connect_timeout)
+        c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+        c.setopt(pycurl.LOW_SPEED_TIME, options.low_speed_time)
+        c.setopt(pycurl.TCP_KEEPALIVE, 1)
+        c.setopt(pycurl.HEADERFUNCTION, self._on_header)
+        c.setopt(pycurl.WRITEFUNCTION, self._on_write)
+        if self.sink is not None:
+            c.setopt(pycurl.BUFFERSIZE, BLOB_BUFFER)
+        if method == "HEAD":
+            c.setopt(pycurl.NOBODY, 1)
+        if self.range_start:
+            c.setopt(pycurl.RANGE, f"{self.range_start}-")
+        if options.ca_file:
+            c.setopt(pycurl.CAINFO, options.ca_file)
+        if options.insecure:
+            c.setopt(pycurl.SSL_VERIFYPEER, 0)
+            c.setopt(pycurl.SSL_VERIFYHOST, 0)
+        return c
+
+    # --- lifecycle --------------------------------------------------------
+    async def run(self) -> Response:
+        self.state = JobState.ANALYZING
+        self.glue.add(self)
+        try:
+            return await self._future
+        finally:
+            if not self._future.done() or self._future.cancelled():
+                self.glue.remove(self)
+            self.curl.close()
+
+    def on_finished(self, code: int, message: str) -> None:
+        if self._future.done():
+            return
+        if self._abort_reason:
+            self._fail(self._abort_reason)
+        elif code != 0:
+            self._fail(f"{self.what}: {message or pycurl.version} (curl error {code})")
+        elif self._is_success() and self.expected_size is not None and \
+                self.range_start + self.received != self.expected_size:
+            self._fail(f"{self.what}: body ended after {self.range_start + self.received} "
+                       f"of {self.expected_size} bytes")
+        else:
+            self.state = JobState.DONE
+            self._future.set_result(Response(
+                url=self.url, status=self.status, headers=self.headers,
+                body=bytes(self._body), received=self.received,
+                sha256=self.hasher.hexdigest()))
+
+    def _fail(self, reason: str) -> None:
+        self.state = JobState.FAILED
+        self._future.set_exception((SinkError if self._sink_failed else DkrError)(reason))
+
+    def _is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    # --- curl callbacks ------------------------------------------------------
+    def _on_header(self, line: bytes):
+        text = line.decode("iso-8859-1").rstrip("\r\n")
+        if text.startswith("HTTP/"):
+            parts = text.split(None, 2)
+            self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            self.headers = {}
+            return None
+        if not text:
+            return self._headers_complete()
+        name, sep, value = text.partition(":")
+        if sep:
+            self.headers.setdefault(name.strip().lower(), []).append(value.strip())
+        return None
+
+    def _headers_complete(self):
+        if self.status == 100 or not self._is_success():
+            return None
+        self.state = JobState.RUNNING
+        length = self.headers.get("content-length")
+        if length and length[-1].isdigit():
+            self.content_length = int(length[-1])
+            total = self.content_length + (self.range_start if self.status == 206 else 0)
+            if self.sink is None and self.content_length > self.max_payload:
+                return self._abort(f"{self.what}: response of {self.content_length} bytes "
+                                   f"is over the {self.max_payload} byte limit")
+            if self.expected_size is not None and total != self.expected_size \
+                    and self.status in (200, 206):
+                return self._abort(f"{self.what}: server announced {total} bytes, "
+                                   f"expected {self.expected_size}")
+        return None
+
+    def _on_write(self, data: bytes):
+        if self._abort_reason:
+            return 0
+        if not self._is_success():
+            if len(self._body) < ERROR_BODY_KEEP:
+                self._body += data[: ERROR_BODY_KEEP - len(self._body)]
+            return None
+        if self.sink is None:
+            if len(self._body) + len(data) > self.max_payload:
+                return self._abort(f"{self.what}: response is over the "
+                                   f"{self.max_payload} byte limit")
+            self._body += data
+            self.received += len(data)
+            self.hasher.update(data)
+            return None
+        if self._hold:
+            return pycurl.WRITEFUNC_PAUSE
+        if self.expected_size is not None and \
+                self.range_start + self.received + len(data) > self.expected_size:
+            return self._abort(f"{self.what}: body runs past the expected "
+                               f"{self.expected_size} bytes")
+        self.hasher.update(data)
+        self.received += len(data)
+        try:
+            accepted = self.sink.write(data)
+        except OSError as e:
+            self._sink_failed = True
+            return self._abort(f"{self.what}: cannot pass data on: {e.strerror}")
+        if not accepted:
+            self._hold = True
+            self.sink.on_drain(self._resume)
+        return None
+
+    def _abort(self, reason: str) -> int:
+        self._abort_reason = reason
+        return 0   # any short count makes libcurl fail the transfer
+
+    def _resume(self) -> None:
+        self._hold = False
+        if self._future.done() or self._abort_reason:
+            return
+        try:
+            self.curl.pause(pycurl.PAUSE_CONT)
+        except pycurl.error:
+            return
+        self.glue.kick()
+
+    def error_text(self) -> str:
+        return bytes(self._body[:200]).decode("utf-8", "replace").strip()

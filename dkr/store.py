@@ -1,0 +1,110 @@
+"""The image root on disk: where layers, machines, metadata and locks live.
+
+    IMAGE_ROOT/.dkr-<key>                  a finished, read-only layer
+    IMAGE_ROOT/.dkr-<key>.tmp-<rand>       a layer being written
+    IMAGE_ROOT/.dkr-local-<LOCAL>.tmp-<rand>  a machine being made
+    IMAGE_ROOT/LOCAL                       a machine
+    IMAGE_ROOT/.dkr/layers/<key>.json      what a layer is (digests, parent, backend)
+    IMAGE_ROOT/.dkr/machines/<LOCAL>.json  where a machine came from
+    IMAGE_ROOT/.dkr/blobs/sha256/<hex>     manifests and configs, as fetched
+    IMAGE_ROOT/.dkr/locks/                 flock(2) files
+
+Anything becomes visible only by a final rename(), so a crash leaves at
+most ``.tmp-`` entries, which the next run removes under the same lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from .errors import DkrError
+from .reference import digest_hex
+
+log = logging.getLogger("dkr.store")
+
+LAYER_PREFIX = ".dkr-"
+MACHINE_TMP_PREFIX = ".dkr-local-"
+
+
+class ImageRoot:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.meta = self.path / ".dkr"
+
+    def prepare(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for sub in ("layers", "machines", "blobs/sha256", "locks"):
+                (self.meta / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DkrError(f"cannot use image root {self.path}: {e.strerror}") from None
+        if not os.access(self.path, os.W_OK):
+            raise DkrError(f"image root {self.path} is not writable")
+
+    # --- names -------------------------------------------------------------
+    def layer_path(self, chain_id: str) -> Path:
+        return self.path / f"{LAYER_PREFIX}{digest_hex(chain_id)}"
+
+    def layer_tmp(self, chain_id: str) -> Path:
+        return self.path / f"{LAYER_PREFIX}{digest_hex(chain_id)}.tmp-{secrets.token_hex(4)}"
+
+    def machine_path(self, local: str) -> Path:
+        return self.path / local
+
+    def machine_tmp(self, local: str) -> Path:
+        return self.path / f"{MACHINE_TMP_PREFIX}{local}.tmp-{secrets.token_hex(4)}"
+
+    def leftovers(self, prefix: str) -> list[Path]:
+        """Temp entries a crashed run left for one layer or machine."""
+        return sorted(self.path.glob(f"{prefix}.tmp-*"))
+
+    # --- metadata ----------------------------------------------------------
+    def write_json(self, relative: str, value: object) -> None:
+        target = self.meta / relative
+        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, target)
+
+    def read_json(self, relative: str) -> dict | None:
+        try:
+            with open(self.meta / relative) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise DkrError(f"unreadable metadata {self.meta / relative}: {e}") from None
+
+    def save_blob(self, digest: str, data: bytes) -> None:
+        path = self.meta / "blobs" / "sha256" / digest_hex(digest)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+            tmp.write_bytes(data)
+            os.rename(tmp, path)
+
+    def read_blob(self, digest: str) -> bytes | None:
+        try:
+            return (self.meta / "blobs" / "sha256" / digest_hex(digest)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def layer_info(self, chain_id: str) -> dict | None:
+        return self.read_json(f"layers/{digest_hex(chain_id)}.json")
+
+    def machine_info(self, local: str) -> dict | None:
+        return self.read_json(f"machines/{local}.json")
+
+    def machines(self) -> list[dict]:
+        found = []
+        for path in sorted((self.meta / "machines").glob("*.json")):
+            info = self.read_json(f"machines/{path.name}")
+            if info:
+                found.append(info)
+        return found

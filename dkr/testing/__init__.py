@@ -1,0 +1,1 @@
+"""Helpers for tests, the demo and the benchmarks: a real registry, image builders, an oracle."""

@@ -1,0 +1,15 @@
+#!/bin/sh
+# Install dkr, with what its demo and tests use, on Debian 12 (run as root).
+# Leaves a virtual environment in .venv beside this file.
+set -eu
+cd "$(dirname "$0")"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+    python3 python3-venv python3-dev gcc libc6-dev libbtrfsutil-dev \
+    btrfs-progs tar coreutils util-linux ca-certificates openssl \
+    docker-registry skopeo umoci pigz zstd >/dev/null
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+echo "dkr installed: $(.venv/bin/dkr --version)"

@@ -1,0 +1,1 @@
+"""Built-in dkr plugins: storage backends and whiteout resolvers."""

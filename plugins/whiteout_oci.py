@@ -1,0 +1,23 @@
+"""OCI / aufs whiteouts: ``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` makes a directory opaque."""
+
+from __future__ import annotations
+
+from dkr.hookspecs import Whiteout, hookimpl
+
+PREFIX = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+@hookimpl
+def dkr_whiteout_classify(path: str) -> Whiteout | None:
+    parent, _, base = path.rpartition("/")
+    if not base.startswith(PREFIX):
+        return None
+    if base == OPAQUE:
+        return Whiteout("opaque", parent)
+    name = base[len(PREFIX):]
+    if name in ("", ".", "..") or name.startswith(PREFIX):
+        # ".wh." alone, a whiteout of "..", or of another marker, names nothing
+        # a lower layer can have; treat it as a marker for nothing at all.
+        return Whiteout("delete", "")
+    return Whiteout("delete", f"{parent}/{name}" if parent else name)
