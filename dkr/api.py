@@ -14,7 +14,7 @@ from .events import Events
 from .pull import PullOptions, PullResult, Puller
 from .reference import default_machine_name, parse_reference
 
-__all__ = ["PullOptions", "PullResult", "pull", "pull_async"]
+__all__ = ["PullOptions", "PullResult", "pull", "pull_async", "pull_v1", "pull_v1_async"]
 
 
 async def pull_async(reference: str, local: str | None = None, *,
@@ -30,6 +30,20 @@ def pull(reference: str, local: str | None = None, *, options: PullOptions | Non
          events: Events | None = None) -> PullResult:
     """Pull one image; raises DkrError (or Interrupted on SIGINT/SIGTERM)."""
     return _run(pull_async(reference, local, options=options, events=events))
+
+
+async def pull_v1_async(name: str, local: str | None = None, *, index_url: str,
+                        options: PullOptions | None = None,
+                        events: Events | None = None) -> PullResult:
+    """Pull ``NAMESPACE/REPO[:TAG]`` over the Docker Registry v1 protocol."""
+    from .v1 import pull_v1 as _pull_v1
+    async with Puller(options or PullOptions(), events) as puller:
+        return await _pull_v1(puller, name, local, index_url)
+
+
+def pull_v1(name: str, local: str | None = None, *, index_url: str,
+            options: PullOptions | None = None, events: Events | None = None) -> PullResult:
+    return _run(pull_v1_async(name, local, index_url=index_url, options=options, events=events))
 
 
 def _run(coro):

@@ -120,13 +120,17 @@ class Authenticator:
             raise DkrError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
         if scheme == "basic":
             self._require_credentials()
-        if self._scheme == scheme and scheme == "basic":
-            raise DkrError(f"{self.registry}: credentials for {self.credentials.username!r} "
-                           "were refused (401)")
         self._scheme, self._challenge = scheme, params
         self._tokens.pop(scope, None)
         if scheme == "bearer":
             await self._fetch_token(scope)
+
+    def refusal(self, scope: str) -> str:
+        """Why a request that carried our answer to the challenge still got 401."""
+        who = f"credentials for {self.credentials.username!r}" if self.credentials else \
+            "anonymous access"
+        what = "the token" if self._scheme == "bearer" else who
+        return f"{self.registry}: {what} refused for {scope} (401)"
 
     def _require_credentials(self) -> Credentials:
         if self.credentials is None:

@@ -7,13 +7,20 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__, api
+from . import __version__, api, manage
 from .auth import parse_creds
 from .errors import DkrError
 from .events import Events, JsonRenderer, log_renderer
 from .v2 import parse_platform
 
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors, too, are one ``dkr: error:`` line."""
+
+    def error(self, message: str):
+        self.exit(2, f"dkr: error: {message} (see '{self.prog} --help')\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +31,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dkr", description="Pull container images into ready root file systems.")
     parser.add_argument("--version", action="version", version=f"dkr {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     pull = sub.add_parser("pull", help="pull an image and make a machine from it")
@@ -41,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--creds", type=_creds_arg, help="USER:PASS for the registry")
     pull.add_argument("--jobs", type=int, default=6, help="connections per host (default 6)")
     pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
+    pull.add_argument("--v1", action="store_true",
+                      help="use the Docker Registry v1 protocol (REFERENCE is NAMESPACE/REPO[:TAG])")
+    pull.add_argument("--index-url", help="v1 index, e.g. https://index.example.com")
     pull.add_argument("reference", metavar="REFERENCE", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
     pull.add_argument("local", metavar="LOCAL", nargs="?", help="machine name (default: last name component)")
     pull.set_defaults(func=cmd_pull)
@@ -50,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(image_root=Path("/var/tmp/dkr-demo"))
     demo.add_argument("--backend", default="auto")
     demo.set_defaults(func=cmd_demo)
+
+    manage.add_commands(sub, _common)
     return parser
 
 
@@ -81,7 +93,15 @@ def cmd_pull(args) -> int:
         image_root=args.image_root, backend=args.backend, force=args.force,
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
         credentials=args.creds, jobs=args.jobs)
-    api.pull(args.reference, args.local, options=options, events=_events(args))
+    if args.v1:
+        if not args.index_url:
+            raise DkrError("--v1 needs --index-url URL")
+        api.pull_v1(args.reference, args.local, index_url=args.index_url, options=options,
+                    events=_events(args))
+    elif args.index_url:
+        raise DkrError("--index-url only applies to --v1 pulls")
+    else:
+        api.pull(args.reference, args.local, options=options, events=_events(args))
     return 0
 
 

@@ -85,7 +85,20 @@ class StorageBackend(Protocol):
         """The layer at ``path`` is complete: make it read-only if the backend can."""
 
     def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
-        """Make the writable machine tree ``path`` from ``layers`` (base first)."""
+        """Make the writable machine tree ``path`` from ``layers`` (base first).
+
+        ``path`` is a temporary name; dkr renames it to ``IMAGE_ROOT/LOCAL``
+        afterwards, so nothing may be mounted on it yet.
+        """
+
+    def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:
+        """The machine has its final name ``path``: mount what it needs, if anything.
+
+        Also called by ``dkr mount`` (e.g. after a reboot); must be idempotent.
+        """
+
+    def deactivate_machine(self, path: Path) -> None:
+        """Undo ``activate_machine`` (before removal or replacement, and by ``dkr umount``)."""
 
     def remove(self, path: Path) -> None:
         """Remove a layer or machine tree made by this backend (it may be read-only)."""

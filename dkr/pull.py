@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from .auth import Credentials, docker_config_credentials
 from .errors import DkrError
@@ -25,7 +26,7 @@ from .events import Events
 from .glue import CurlGlue
 from .hookspecs import StorageBackend
 from .job import SinkError, TransferOptions
-from .plugins import choose_backend
+from .plugins import backends, choose_backend
 from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .store import ImageRoot
@@ -113,7 +114,7 @@ class Puller:
         started = time.monotonic()
         validate_machine_name(local)
         backend = self.backend()
-        self._refuse_existing(local)
+        self.refuse_existing(local)
         client = await self.client(ref)
         plan = await ManifestResolver(client, ref, self.options.platform).resolve()
         self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
@@ -126,14 +127,17 @@ class Puller:
         for index, layer in enumerate(plan.layers):
             parent = paths[-1] if paths else None
             paths.append(await self._ensure_layer(client, plan, index, layer, parent, backend, result))
-        await self._make_machine(plan, local, paths, backend)
+        await self.make_machine(local, paths, backend, {
+            "reference": str(ref), "manifest_digest": plan.manifest_digest,
+            "config_digest": plan.config_digest, "platform": plan.platform,
+            "layers": [digest_hex(layer.chain_id) for layer in plan.layers]})
         result.seconds = time.monotonic() - started
         self.events.emit("done", reference=str(ref), local=local, seconds=result.seconds,
                          fetched=result.layers_fetched, reused=result.layers_reused,
                          bytes=result.bytes_fetched)
         return result
 
-    def _refuse_existing(self, local: str) -> None:
+    def refuse_existing(self, local: str) -> None:
         if os.path.lexists(self.root.machine_path(local)) and not self.options.force:
             raise DkrError(f"machine {local!r} already exists in {self.root.path} "
                            "(use --force to replace it)")
@@ -142,46 +146,61 @@ class Puller:
     async def _ensure_layer(self, client: RegistryClient, plan: ImagePlan, index: int,
                             layer: LayerPlan, parent: Path | None, backend: StorageBackend,
                             result: PullResult) -> Path:
-        final = self.root.layer_path(layer.chain_id)
-        async with self._locked(f"layer-{digest_hex(layer.chain_id)}",
-                                f"building layer {digest_hex(layer.chain_id)[:12]}"):
+        key = digest_hex(layer.chain_id)
+        meta = {"chain_id": layer.chain_id, "diff_id": layer.diff_id, "digest": layer.digest,
+                "size": layer.size, "media_type": layer.media_type,
+                "parent": plan.layers[index - 1].chain_id if index else None}
+        announce = dict(index=index + 1, count=len(plan.layers), digest=layer.digest,
+                        size=layer.size, chain_id=layer.chain_id)
+
+        async def fetch(tree: Path) -> dict:
+            return await self._fetch_into(client, plan.reference, layer, tree, backend.layer_format)
+
+        return await self.ensure_layer(key, parent, backend, fetch, meta, announce, result)
+
+    async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
+                           fetch: Callable[[Path], Awaitable[dict]], meta: dict,
+                           announce: dict, result: PullResult) -> Path:
+        """Make layer ``key`` exist: reuse it, or build it from ``fetch`` under its lock.
+
+        ``fetch(tree)`` fills the prepared temp tree and returns the extractor's
+        report (with ``tar_bytes``) once every check has passed; only then does the
+        layer get its final name.
+        """
+        final = self.root.layer_path(key)
+        async with self._locked(f"layer-{key}", f"building layer {key[:12]}"):
             if final.exists():
-                self._check_layer_backend(layer.chain_id, backend)
-                self.events.emit("skipped", chain_id=layer.chain_id, digest=layer.digest)
+                self._check_layer_backend(key, backend)
+                self.events.emit("skipped", chain_id=key, digest=announce.get("digest", key))
                 result.layers_reused += 1
                 return final
             for leftover in self.root.leftovers(final.name):
                 log.info("Removing %s left by an interrupted pull.", leftover.name)
                 backend.remove(leftover)
-            self.events.emit("layer-start", index=index + 1, count=len(plan.layers),
-                             digest=layer.digest, size=layer.size, chain_id=layer.chain_id)
-            tmp = self.root.layer_tmp(layer.chain_id)
+            self.events.emit("layer-start", **announce)
+            tmp = self.root.layer_tmp(key)
             backend.create_layer(tmp, parent)
             try:
-                unpacked = await self._fetch_into(client, plan.reference, layer, tmp,
-                                                  backend.layer_format)
+                unpacked = await fetch(tmp)
                 backend.seal_layer(tmp)
-                self.root.write_json(f"layers/{digest_hex(layer.chain_id)}.json", {
-                    "chain_id": layer.chain_id, "diff_id": layer.diff_id,
-                    "digest": layer.digest, "size": layer.size, "media_type": layer.media_type,
-                    "parent": plan.layers[index - 1].chain_id if index else None,
-                    "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                self.root.write_json(f"layers/{key}.json", {
+                    **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
+                    "created": _now()})
                 os.rename(tmp, final)
             except BaseException:
                 backend.remove(tmp)
                 raise
         result.layers_fetched += 1
-        result.bytes_fetched += layer.size
-        self.events.emit("layer-done", chain_id=layer.chain_id, digest=layer.digest,
-                         size=layer.size, tar_bytes=unpacked["tar_bytes"])
+        result.bytes_fetched += announce.get("size") or 0
+        self.events.emit("layer-done", chain_id=key, digest=announce.get("digest", key),
+                         size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"])
         return final
 
-    def _check_layer_backend(self, chain_id: str, backend: StorageBackend) -> None:
-        info = self.root.layer_info(chain_id) or {}
+    def _check_layer_backend(self, key: str, backend: StorageBackend) -> None:
+        info = self.root.layer_info(key) or {}
         made_by = info.get("backend", backend.name)
         if made_by != backend.name:
-            raise DkrError(f"layer {digest_hex(chain_id)[:12]} in {self.root.path} was made by "
+            raise DkrError(f"layer {key[:12]} in {self.root.path} was made by "
                            f"backend {made_by}, not {backend.name} (use --backend {made_by})")
 
     async def _fetch_into(self, client: RegistryClient, ref: Reference, layer: LayerPlan,
@@ -214,42 +233,45 @@ class Puller:
         return unpacked
 
     # --- the machine -----------------------------------------------------------------
-    async def _make_machine(self, plan: ImagePlan, local: str, layers: list[Path],
-                            backend: StorageBackend) -> None:
+    async def make_machine(self, local: str, layers: list[Path], backend: StorageBackend,
+                           record: dict) -> None:
+        """Make ``IMAGE_ROOT/LOCAL`` from ``layers``; ``record`` says where it came from."""
         machine = self.root.machine_path(local)
         async with self._locked(f"machine-{local}", f"making machine {local}"):
-            self._refuse_existing(local)
+            self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 backend.remove(leftover)
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
                 if os.path.lexists(machine):
+                    old_backend = self._machine_backend(local, backend)
+                    old_backend.deactivate_machine(machine)
                     exchange_paths(tmp, machine)      # never a moment without a machine
-                    self._remove_old_machine(local, tmp, backend)
+                    old_backend.remove(tmp)
                 else:
                     os.rename(tmp, machine)
+                backend.activate_machine(machine, layers)
             except BaseException:
                 if os.path.lexists(tmp):
                     backend.remove(tmp)
                 raise
             self.root.write_json(f"machines/{local}.json", {
-                "local": local, "reference": str(plan.reference),
-                "manifest_digest": plan.manifest_digest, "config_digest": plan.config_digest,
-                "platform": plan.platform, "backend": backend.name,
-                "layers": [layer.chain_id for layer in plan.layers],
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                **record, "local": local, "backend": backend.name, "created": _now()})
         self.events.emit("machine", local=local, path=str(machine))
 
-    def _remove_old_machine(self, local: str, old: Path, backend: StorageBackend) -> None:
+    def _machine_backend(self, local: str, default: StorageBackend) -> StorageBackend:
+        """The backend that made an existing machine (it knows how to take it down)."""
         info = self.root.machine_info(local) or {}
-        from .plugins import backends
-        made_by = backends().get(info.get("backend", backend.name), backend)
-        made_by.remove(old)
+        return backends().get(info.get("backend", default.name), default)
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str):
         return _AsyncFlock(self.root.meta / "locks" / f"{name}.lock", note)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class _AsyncFlock:

@@ -70,7 +70,9 @@ class RegistryClient:
             headers = extra + (await self.auth.headers(scope) if own_host else [])
             response = await self._job(url, headers, sink=sink, expected_size=expected_size,
                                        range_start=range_start, what=what or path)
-            if response.status == 401 and own_host and not answered:
+            if response.status == 401 and own_host:
+                if answered:
+                    raise DkrError(self.auth.refusal(scope))
                 await self.auth.answer(response.header("www-authenticate"), scope)
                 answered = True
                 continue

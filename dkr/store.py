@@ -46,11 +46,12 @@ class ImageRoot:
             raise DkrError(f"image root {self.path} is not writable")
 
     # --- names -------------------------------------------------------------
-    def layer_path(self, chain_id: str) -> Path:
-        return self.path / f"{LAYER_PREFIX}{digest_hex(chain_id)}"
+    def layer_path(self, key: str) -> Path:
+        """``key``: a v2 chain id's hex, or a v1 image id."""
+        return self.path / f"{LAYER_PREFIX}{key}"
 
-    def layer_tmp(self, chain_id: str) -> Path:
-        return self.path / f"{LAYER_PREFIX}{digest_hex(chain_id)}.tmp-{secrets.token_hex(4)}"
+    def layer_tmp(self, key: str) -> Path:
+        return self.path / f"{LAYER_PREFIX}{key}.tmp-{secrets.token_hex(4)}"
 
     def machine_path(self, local: str) -> Path:
         return self.path / local
@@ -95,8 +96,8 @@ class ImageRoot:
         except FileNotFoundError:
             return None
 
-    def layer_info(self, chain_id: str) -> dict | None:
-        return self.read_json(f"layers/{digest_hex(chain_id)}.json")
+    def layer_info(self, key: str) -> dict | None:
+        return self.read_json(f"layers/{key}.json")
 
     def machine_info(self, local: str) -> dict | None:
         return self.read_json(f"machines/{local}.json")

@@ -36,6 +36,7 @@ LAYER_TYPES = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.diff.tar": "none",     # uncompressed, as buildah writes
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
 }
 CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",

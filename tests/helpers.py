@@ -1,0 +1,66 @@
+"""Shared helpers for the test suite: run the real CLI, check clean failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+TIMEOUT = 300
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.splitlines() if line.startswith("{")]
+
+
+def run_dkr(*args, env=None, timeout=TIMEOUT, input=None) -> Run:
+    """The CLI as a user runs it: a separate process, real stdout/stderr."""
+    proc = subprocess.run([sys.executable, "-m", "dkr", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, input=input)
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def pull(registry, repo_ref: str, root: Path, *extra, local=None) -> Run:
+    args = ["pull", "--insecure", "--image-root", root, *extra, f"{registry.host}/{repo_ref}"]
+    if local:
+        args.append(local)
+    return run_dkr(*args)
+
+
+def temp_entries(root: Path) -> list[str]:
+    if not root.exists():
+        return []
+    found = [p.name for p in root.iterdir() if ".tmp-" in p.name]
+    meta = root / ".dkr"
+    if meta.exists():
+        found += [str(p.relative_to(root)) for p in meta.rglob("*.tmp-*")]
+    return found
+
+
+def assert_clean_failure(run: Run, root: Path, pattern: str, local: str | None = None) -> None:
+    """One ``dkr: error:`` line matching ``pattern``, non-zero exit, nothing half-made."""
+    assert run.rc != 0, f"expected failure, got success:\n{run.err}"
+    errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
+    assert len(errors) == 1, f"want exactly one error line:\n{run.err}"
+    assert "Traceback" not in run.err, run.err
+    assert re.search(pattern, errors[0]), f"{errors[0]!r} does not match {pattern!r}"
+    assert temp_entries(root) == [], temp_entries(root)
+    if local:
+        assert not os.path.lexists(root / local), f"{local} was left behind"
+
+
+def assert_ok(run: Run) -> Run:
+    assert run.rc == 0, f"dkr failed ({run.rc}):\n{run.err}"
+    assert "Traceback" not in run.err, run.err
+    return run

@@ -1,0 +1,195 @@
+"""End-to-end v2 pulls against a real registry, checked against skopeo + umoci."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+
+from dkr.testing import images
+from dkr.testing.images import File, Image, Layer
+from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
+from dkr.testing.registry import Registry
+from dkr.testing.tokenserver import TokenServer
+
+
+def _oracle_tree(registry, repo, ref, tmp_path, platform=None):
+    rootfs = umoci_unpack(registry, repo, ref, tmp_path / "oracle", platform=platform)
+    return tree_snapshot(rootfs)
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker"])
+def test_sample_image_matches_umoci(registry, image_root, tmp_path, fmt):
+    repo = f"oracle/sample-{fmt}"
+    images.push_image(registry, repo, "v1", images.sample_image(format=fmt))
+    assert_ok(pull(registry, f"{repo}:v1", image_root, "--backend", "dir"))
+    ours = tree_snapshot(image_root / f"sample-{fmt}")
+    assert diff_trees(_oracle_tree(registry, repo, "v1", tmp_path), ours, "umoci", "dkr") == []
+
+
+def test_sample_expectations_hold(registry, image_root):
+    images.push_image(registry, "expect/sample", "latest", images.sample_image())
+    assert_ok(pull(registry, "expect/sample", image_root, "--backend", "dir"))
+    machine = image_root / "sample"
+    snap = tree_snapshot(machine)
+    expected = images.sample_expectations()
+    for path in expected["absent"]:
+        assert not os.path.lexists(machine / path), path
+    assert os.stat(machine / "usr/bin/su").st_mode & 0o7777 == 0o4755
+    assert os.readlink(machine / "lib") == "/usr/lib"
+    assert os.getxattr(machine / "etc/xattrs", "user.comment") == b"hello"
+    for group in expected["hardlinks"]:
+        inodes = {os.lstat(machine / p).st_ino for p in group}
+        assert len(inodes) == 1, group
+    assert (machine / "var/cache/apt/fresh.bin").read_bytes() == b"new cache\n"
+    assert snap  # the tree is not empty
+
+
+def test_index_picks_requested_platform(registry, image_root, tmp_path):
+    def image(arch):
+        return Image([Layer([File("arch", arch.encode())])], arch=arch)
+    images.push_index(registry, "multi/arch", "latest",
+                      {"linux/amd64": image("amd64"), "linux/arm64": image("arm64")})
+    assert_ok(pull(registry, "multi/arch", image_root, "--platform", "linux/arm64",
+                   "--backend", "dir", local="arm"))
+    assert (image_root / "arm" / "arch").read_bytes() == b"arm64"
+    assert_ok(pull(registry, "multi/arch", image_root, "--platform", "linux/amd64",
+                   "--backend", "dir", local="amd"))
+    assert (image_root / "amd" / "arch").read_bytes() == b"amd64"
+    oracle = _oracle_tree(registry, "multi/arch", "latest", tmp_path, platform="linux/arm64")
+    assert diff_trees(oracle, tree_snapshot(image_root / "arm")) == []
+    failed = pull(registry, "multi/arch", image_root, "--platform", "linux/s390x",
+                  "--backend", "dir", local="s390")
+    assert_clean_failure(failed, image_root, r"no image for platform linux/s390x.*amd64", "s390")
+
+
+def test_second_pull_reuses_layers(registry, image_root):
+    images.push_image(registry, "reuse/img", "latest", images.sample_image())
+    first = assert_ok(pull(registry, "reuse/img", image_root, "--backend", "dir", "--json",
+                           local="one"))
+    second = assert_ok(pull(registry, "reuse/img", image_root, "--backend", "dir", "--json",
+                            local="two"))
+    assert [e["event"] for e in first.events].count("layer-done") == 3
+    assert [e["event"] for e in second.events].count("skipped") == 3
+    assert "layer-done" not in [e["event"] for e in second.events]
+    assert second.err.count("already exists, skipping.") == 3
+    (image_root / "two" / "etc" / "hostname").write_text("changed")
+    assert (image_root / "one" / "etc" / "hostname").read_text() == "updated\n"
+
+
+def test_existing_machine_needs_force(registry, image_root):
+    images.push_image(registry, "force/img", "latest",
+                      Image([Layer([File("version", b"1")])]))
+    assert_ok(pull(registry, "force/img", image_root, "--backend", "dir"))
+    images.push_image(registry, "force/img", "latest",
+                      Image([Layer([File("version", b"2")])]))
+    refused = pull(registry, "force/img", image_root, "--backend", "dir")
+    assert_clean_failure(refused, image_root, r"machine 'img' already exists.*--force")
+    assert (image_root / "img" / "version").read_bytes() == b"1"
+    assert_ok(pull(registry, "force/img", image_root, "--backend", "dir", "--force"))
+    assert (image_root / "img" / "version").read_bytes() == b"2"
+    record = json.loads((image_root / ".dkr" / "machines" / "img.json").read_text())
+    assert record["reference"].endswith("force/img:latest")
+
+
+def test_wrong_diff_id_commits_nothing(registry, image_root):
+    layer = Layer([File("a", b"real content")])
+    image = Image([layer])
+    image.config_json["rootfs"]["diff_ids"] = ["sha256:" + "0" * 64]
+    images.push_image(registry, "bad/diffid", "latest", image)
+    failed = pull(registry, "bad/diffid", image_root, "--backend", "dir")
+    assert_clean_failure(failed, image_root, r"DiffID .* the config says sha256:0000", "diffid")
+    assert not [p for p in image_root.iterdir() if p.name.startswith(".dkr-")]
+
+
+def test_unknown_tag(registry, image_root):
+    images.push_image(registry, "tags/img", "exists", Image([Layer([File("a", b"a")])]))
+    failed = pull(registry, "tags/img:missing", image_root, "--backend", "dir")
+    assert_clean_failure(failed, image_root, r"tags/img:missing: manifest unknown", "img")
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("Upper/Case", r"bad repository name"),
+    ("name:bad:tag", r"bad"),
+    ("host:5000/name@sha256:123", r"bad digest"),
+    ("", r"empty"),
+])
+def test_bad_reference(image_root, reference, message):
+    failed = run_dkr("pull", "--image-root", image_root, reference)
+    assert_clean_failure(failed, image_root, message)
+
+
+@pytest.mark.parametrize("local", ["../escape", ".dkr-abc", "a/b", "bad name", "x" * 65])
+def test_bad_machine_name(registry, image_root, local):
+    failed = pull(registry, "any/img", image_root, "--backend", "dir", local=local)
+    assert_clean_failure(failed, image_root, r"invalid machine name")
+
+
+def test_unreachable_registry(image_root):
+    failed = run_dkr("pull", "--image-root", image_root, "--insecure", "127.0.0.1:1/x/y")
+    assert_clean_failure(failed, image_root, r"cannot reach registry 127.0.0.1:1|127.0.0.1:1")
+
+
+# --- authentication ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def htpasswd_registry():
+    with Registry(auth=("htpasswd", {"alice": "wonderland"})) as reg:
+        images.push_image(reg, "private/img", "latest", Image([Layer([File("secret", b"s")])]))
+        yield reg
+
+
+def test_basic_auth_without_credentials(htpasswd_registry, image_root):
+    failed = pull(htpasswd_registry, "private/img", image_root, "--backend", "dir")
+    assert_clean_failure(failed, image_root, r"requires a login.*--creds", "img")
+
+
+def test_basic_auth_with_wrong_credentials(htpasswd_registry, image_root):
+    failed = pull(htpasswd_registry, "private/img", image_root, "--backend", "dir",
+                  "--creds", "alice:nope")
+    assert_clean_failure(failed, image_root, r"refused", "img")
+
+
+def test_basic_auth_with_creds(htpasswd_registry, image_root):
+    assert_ok(pull(htpasswd_registry, "private/img", image_root, "--backend", "dir",
+                   "--creds", "alice:wonderland"))
+    assert (image_root / "img" / "secret").read_bytes() == b"s"
+
+
+def test_basic_auth_from_docker_config(htpasswd_registry, image_root, tmp_path, monkeypatch):
+    import base64
+    config = tmp_path / "docker"
+    config.mkdir()
+    token = base64.b64encode(b"alice:wonderland").decode()
+    (config / "config.json").write_text(json.dumps(
+        {"auths": {htpasswd_registry.host: {"auth": token}}}))
+    env = {**os.environ, "DOCKER_CONFIG": str(config)}
+    run = run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                  f"{htpasswd_registry.host}/private/img", env=env)
+    assert_ok(run)
+
+
+@pytest.fixture(scope="module")
+def token_registry():
+    with TokenServer(users={"bob": "builder"}, anonymous_pull=False) as tokens:
+        with Registry(auth=("token", tokens)) as reg:
+            images.push_image(reg, "team/app", "latest", images.sample_image())
+            yield reg, tokens
+
+
+def test_bearer_token_auth(token_registry, image_root, tmp_path):
+    reg, tokens = token_registry
+    anonymous = pull(reg, "team/app", image_root, "--backend", "dir")
+    assert_clean_failure(anonymous, image_root, r"refused anonymous access|--creds", "app")
+    before = len(tokens.requests)
+    run = assert_ok(pull(reg, "team/app", image_root, "--backend", "dir", "--creds",
+                         "bob:builder"))
+    asked = tokens.requests[before:]
+    assert asked and all(r.user == "bob" for r in asked)
+    assert any("repository:team/app:pull" in str(r.query) for r in asked)
+    for token in tokens.issued:
+        assert token not in run.err and token not in run.out
+    oracle = _oracle_tree(reg, "team/app", "latest", tmp_path)
+    assert diff_trees(oracle, tree_snapshot(image_root / "app")) == []
