@@ -49,6 +49,12 @@ class DirBackend:
         _cp(["-a", "--reflink=auto", "--", str(layers[-1]), str(path)],
             f"copying layer {layers[-1].name} to {path.name}")
 
+    def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:
+        pass
+
+    def deactivate_machine(self, path: Path) -> None:
+        pass
+
     def remove(self, path: Path) -> None:
         remove_tree(path)
 
