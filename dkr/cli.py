@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--ca-file", help="PEM file of CA certificates to trust")
     pull.add_argument("--creds", type=_creds_arg, help="USER:PASS for the registry")
     pull.add_argument("--jobs", type=int, default=6, help="connections per host (default 6)")
+    pull.add_argument("--retries", type=int, default=4,
+                      help="further attempts after a network failure, 429 or 5xx (default 4)")
+    pull.add_argument("--stall-timeout", type=int, default=60, metavar="SECONDS",
+                      help="give up on a transfer that moved no data this long (default 60)")
     pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
     pull.add_argument("--v1", action="store_true",
                       help="use the Docker Registry v1 protocol (REFERENCE is NAMESPACE/REPO[:TAG])")
@@ -89,10 +93,13 @@ def _events(args) -> Events:
 def cmd_pull(args) -> int:
     if args.jobs < 1:
         raise DkrError("--jobs must be at least 1")
+    if args.retries < 0 or args.stall_timeout < 1:
+        raise DkrError("--retries must be 0 or more and --stall-timeout at least 1")
     options = api.PullOptions(
         image_root=args.image_root, backend=args.backend, force=args.force,
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
-        credentials=args.creds, jobs=args.jobs)
+        credentials=args.creds, jobs=args.jobs, retries=args.retries,
+        stall_timeout=args.stall_timeout)
     if args.v1:
         if not args.index_url:
             raise DkrError("--v1 needs --index-url URL")

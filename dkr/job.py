@@ -33,6 +33,27 @@ class SinkError(DkrError):
     """The blob's consumer (the extractor) stopped taking data; it knows why."""
 
 
+class TransferError(DkrError):
+    """A transfer failed; ``retryable`` says whether trying again may help.
+
+    ``delivered`` counts the body bytes that reached the sink before the
+    failure, so that a retry can continue with a Range request.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, delivered: int = 0):
+        super().__init__(message)
+        self.retryable = retryable
+        self.delivered = delivered
+
+
+# libcurl errors worth another attempt: the network, not the request, failed.
+RETRYABLE_CURL_ERRORS = {
+    pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_CONNECT, pycurl.E_PARTIAL_FILE,
+    pycurl.E_OPERATION_TIMEDOUT, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR,
+    pycurl.E_RECV_ERROR, 16, 92,   # HTTP/2 framing and stream errors
+}
+
+
 class JobState(enum.Enum):
     INIT = "init"
     ANALYZING = "analyzing"   # waiting for / reading response headers
@@ -59,6 +80,7 @@ class TransferOptions:
     ca_file: str | None = None
     connect_timeout: int = 30
     low_speed_time: int = 60    # a transfer slower than 1 B/s this long is stalled
+    retries: int = 4            # further attempts after a failed one
 
 
 @dataclass
@@ -81,7 +103,8 @@ class Job:
     def __init__(self, glue: CurlGlue, url: str, *, headers: list[str] | None = None,
                  sink: Sink | None = None, expected_size: int | None = None,
                  max_payload: int = MAX_PAYLOAD, options: TransferOptions | None = None,
-                 range_start: int = 0, method: str = "GET", what: str = ""):
+                 range_start: int = 0, method: str = "GET", what: str = "",
+                 hasher=None):
         self.glue = glue
         self.url = url
         self.what = what or url
@@ -94,7 +117,8 @@ class Job:
         self.headers: dict[str, list[str]] = {}
         self.received = 0              # body bytes of this response
         self.content_length: int | None = None
-        self.hasher = hashlib.sha256()
+        self.hasher = hasher if hasher is not None else hashlib.sha256()
+        self._skip = 0                 # bytes to drop when a server ignored our Range
         self._body = bytearray()
         self._abort_reason: str | None = None
         self._sink_failed = False
@@ -145,13 +169,14 @@ class Job:
         if self._future.done():
             return
         if self._abort_reason:
-            self._fail(self._abort_reason)
+            self._fail(self._abort_reason, retryable=False)
         elif code != 0:
-            self._fail(f"{self.what}: {message or pycurl.version} (curl error {code})")
+            self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code})",
+                       retryable=code in RETRYABLE_CURL_ERRORS)
         elif self._is_success() and self.expected_size is not None and \
                 self.range_start + self.received != self.expected_size:
             self._fail(f"{self.what}: body ended after {self.range_start + self.received} "
-                       f"of {self.expected_size} bytes")
+                       f"of {self.expected_size} bytes", retryable=True)
         else:
             self.state = JobState.DONE
             self._future.set_result(Response(
@@ -159,9 +184,13 @@ class Job:
                 body=bytes(self._body), received=self.received,
                 sha256=self.hasher.hexdigest()))
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, retryable: bool) -> None:
         self.state = JobState.FAILED
-        self._future.set_exception((SinkError if self._sink_failed else DkrError)(reason))
+        if self._sink_failed:
+            error: DkrError = SinkError(reason)
+        else:
+            error = TransferError(reason, retryable=retryable, delivered=self.received)
+        self._future.set_exception(error)
 
     def _is_success(self) -> bool:
         return 200 <= self.status < 300
@@ -185,6 +214,11 @@ class Job:
         if self.status == 100 or not self._is_success():
             return None
         self.state = JobState.RUNNING
+        if self.range_start and self.status == 200:
+            self._skip = self.range_start      # a full body again: drop what we have
+        if self.status == 206 and not self._range_matches():
+            return self._abort(f"{self.what}: server sent a range other than the one asked for "
+                               f"({self.headers.get('content-range', ['none'])[-1]})")
         length = self.headers.get("content-length")
         if length and length[-1].isdigit():
             self.content_length = int(length[-1])
@@ -197,6 +231,12 @@ class Job:
                 return self._abort(f"{self.what}: server announced {total} bytes, "
                                    f"expected {self.expected_size}")
         return None
+
+    def _range_matches(self) -> bool:
+        value = (self.headers.get("content-range") or [""])[-1]
+        unit, _, spec = value.partition(" ")
+        start = spec.split("-", 1)[0]
+        return unit == "bytes" and start.isdigit() and int(start) == self.range_start
 
     def _on_write(self, data: bytes):
         if self._abort_reason:
@@ -215,6 +255,12 @@ class Job:
             return None
         if self._hold:
             return pycurl.WRITEFUNC_PAUSE
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+            if not data:
+                return None
         if self.expected_size is not None and \
                 self.range_start + self.received + len(data) > self.expected_size:
             return self._abort(f"{self.what}: body runs past the expected "

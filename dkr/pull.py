@@ -50,6 +50,8 @@ class PullOptions:
     ca_file: str | None = None
     credentials: Credentials | None = None
     jobs: int = 6
+    retries: int = 4
+    stall_timeout: int = 60
 
 
 @dataclass
@@ -78,7 +80,9 @@ class Puller:
         self.options = options
         self.events = events or Events()
         self.root = ImageRoot(options.image_root)
-        self.transfer = TransferOptions(insecure=options.insecure, ca_file=options.ca_file)
+        self.transfer = TransferOptions(insecure=options.insecure, ca_file=options.ca_file,
+                                        retries=options.retries,
+                                        low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
         self._clients: dict[str, RegistryClient] = {}
         self._backend: StorageBackend | None = None

@@ -8,18 +8,46 @@ own host, and refuses to be redirected from https to plain http.
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import hashlib
 import logging
+import random
+import time
 from urllib.parse import urljoin, urlsplit
 
 from .auth import Authenticator, Credentials
 from .errors import DkrError
 from .glue import CurlGlue
-from .job import Job, Response, Sink, TransferOptions
+from .job import Job, Response, Sink, TransferError, TransferOptions
 
 log = logging.getLogger("dkr.registry")
 
 MAX_REDIRECTS = 10
 REDIRECT_CODES = (301, 302, 303, 307, 308)
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 15.0
+RETRY_AFTER_CAP = 60.0
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter (so many clients do not retry in step)."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt)
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def retry_after(response: Response) -> float | None:
+    value = response.header("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, min(when - time.time(), RETRY_AFTER_CAP))
 
 
 class RegistryClient:
@@ -44,32 +72,74 @@ class RegistryClient:
 
     async def ping(self) -> None:
         """``GET /v2/``; with --insecure fall back to plain http when https fails."""
+        where = f"{self.host}: /v2/"
         try:
-            response = await self._job(f"{self.base}/v2/", [], what=f"{self.host}: /v2/")
-        except DkrError as e:
             if self.scheme == "https" and self.options.insecure:
-                log.debug("https to %s failed (%s); trying plain http", self.host, e)
-                self.scheme = "http"
-                response = await self._job(f"{self.base}/v2/", [], what=f"{self.host}: /v2/")
+                try:
+                    response = await self._job(f"{self.base}/v2/", [], what=where)
+                except DkrError as e:
+                    log.debug("https to %s failed (%s); trying plain http", self.host, e)
+                    self.scheme = "http"
+                    response = await self.get("/v2/", scope=None, what=where)
             else:
-                raise DkrError(f"cannot reach registry {self.host}: {e}") from None
+                response = await self.get("/v2/", scope=None, what=where)
+        except DkrError as e:
+            raise DkrError(f"cannot reach registry {self.host}: "
+                           f"{str(e).removeprefix(where + ': ')}") from None
         if response.status == 401:
             return                          # the challenge is answered per scope, on demand
         if response.status != 200:
             raise DkrError(f"{self.host} does not speak the registry v2 API "
                            f"(GET /v2/ answered {response.status})")
 
-    async def get(self, path: str, *, scope: str, accept: list[str] | None = None,
+    async def get(self, path: str, *, scope: str | None, accept: list[str] | None = None,
                   sink: Sink | None = None, expected_size: int | None = None,
-                  range_start: int = 0, what: str = "") -> Response:
+                  offset: int = 0, hasher=None, what: str = "") -> Response:
+        """GET with retries: network failures, 429 and 5xx are tried again with backoff.
+
+        A streamed body continues where it broke off (``Range``); ``hasher``
+        (if given) has already seen the first ``offset`` bytes and sees the
+        rest, so ``Response.sha256`` covers the whole body.
+        """
+        what = what or path
+        if sink is not None and hasher is None:
+            hasher = hashlib.sha256()
+        attempt = 0
+        while True:
+            try:
+                response = await self._get_once(path, scope, accept, sink, expected_size,
+                                                 offset, hasher, what)
+            except TransferError as e:
+                if not e.retryable or attempt >= self.options.retries:
+                    if attempt:
+                        raise DkrError(f"{e} (gave up after {attempt + 1} attempts)") from None
+                    raise
+                offset += e.delivered if sink is not None else 0
+                delay, cause = backoff(attempt), str(e).removeprefix(f"{what}: ")
+            else:
+                if response.status not in RETRY_STATUSES or attempt >= self.options.retries:
+                    if sink is not None:
+                        response.received += offset
+                    return response
+                delay = retry_after(response) or backoff(attempt)
+                cause = f"registry answered {response.status}"
+            attempt += 1
+            log.warning("%s: %s; trying again in %.1f s (attempt %d of %d%s).", what, cause,
+                        delay, attempt + 1, self.options.retries + 1,
+                        f", from byte {offset}" if offset else "")
+            await asyncio.sleep(delay)
+
+    async def _get_once(self, path: str, scope: str | None, accept: list[str] | None,
+                        sink: Sink | None, expected_size: int | None, range_start: int,
+                        hasher, what: str) -> Response:
         url = f"{self.base}{path}"
         extra = [f"Accept: {', '.join(accept)}"] if accept else []
         answered = False
         for _ in range(MAX_REDIRECTS + 1):
-            own_host = self._same_origin(url)
+            own_host = self._same_origin(url) and scope is not None
             headers = extra + (await self.auth.headers(scope) if own_host else [])
             response = await self._job(url, headers, sink=sink, expected_size=expected_size,
-                                       range_start=range_start, what=what or path)
+                                       range_start=range_start, what=what, hasher=hasher)
             if response.status == 401 and own_host:
                 if answered:
                     raise DkrError(self.auth.refusal(scope))
@@ -77,10 +147,10 @@ class RegistryClient:
                 answered = True
                 continue
             if response.status in REDIRECT_CODES and response.header("location"):
-                url = self._redirect_target(url, response.header("location"), what or path)
+                url = self._redirect_target(url, response.header("location"), what)
                 continue
             return response
-        raise DkrError(f"{what or path}: more than {MAX_REDIRECTS} redirects")
+        raise DkrError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
     def _same_origin(self, url: str) -> bool:
         parts = urlsplit(url)

@@ -1,9 +1,341 @@
-"""The Docker Registry v1 protocol, as systemd's import-dkr.c pulled it."""
+"""The Docker Registry v1 protocol, as systemd's import-dkr.c pulled it.
+
+The seed's sequence, state for state, on the shared CurlGlue engine:
+
+    GET {index}/v1/repositories/NAME/images   (X-Docker-Token: true)
+        -> X-Docker-Token, X-Docker-Endpoints
+    GET https://REG/v1/repositories/NAME/tags/TAG   -> "ID"
+    GET https://REG/v1/images/ID/ancestry  } side by side
+    GET https://REG/v1/images/ID/json      }
+    GET https://REG/v1/images/LAYER/layer  base first, each layer once
+
+v1 has no digests: the image id names the layer (``IMAGE_ROOT/.dkr-<id>``),
+exactly as the seed kept it, and the registry is trusted for its content. What
+the servers say is still checked before it becomes part of a URL or a path.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
 from .errors import DkrError
+from .job import Job, Response, Sink, SinkError
+from .pull import PullResult
+from .reference import (default_machine_name, host_is_valid, parse_v1_name,
+                        v1_id_is_valid, validate_machine_name)
+from .unpack import LayerUnpacker
+
+log = logging.getLogger("dkr.v1")
+
+MAX_ANCESTRY = 2048        # layers in one image, as the seed capped it
+MAX_REDIRECTS = 10
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+
+# The seed's words for a failed request, per step; details follow them.
+FAILED = {
+    "images": "Failed to retrieve images list. (Wrong index URL?)",
+    "tags": "Failed to retrieve tags list.",
+    "ancestry": "Failed to retrieve ancestry list.",
+    "json": "Failed to retrieve json data.",
+    "layer": "Failed to retrieve layer data.",
+}
 
 
-async def pull_v1(puller, name: str, local: str | None, index_url: str):
-    raise DkrError("v1 pulls are not available yet")
+async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullResult:
+    """Pull ``NAMESPACE/REPO[:TAG]`` from a v1 index into ``IMAGE_ROOT/LOCAL``."""
+    started = time.monotonic()
+    repo, tag = parse_v1_name(name)
+    local = validate_machine_name(local or default_machine_name(repo))
+    session = V1Session(puller, index_base(index_url, puller.transfer.insecure))
+    backend = puller.backend()
+    puller.refuse_existing(local)
+
+    await session.lookup_index(repo)
+    image_id = await session.resolve_tag(repo, tag)
+    ancestry, (config, config_body) = await both(
+        session.ancestry(image_id), session.image_json(image_id))
+
+    reference = f"v1:{session.index}/{repo}:{tag}"
+    config_digest = "sha256:" + hashlib.sha256(config_body).hexdigest()
+    puller.root.save_blob(config_digest, config_body)
+    puller.events.emit("resolved", reference=reference, digest=image_id,
+                       platform=_platform(config), layers=len(ancestry))
+    result = PullResult(reference, local, image_id, chain=list(ancestry))
+
+    paths: list[Path] = []
+    for index, layer_id in enumerate(ancestry):
+        paths.append(await _ensure_layer(puller, session, backend, ancestry, index,
+                                         paths[-1] if paths else None, result))
+
+    await puller.make_machine(local, paths, backend, {
+        "reference": reference, "protocol": "v1", "index": session.index,
+        "registry": session.registry, "image_id": image_id,
+        "config_digest": config_digest, "layers": list(ancestry)})
+    result.seconds = time.monotonic() - started
+    puller.events.emit("done", reference=reference, local=local, seconds=result.seconds,
+                       fetched=result.layers_fetched, reused=result.layers_reused,
+                       bytes=result.bytes_fetched)
+    return result
+
+
+# --- the conversation ----------------------------------------------------------
+
+class V1Session:
+    """One pull's requests: the index's answers and where its token may go."""
+
+    def __init__(self, puller, index: str):
+        self.glue = puller.glue
+        self.options = puller.transfer
+        self.index = index
+        self.token: str | None = None
+        self.registry: str | None = None      # host[:port] the index directed us to
+
+    async def lookup_index(self, repo: str) -> None:
+        response = await self.get("images", f"{self.index}/v1/repositories/{repo}/images")
+        self.token = parse_token(response.headers.get("x-docker-token", []))
+        self.registry = parse_endpoints(response.headers.get("x-docker-endpoints", []))[0]
+        log.info("Index lookup succeeded, directed to registry %s.", self.registry)
+
+    async def resolve_tag(self, repo: str, tag: str) -> str:
+        response = await self.get("tags", self._on_registry(f"/v1/repositories/{repo}/tags/{tag}"))
+        image_id = decode_json(response.body, f"tag {tag}")
+        if not v1_id_is_valid(image_id):
+            raise DkrError(f"Invalid tag id for {repo}:{tag}: {_quote(image_id)}")
+        log.info("Tag lookup succeeded, resolved to layer %s.", image_id)
+        return image_id
+
+    async def ancestry(self, image_id: str) -> list[str]:
+        response = await self.get("ancestry", self._on_registry(f"/v1/images/{image_id}/ancestry"))
+        return parse_ancestry(decode_json(response.body, f"ancestry of {image_id}"), image_id)
+
+    async def image_json(self, image_id: str) -> tuple[dict, bytes]:
+        response = await self.get("json", self._on_registry(f"/v1/images/{image_id}/json"))
+        config = decode_json(response.body, f"json of {image_id}")
+        if not isinstance(config, dict):
+            raise DkrError(f"Invalid json data for image {image_id}: not a JSON object")
+        if "id" in config and config["id"] != image_id:
+            raise DkrError(f"Invalid json data for image {image_id}: "
+                           f"it describes image {_quote(config['id'])}")
+        return config, response.body
+
+    async def layer(self, layer_id: str, sink: Sink, label: str) -> Response:
+        return await self.get("layer", self._on_registry(f"/v1/images/{layer_id}/layer"),
+                              sink=sink, label=label)
+
+    def _on_registry(self, path: str) -> str:
+        return f"https://{self.registry}{path}"
+
+    # --- one request, redirects followed by hand --------------------------------
+    async def get(self, step: str, url: str, *, sink: Sink | None = None,
+                  label: str = "") -> Response:
+        """GET ``url``; anything but a 200 in the end fails the pull with the step's words."""
+        failed = FAILED[step] + (f" ({label})" if label else "")
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = await Job(self.glue, url, headers=self._headers(url), sink=sink,
+                                     options=self.options, what=f"GET {url}").run()
+            except SinkError:
+                raise                     # the extractor knows why; the caller asks it
+            except DkrError as e:
+                raise DkrError(f"{failed} {e}") from None
+            location = response.header("location")
+            if response.status in REDIRECT_CODES and location:
+                url = self._redirect(url, location, failed)
+                continue
+            if response.status != 200:
+                raise DkrError(f"{failed} GET {url}: {self._http_problem(step, response)}")
+            return response
+        raise DkrError(f"{failed} More than {MAX_REDIRECTS} redirects.")
+
+    def _headers(self, url: str) -> list[str]:
+        headers = ["Accept: application/json"]
+        if self.registry is None:
+            headers.append("X-Docker-Token: true")       # asking the index for a token
+        elif _origin(url) == ("https", self.registry):
+            # The token is for the registry the index named; a redirect to a
+            # CDN or anywhere else gets no credentials.
+            headers.append(f"Authorization: Token {self.token}" if self.token
+                           else "X-Docker-Token: true")
+        return headers
+
+    def _redirect(self, current: str, location: str, failed: str) -> str:
+        target = urljoin(current, location)
+        scheme = urlsplit(target).scheme
+        if scheme not in ("http", "https"):
+            raise DkrError(f"{failed} Redirected to unsupported URL scheme {_quote(scheme)}.")
+        if scheme == "http" and urlsplit(current).scheme == "https" and not self.options.insecure:
+            raise DkrError(f"{failed} Refusing redirect from https to plain http "
+                           f"({urlsplit(target).netloc}).")
+        log.debug("%s redirected to %s", current, urlsplit(target).netloc)
+        return target
+
+    def _http_problem(self, step: str, response: Response) -> str:
+        problem = f"HTTP {response.status}"
+        if response.status == 401 and step != "images":
+            problem += (" (the registry refused the index's token)" if self.token else
+                        " (the registry wants a token, and the index gave none)")
+        said = _server_said(response.body)
+        return f"{problem}: {said}" if said else problem
+
+
+# --- what the servers say, checked ------------------------------------------------
+
+def index_base(url: str, insecure: bool) -> str:
+    """The index URL without a trailing slash, as the seed kept it."""
+    parts = urlsplit(url)
+    if (parts.scheme not in ("http", "https") or not host_is_valid(parts.netloc)
+            or parts.query or parts.fragment or "#" in url or "?" in url
+            or any(c.isspace() or not c.isprintable() for c in url)):
+        raise DkrError(f"invalid index URL {_quote(url)}: want https://HOST[:PORT][/PATH]")
+    if parts.scheme == "http" and not insecure:
+        raise DkrError(f"index URL {_quote(url)} is plain http: the index hands out "
+                       "registry tokens (use https, or --insecure)")
+    return url.rstrip("/")
+
+
+def parse_token(values: list[str]) -> str | None:
+    """The index's X-Docker-Token, echoed back verbatim, so it must be header-safe."""
+    token = values[-1] if values else ""
+    if not token:
+        return None
+    if not all(" " <= c <= "~" for c in token):
+        raise DkrError("Index sent an invalid X-Docker-Token header.")
+    return token
+
+
+def parse_endpoints(values: list[str]) -> list[str]:
+    """X-Docker-Endpoints: comma-separated registry hosts, every one of them valid."""
+    entries = [entry.strip() for value in values for entry in value.split(",")]
+    if not entries or entries == [""]:
+        raise DkrError("Didn't get registry information. "
+                       "(The index sent no X-Docker-Endpoints header.)")
+    for entry in entries:
+        if not host_is_valid(entry):
+            raise DkrError(f"Registry hostname is not valid: {_quote(entry)}")
+    return entries
+
+
+def decode_json(body: bytes, what: str):
+    if b"\0" in body:
+        raise DkrError(f"Failed to parse JSON {what}: the payload contains NUL bytes")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DkrError(f"Failed to parse JSON {what}: malformed JSON ({e})") from None
+
+
+def parse_ancestry(value, image_id: str) -> list[str]:
+    """The server's ancestry (image first) checked, and turned base first."""
+    if not isinstance(value, list):
+        raise DkrError(f"Failed to parse JSON ancestry of {image_id}: not a JSON array")
+    if not value:
+        raise DkrError(f"Ancestry is empty for image {image_id}")
+    if len(value) > MAX_ANCESTRY:
+        raise DkrError(f"Too many layers in ancestry of {image_id}: "
+                       f"{len(value)}, at most {MAX_ANCESTRY}")
+    for entry in value:
+        if not v1_id_is_valid(entry):
+            raise DkrError(f"Invalid id in ancestry of {image_id}: {_quote(entry)}")
+    if len(set(value)) != len(value):
+        twice = next(entry for n, entry in enumerate(value) if entry in value[:n])
+        raise DkrError(f"Ancestry has duplicate entries: {twice} appears more than once")
+    base_first = value[::-1]
+    if base_first[-1] != image_id:
+        raise DkrError(f"Ancestry doesn't end in main layer. It ends in {base_first[-1]}, "
+                       f"the tag points at {image_id}")
+    return base_first
+
+
+# --- layers ------------------------------------------------------------------------
+
+async def _ensure_layer(puller, session: V1Session, backend, ancestry: list[str], index: int,
+                        parent: Path | None, result: PullResult) -> Path:
+    layer_id = ancestry[index]
+    label = f"layer {index + 1}/{len(ancestry)} {layer_id}"
+    meta = {"v1_id": layer_id, "parent": ancestry[index - 1] if index else None,
+            "registry": session.registry}
+    # v1 announces no sizes; "size" becomes the bytes received once known.
+    announce = dict(index=index + 1, count=len(ancestry), digest=layer_id, size=0,
+                    chain_id=layer_id)
+
+    async def fetch(tree: Path) -> dict:
+        unpacked, response = await _fetch_layer(session, layer_id, tree,
+                                                backend.layer_format, label)
+        # ensure_layer reads these after fetch returns, to record and count the layer.
+        meta.update(blob_sha256="sha256:" + response.sha256, diff_id=unpacked.get("diff_id"))
+        announce["size"] = response.received
+        return unpacked
+
+    return await puller.ensure_layer(layer_id, parent, backend, fetch, meta, announce, result)
+
+
+async def _fetch_layer(session: V1Session, layer_id: str, tree: Path, layer_format: str,
+                       label: str) -> tuple[dict, Response]:
+    """Stream one layer into the extractor; its report once the whole tar is in."""
+    unpacker = LayerUnpacker(tree, layer_format)
+    sink = await unpacker.start()
+    try:
+        response = await session.layer(layer_id, sink, label)
+    except SinkError:
+        unpacked = await unpacker.finish()
+        raise DkrError(f"{FAILED['layer']} ({label}) "
+                       f"{unpacked.get('error', 'the extractor stopped reading')}") from None
+    except BaseException:
+        await unpacker.abort()
+        raise
+    unpacked = await unpacker.finish()
+    if "error" in unpacked:
+        raise DkrError(f"Failed to unpack {label}: {unpacked['error']}")
+    return unpacked, response
+
+
+# --- small things ------------------------------------------------------------------------
+
+async def both(first, second):
+    """Two requests side by side on the one CurlMulti; when one fails, stop the other."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _platform(config: dict) -> str:
+    os_name, arch = config.get("os"), config.get("architecture")
+    if isinstance(os_name, str) and isinstance(arch, str):
+        return _printable(f"{os_name}/{arch}", 40)
+    return "unknown platform"
+
+
+def _server_said(body: bytes) -> str:
+    """The ``error`` a registry put in its JSON answer, made safe for one line."""
+    try:
+        said = json.loads(body.decode("utf-8")).get("error")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return ""
+    return _printable(said, 120) if isinstance(said, str) else ""
+
+
+def _printable(text: str, limit: int) -> str:
+    clean = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+    return clean if len(clean) <= limit else clean[:limit] + "…"
+
+
+def _quote(value) -> str:
+    """A server's value in a message: repr keeps it on one line; long ones are cut."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "…"

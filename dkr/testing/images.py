@@ -15,18 +15,18 @@ generators: on the same machine, since pigz and zlib compress differently).
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import io
 import itertools
 import json
-import os
 import random
 import shutil
 import struct
 import subprocess
 import tarfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -355,7 +355,7 @@ class Image:
                  format="oci", created=CREATED, annotations=None):
         _check_format(format)
         self.layers = list(layers)
-        self.config = dict(DEFAULT_CONFIG if config is None else config)
+        self.config = copy.deepcopy(DEFAULT_CONFIG if config is None else config)
         self.os, self.arch, self.variant = os, arch, variant
         self.format = format
         self.created = created

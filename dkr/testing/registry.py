@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+import weakref
 from pathlib import Path
 
 __all__ = ["Registry", "RegistryError", "TestCA", "bcrypt_hash", "free_port",
@@ -212,7 +213,6 @@ class _Client:
         self.ssl_context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self.basic = False
         self.tokens: dict[str, str] = {}   # scope -> bearer token
-        self.bearer_params = None
 
     def _connect(self, parts):
         if parts.scheme == "https":
@@ -242,7 +242,9 @@ class _Client:
         if self.credentials:
             headers["Authorization"] = self._basic_header()
         try:
-            conn.request("GET", realm.path + "?" + urllib.parse.urlencode(query), headers=headers)
+            sep = "&" if realm.query else ""
+            conn.request("GET", f"{realm.path or '/'}?{realm.query}{sep}{urllib.parse.urlencode(query)}",
+                         headers=headers)
             resp = conn.getresponse()
             body = resp.read()
         finally:
@@ -305,7 +307,9 @@ class Registry:
     """``docker-registry serve`` on 127.0.0.1:PORT with storage in a temp dir.
 
     auth: None, ("htpasswd", {"user": "password", ...}) or ("token", TokenServer).
-    tls:  False, True (a fresh `TestCA`; `.ca_file`), or a `TestCA` to reuse.
+    tls:  False, True (a fresh `TestCA`; `.ca_file`), or a `TestCA` to reuse — pass
+          the same one to an https TokenServer (`ca.server_context()`), since
+          the push client trusts only this CA.
     push_credentials: (user, password) the push helpers use; defaults to the
     first htpasswd user, or the first user of the token server.
     """
@@ -329,6 +333,10 @@ class Registry:
             self.cert_path, self.key_path = self.ca.issue("registry")
         self.push_credentials = push_credentials or self._default_credentials()
         self._client = None
+        # If a caller forgets stop(), still kill the server and remove the
+        # temp dir at GC or interpreter exit.
+        self._proc_box = [None]
+        self._finalizer = weakref.finalize(self, _cleanup, self._proc_box, str(self.workdir))
         if start:
             self.start()
 
@@ -412,6 +420,7 @@ class Registry:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True)
             log.close()
+            self._proc_box[0] = self.proc
             if self._wait_ready(timeout):
                 return self
             if b"address already in use" not in self.log_path.read_bytes():
@@ -438,15 +447,9 @@ class Registry:
 
     def stop(self, remove: bool = True):
         """Kill the registry and (unless remove=False) delete its temp dir."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        _kill(self.proc)
         if remove:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._finalizer()
 
     def __enter__(self):
         return self
@@ -525,6 +528,21 @@ class Registry:
     def delete_manifest(self, repo: str, digest: str):
         self.client.request("DELETE", f"/v2/{repo}/manifests/{digest}", scope=_scope(repo, "delete"),
                             ok=(202,))
+
+
+def _kill(proc):
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _cleanup(proc_box, workdir):
+    _kill(proc_box[0])
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 MANIFEST_TYPES = (

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 import shutil
@@ -86,6 +87,8 @@ class TokenServer:
         self.issued: list[str] = []          # every token handed out, for leak checks
         self._lock = threading.Lock()
         self.workdir = Path(tempfile.mkdtemp(prefix="dkr-tokenserver-"))
+        # Cleans up even if a caller forgets stop() (at GC or interpreter exit).
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
         self.cert_path = self.workdir / "token-signer.pem"
         self._make_key()
 
@@ -216,7 +219,7 @@ class TokenServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._cleanup()
 
     def __enter__(self):
         return self
