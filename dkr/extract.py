@@ -18,6 +18,7 @@ import errno
 import io
 import json
 import os
+import select
 import signal
 import stat
 import sys
@@ -41,6 +42,44 @@ CLONE_NEWUSER = 0x10000000
 
 class ExtractError(Exception):
     pass
+
+
+class GrowingFile(io.RawIOBase):
+    """A spool file that is still being downloaded: at its end, wait for more.
+
+    The parent writes a byte to the wake-up pipe whenever data arrives and
+    closes it when the download ends (or fails); ``size`` is the blob's size
+    from its descriptor, so the end of the blob is known without the parent.
+    """
+
+    def __init__(self, path: str, size: int, wake_fd: int):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = size
+        self.wake_fd = wake_fd
+        self.pos = 0
+        self.writer_gone = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.pos < self.size:
+            n = os.readv(self.fd, [memoryview(buffer)[: self.size - self.pos]])
+            if n:
+                self.pos += n
+                return n
+            if self.writer_gone:
+                raise ExtractError("the layer download stopped before the end of the blob")
+            self._wait()
+        return 0
+
+    def _wait(self) -> None:
+        select.select([self.wake_fd], [], [], 1.0)   # also re-checks once a second
+        try:
+            if os.read(self.wake_fd, 65536) == b"":
+                self.writer_gone = True
+        except BlockingIOError:
+            pass
 
 
 def open_decompressed(raw: io.BufferedReader):
@@ -111,10 +150,14 @@ class Extractor:
         parent = _parent(path)
         if parent in self.known_dirs:
             return
+        # makedirs gives intermediate directories 0o777 & ~umask, and our umask is 0.
+        umask = os.umask(0o022)
         try:
             os.makedirs(parent, 0o755, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise ExtractError(f"cannot create {path!r}: a parent is not a directory") from None
+        finally:
+            os.umask(umask)
         self.known_dirs.add(parent)
 
     def _clear(self, path: bytes, keep_dir: bool = False) -> bool:
@@ -323,10 +366,20 @@ def _load_classifier():
     return lambda path: hook(path=path)
 
 
-def run(root: str, layer_format: str, max_bytes: int | None) -> dict:
+def _open_input(spool: str | None, size: int | None, wake_fd: int | None) -> io.BufferedReader:
+    if spool is None:
+        raw = io.FileIO(0, "rb", closefd=False)
+    else:
+        os.set_blocking(wake_fd, False)
+        raw = GrowingFile(spool, size, wake_fd)
+    return io.BufferedReader(raw, buffer_size=tarstream.CHUNK)
+
+
+def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None = None,
+        size: int | None = None, wake_fd: int | None = None) -> dict:
     as_root = os.geteuid() == 0
     classify = _load_classifier()           # plugins load before the chroot hides them
-    stdin = io.BufferedReader(io.FileIO(0, "rb", closefd=False), buffer_size=tarstream.CHUNK)
+    stdin = _open_input(spool, size, wake_fd)   # opened before the chroot hides it, too
     _enter_root(root, as_root)
     os.umask(0)
     extractor = Extractor(layer_format, classify, as_root)
@@ -345,13 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True)
     parser.add_argument("--format", choices=("stacked", "diff"), required=True)
     parser.add_argument("--max-bytes", type=int)
+    parser.add_argument("--spool", help="read this growing file instead of stdin")
+    parser.add_argument("--size", type=int, help="the spooled blob's full size")
+    parser.add_argument("--wake-fd", type=int, help="pipe that signals new spool data")
     args = parser.parse_args(argv)
     # The parent decides when to stop us (it kills us on Ctrl-C), so a terminal's
     # SIGINT to the whole process group must not leave a half-written member behind.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "w")
     try:
-        result = run(args.root, args.format, args.max_bytes)
+        result = run(args.root, args.format, args.max_bytes, args.spool, args.size, args.wake_fd)
     except (ExtractError, TarError) as e:
         result = {"error": str(e)}
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:

@@ -1,7 +1,462 @@
-"""Machine management commands: list, inspect, remove, gc, mount, umount."""
+"""Machine management commands: list, inspect, remove, gc, mount, umount.
+
+They work on what a pull leaves in the image root (see ``dkr.store``): the
+machine records in ``.dkr/machines/``, the layers ``.dkr-<key>`` and their
+records, the manifest and config blobs. Every change happens under the same
+flock(2) the engine takes (``machine-LOCAL.lock``, ``layer-<key>.lock``), so
+a command never tears down what a pull is building; a lock that is held
+makes the command refuse (or, for gc, pass over that entry) instead of wait.
+Each user error is one DkrError raised before anything was changed.
+"""
 
 from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import sys
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DkrError
+from .hookspecs import StorageBackend
+from .plugins import backends, choose_backend
+from .reference import validate_machine_name
+from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot
+from .treeops import remove_tree, tree_size
+
+log = logging.getLogger("dkr.manage")
+
+LAYER_RE = re.compile(re.escape(LAYER_PREFIX) + r"([0-9a-f]{1,128})")
+LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"([0-9a-f]{1,128})\.tmp-[0-9a-f]+")
+MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)\.tmp-[0-9a-f]+")
+DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 
 
 def add_commands(sub, common) -> None:
     """Register the management subcommands on the ``dkr`` argument parser."""
+    p = sub.add_parser("list", help="list the machines dkr made")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("inspect", help="print a machine's record, manifest and config as JSON")
+    common(p)
+    p.add_argument("local", metavar="LOCAL")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("remove", aliases=["rm"], help="remove machines (their layers stay; see gc)")
+    common(p)
+    p.add_argument("locals", metavar="LOCAL", nargs="+")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("gc", help="remove layers and metadata no machine needs, and leftovers")
+    common(p)
+    p.add_argument("--dry-run", "-n", action="store_true", help="only list what would go")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("mount", help="mount machines that need it (overlay, after a reboot)")
+    common(p)
+    p.add_argument("locals", metavar="LOCAL", nargs="*")
+    p.add_argument("--all", action="store_true", help="every machine dkr made")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="take a machine's mount down")
+    common(p)
+    p.add_argument("locals", metavar="LOCAL", nargs="*")
+    p.add_argument("--all", action="store_true", help="every machine dkr made")
+    p.set_defaults(func=cmd_umount)
+
+
+# --- shared pieces -------------------------------------------------------------------
+
+def _machine(root: ImageRoot, local: str) -> dict:
+    """The record of machine ``local``; a DkrError when dkr knows no such machine."""
+    validate_machine_name(local)
+    info = root.machine_info(local) if root.meta.is_dir() else None
+    if info is None:
+        raise DkrError(f"no machine {local!r} in {root.path}")
+    return info
+
+
+def _backend(name: str | None, what: str) -> StorageBackend:
+    found = backends().get(name or "")
+    if found is None:
+        raise DkrError(f"{what} was made by backend {name!r}, which is not installed")
+    return found
+
+
+def _layer_paths(root: ImageRoot, info: dict) -> list[Path]:
+    return [root.layer_path(key) for key in info.get("layers", [])]
+
+
+@contextmanager
+def _flock(root: ImageRoot, name: str, busy: str) -> Iterator[None]:
+    """Hold ``.dkr/locks/<name>.lock``, or raise DkrError(busy) when someone else does."""
+    with ExitStack() as stack:
+        if not _try_flock_into(root, name, stack):
+            raise DkrError(busy)
+        yield
+
+
+def _try_flock_into(root: ImageRoot, name: str, stack: ExitStack) -> bool:
+    """Take the lock ``name`` without waiting; on success ``stack`` releases it."""
+    locks = root.meta / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise DkrError(f"cannot lock {locks / name}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise DkrError(f"cannot lock {locks / name}: {e.strerror}") from None
+    stack.callback(os.close, fd)
+    return True
+
+
+def _machine_lock(root: ImageRoot, local: str, stack: ExitStack) -> None:
+    if not _try_flock_into(root, f"machine-{local}", stack):
+        raise DkrError(f"machine {local!r} is busy: another dkr process is working on it")
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _is_mount_point(path: Path) -> bool:
+    """Is anything mounted right on ``path``? (A btrfs subvolume alone is not a mount.)"""
+    target = os.fsencode(os.path.realpath(path))
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            return any(_unescape(line.split()[4]) == target for line in f)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _image_size(root: ImageRoot, info: dict) -> int | None:
+    """Unpacked size of the machine's image: its layers' tar bytes."""
+    total = 0
+    for key in info.get("layers", []):
+        layer = root.layer_info(key) or {}
+        if not isinstance(layer.get("tar_bytes"), int):
+            return None
+        total += layer["tar_bytes"]
+    return total
+
+
+@contextmanager
+def _wrap_os_error(what: str) -> Iterator[None]:
+    """A backend step; an OSError from a plain-tree backend becomes a one-line error."""
+    try:
+        yield
+    except OSError as e:
+        raise DkrError(f"{what}: {e.strerror or e}") from None
+
+
+# --- list and inspect -------------------------------------------------------------------
+
+def _summary(root: ImageRoot, info: dict) -> dict:
+    local = info.get("local", "?")
+    return {"local": local, "reference": info.get("reference"),
+            "digest": info.get("manifest_digest"), "backend": info.get("backend"),
+            "size": _image_size(root, info), "created": info.get("created"),
+            "path": str(root.machine_path(local)),
+            "present": os.path.lexists(root.machine_path(local))}
+
+
+def cmd_list(args) -> int:
+    root = ImageRoot(args.image_root)
+    rows = [_summary(root, info) for info in (root.machines() if root.meta.is_dir() else [])]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    table = [("LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED")]
+    for row in rows:
+        digest = (row["digest"] or "-").split(":", 1)[-1][:12]
+        local = row["local"] + ("" if row["present"] else " (missing)")
+        table.append((local, row["reference"] or "-", digest, row["backend"] or "-",
+                      _human(row["size"]), row["created"] or "-"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _blob_json(root: ImageRoot, digest: str | None):
+    if not digest:
+        return None
+    data = root.read_blob(digest)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise DkrError(f"stored blob {digest} is not JSON") from None
+
+
+def cmd_inspect(args) -> int:
+    root = ImageRoot(args.image_root)
+    info = _machine(root, args.local)
+    out = {"machine": info,
+           "manifest": _blob_json(root, info.get("manifest_digest")),
+           "config": _blob_json(root, info.get("config_digest"))}
+    json.dump(out, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+# --- remove -------------------------------------------------------------------------------
+
+def cmd_remove(args) -> int:
+    root = ImageRoot(args.image_root)
+    names = list(dict.fromkeys(args.locals))
+    with ExitStack() as stack:
+        # Every check first (names, records, backends, locks): an error leaves all in place.
+        plan = []
+        for local in names:
+            info = _machine(root, local)
+            plan.append((local, _backend(info.get("backend"), f"machine {local!r}"), info))
+        for local in names:
+            _machine_lock(root, local, stack)
+        _deactivate_all(root, plan)
+        for local, backend, _ in plan:
+            _remove_machine(root, local, backend)
+            log.info("Removed machine %s.", local)
+    return 0
+
+
+def _deactivate_all(root: ImageRoot, plan: list) -> None:
+    """Take every machine down, or none: a busy one puts the others back up."""
+    done = []
+    for local, backend, info in plan:
+        try:
+            with _wrap_os_error(f"cannot take machine {local} down"):
+                backend.deactivate_machine(root.machine_path(local))
+        except DkrError:
+            for prev_local, prev_backend, prev_info in reversed(done):
+                try:
+                    prev_backend.activate_machine(root.machine_path(prev_local),
+                                                  _layer_paths(root, prev_info))
+                except (DkrError, OSError) as e:
+                    log.warning("Could not mount %s again: %s", prev_local, e)
+            raise
+        done.append((local, backend, info))
+
+
+def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> None:
+    machine = root.machine_path(local)
+    with _wrap_os_error(f"cannot remove machine {local}"):
+        for leftover in root.leftovers(f"{MACHINE_TMP_PREFIX}{local}"):
+            backend.remove(leftover)
+        if os.path.lexists(machine):
+            backend.remove(machine)
+        # The record goes last: a crash before it leaves a record to remove again.
+        (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
+
+
+# --- mount and umount -----------------------------------------------------------------------
+
+def _selected(root: ImageRoot, args) -> list[tuple[str, dict]]:
+    if args.all and args.locals:
+        raise DkrError("give machine names or --all, not both")
+    if args.all:
+        infos = root.machines() if root.meta.is_dir() else []
+        return [(info["local"], info) for info in infos if "local" in info]
+    if not args.locals:
+        raise DkrError("which machine? (give LOCAL or --all)")
+    return [(local, _machine(root, local)) for local in dict.fromkeys(args.locals)]
+
+
+def cmd_mount(args) -> int:
+    root = ImageRoot(args.image_root)
+    chosen = [(local, _backend(info.get("backend"), f"machine {local!r}"), info)
+              for local, info in _selected(root, args)]
+    for local, backend, info in chosen:
+        machine = root.machine_path(local)
+        with ExitStack() as stack:
+            _machine_lock(root, local, stack)
+            if not machine.is_dir():
+                raise DkrError(f"machine directory {machine} is missing")
+            was = _is_mount_point(machine)
+            with _wrap_os_error(f"cannot mount machine {local}"):
+                backend.activate_machine(machine, _layer_paths(root, info))
+            if was:
+                log.info("Machine %s is already mounted.", local)
+            elif _is_mount_point(machine):
+                log.info("Mounted machine %s.", local)
+            else:
+                log.info("Machine %s (backend %s) needs no mount.", local, backend.name)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    root = ImageRoot(args.image_root)
+    chosen = [(local, _backend(info.get("backend"), f"machine {local!r}"))
+              for local, info in _selected(root, args)]
+    for local, backend in chosen:
+        machine = root.machine_path(local)
+        with ExitStack() as stack:
+            _machine_lock(root, local, stack)
+            was = _is_mount_point(machine)
+            with _wrap_os_error(f"cannot unmount machine {local}"):
+                backend.deactivate_machine(machine)
+            log.info("Unmounted machine %s." if was else "Machine %s is not mounted.", local)
+    return 0
+
+
+# --- gc -------------------------------------------------------------------------------------
+
+class _Collector:
+    """Finds and removes what no machine needs, entry by entry under its lock."""
+
+    def __init__(self, root: ImageRoot, dry_run: bool):
+        self.root = root
+        self.dry_run = dry_run
+        self.freed = 0
+        self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0}
+        self._fallback: StorageBackend | None = None
+
+    # which backend removes an entry that names none
+    def fallback_backend(self) -> StorageBackend:
+        if self._fallback is None:
+            try:
+                self._fallback, _ = choose_backend("auto", self.root.path)
+            except DkrError:
+                self._fallback = backends()["dir"]
+        return self._fallback
+
+    def layer_backend(self, key: str) -> StorageBackend:
+        made_by = (self.root.layer_info(key) or {}).get("backend")
+        return backends().get(made_by or "") or self.fallback_backend()
+
+    def needed_layers(self) -> set[str]:
+        return {key for info in self.root.machines() for key in info.get("layers", [])}
+
+    def needed_blobs(self) -> set[str]:
+        # Any digest a machine record mentions (manifest, config, whatever a protocol adds).
+        return set(DIGEST_RE.findall(json.dumps(self.root.machines())))
+
+    def report(self, kind: str, name: str, size: int) -> None:
+        self.counts[kind] += 1
+        self.freed += size
+        if self.dry_run:
+            print(f"would remove {kind} {name} ({_human(size)})")
+        else:
+            log.info("Removed %s %s (%s).", kind, name, _human(size))
+
+    # --- the sweeps --------------------------------------------------------------
+    def run(self) -> None:
+        entries = sorted(os.listdir(self.root.path))
+        needed = self.needed_layers()
+        for name in entries:
+            if (m := LAYER_RE.fullmatch(name)) and m.group(1) not in needed:
+                self.layer(m.group(1))
+        for name in entries:
+            if m := LAYER_TMP_RE.fullmatch(name):
+                self.leftover(name, f"layer-{m.group(1)}", self.layer_backend(m.group(1)))
+            elif m := MACHINE_TMP_RE.fullmatch(name):
+                self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend())
+        self.layer_records()
+        self.blobs()
+
+    def layer(self, key: str) -> None:
+        with ExitStack() as stack:
+            if not _try_flock_into(self.root, f"layer-{key}", stack):
+                log.info("Layer %s is in use by a pull, keeping it.", key[:12])
+                return
+            path = self.root.layer_path(key)
+            # A pull may have made a machine of it since the first look.
+            if key in self.needed_layers() or not os.path.lexists(path):
+                return
+            size = self._layer_size(key, path)
+            if not self.dry_run:
+                with _wrap_os_error(f"cannot remove layer {key[:12]}"):
+                    self.layer_backend(key).remove(path)
+                    (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
+            self.report("layer", key[:12], size)
+
+    def _layer_size(self, key: str, path: Path) -> int:
+        # What the layer itself holds; a stacked layer's tree also counts its parents'.
+        tar_bytes = (self.root.layer_info(key) or {}).get("tar_bytes")
+        return tar_bytes if isinstance(tar_bytes, int) else tree_size(path)
+
+    def leftover(self, name: str, lock: str, backend: StorageBackend) -> None:
+        with ExitStack() as stack:
+            if not _try_flock_into(self.root, lock, stack):
+                return                        # a pull is writing it right now
+            path = self.root.path / name
+            if not os.path.lexists(path):
+                return
+            size = tree_size(path)
+            if not self.dry_run:
+                with _wrap_os_error(f"cannot remove {name}"):
+                    backend.remove(path)
+            self.report("leftover", name, size)
+
+    def layer_records(self) -> None:
+        for record in sorted((self.root.meta / "layers").glob("*.json")):
+            key = record.stem
+            if not LAYER_RE.fullmatch(LAYER_PREFIX + key) or key in self.needed_layers():
+                continue
+            with ExitStack() as stack:
+                if not _try_flock_into(self.root, f"layer-{key}", stack):
+                    continue
+                if os.path.lexists(self.root.layer_path(key)) or not record.exists():
+                    continue
+                if not self.dry_run:
+                    record.unlink(missing_ok=True)
+                self.report("record", f"layers/{record.name}", 0)
+
+    def blobs(self) -> None:
+        needed = self.needed_blobs()
+        for blob in sorted((self.root.meta / "blobs" / "sha256").glob("*")):
+            if blob.name in needed or not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+                continue
+            size = blob.stat().st_size
+            if not self.dry_run:
+                blob.unlink(missing_ok=True)
+            self.report("blob", blob.name[:12], size)
+
+
+def cmd_gc(args) -> int:
+    root = ImageRoot(args.image_root)
+    if not root.meta.is_dir():
+        log.info("Nothing to collect in %s.", root.path)
+        return 0
+    # One collector at a time. (A pull that holds this lock shared for its whole run
+    # would also keep gc from removing layers it has built but not yet used.)
+    with _flock(root, "gc", "another dkr gc is running on this image root"):
+        collector = _Collector(root, args.dry_run)
+        try:
+            collector.run()
+        except OSError as e:
+            raise DkrError(f"gc in {root.path}: {e.strerror or e}") from None
+    counts = ", ".join(f"{n} {kind}{'s' if n != 1 else ''}"
+                       for kind, n in collector.counts.items() if n)
+    verb = "Would free" if args.dry_run else "Freed"
+    message = f"{verb} about {_human(collector.freed)}" + (f" ({counts})." if counts else " (nothing to remove).")
+    if args.dry_run:
+        print(message)
+    else:
+        log.info("%s", message)
+    return 0

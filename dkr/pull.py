@@ -1,18 +1,18 @@
-"""Pull orchestration: from a reference to a machine in the image root.
+"""Pull orchestration: from references to machines in the image root.
 
 One ``Puller`` owns one CurlGlue (one CurlMulti for every transfer), one
-registry client per host and the image root. For each image it resolves a
-plan, makes sure every layer exists (fetching and extracting those that do
-not, each under a lock, each made visible only by rename), and finally makes
-the machine.
+registry client per host, the spool and the image root; any number of images
+may be pulled through it at once. For each image it resolves a plan, claims
+every layer it lacks (an flock per layer, and an in-process table so that two
+images needing one layer build it once), starts all their downloads at once,
+extracts each layer as soon as its bytes arrive and its parent exists, makes
+it visible by rename, and finally makes the machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
-import fcntl
 import logging
 import os
 import time
@@ -25,19 +25,19 @@ from .errors import DkrError
 from .events import Events
 from .glue import CurlGlue
 from .hookspecs import StorageBackend
-from .job import SinkError, TransferOptions
+from .job import TransferOptions
+from .locks import AsyncFlock
 from .plugins import backends, choose_backend
 from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
+from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from .store import ImageRoot
-from .treeops import remove_tree
 from .unpack import LayerUnpacker
 from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
 
 log = logging.getLogger("dkr.pull")
 
 RENAME_EXCHANGE = 2
-LOCK_POLL = 0.2
 
 
 @dataclass
@@ -75,6 +75,15 @@ def exchange_paths(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err), str(b))
 
 
+@dataclass
+class LayerClaim:
+    """A layer an image needs: ``future`` gives its path; ``lock`` is held if we build it."""
+
+    key: str
+    future: asyncio.Future
+    lock: AsyncFlock | None = None
+
+
 class Puller:
     def __init__(self, options: PullOptions, events: Events | None = None):
         self.options = options
@@ -84,14 +93,19 @@ class Puller:
                                         retries=options.retries,
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
+        self.spool = Spool(self.root.meta / "partial")
         self._clients: dict[str, RegistryClient] = {}
         self._backend: StorageBackend | None = None
+        self._builds: dict[str, asyncio.Future] = {}
+        self._extractors: asyncio.Semaphore | None = None
 
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
+        self._extractors = asyncio.Semaphore(os.cpu_count() or 2)
         return self
 
     async def __aexit__(self, *exc) -> None:
+        self.spool.close()
         if self.glue is not None:
             self.glue.close()
             self.glue = None
@@ -113,6 +127,11 @@ class Puller:
             self._clients[host] = client
         return self._clients[host]
 
+    def refuse_existing(self, local: str) -> None:
+        if os.path.lexists(self.root.machine_path(local)) and not self.options.force:
+            raise DkrError(f"machine {local!r} already exists in {self.root.path} "
+                           "(use --force to replace it)")
+
     # --- one image ---------------------------------------------------------------
     async def pull(self, ref: Reference, local: str) -> PullResult:
         started = time.monotonic()
@@ -127,10 +146,7 @@ class Puller:
         self.root.save_blob(plan.config_digest, plan.config)
         result = PullResult(str(ref), local, plan.manifest_digest,
                             chain=[layer.chain_id for layer in plan.layers])
-        paths: list[Path] = []
-        for index, layer in enumerate(plan.layers):
-            parent = paths[-1] if paths else None
-            paths.append(await self._ensure_layer(client, plan, index, layer, parent, backend, result))
+        paths = await self._layers(client, plan, backend, result)
         await self.make_machine(local, paths, backend, {
             "reference": str(ref), "manifest_digest": plan.manifest_digest,
             "config_digest": plan.config_digest, "platform": plan.platform,
@@ -141,16 +157,36 @@ class Puller:
                          bytes=result.bytes_fetched)
         return result
 
-    def refuse_existing(self, local: str) -> None:
-        if os.path.lexists(self.root.machine_path(local)) and not self.options.force:
-            raise DkrError(f"machine {local!r} already exists in {self.root.path} "
-                           "(use --force to replace it)")
+    async def _layers(self, client: RegistryClient, plan: ImagePlan, backend: StorageBackend,
+                      result: PullResult) -> list[Path]:
+        """Every layer of ``plan``, built or reused, base first."""
+        claims: list[LayerClaim] = []
+        prefetched: dict[str, SpooledBlob] = {}
+        try:
+            for layer in plan.layers:
+                claims.append(await self.claim_layer(digest_hex(layer.chain_id), backend,
+                                                     result, layer.digest))
+            for claim, layer in zip(claims, plan.layers):
+                if claim.lock is not None and claim.key not in prefetched:
+                    prefetched[claim.key] = self._start_download(client, plan.reference, layer)
+            builds = [self._v2_build(claim, index, plan, backend, client, prefetched, result)
+                      for index, claim in enumerate(claims)]
+            if backend.layer_format == "stacked":
+                paths: list[Path] = []
+                for build in builds:
+                    paths.append(await build(paths[-1] if paths else None))
+                return paths
+            return await _all_or_nothing([build(None) for build in builds])
+        finally:
+            for claim in claims:
+                self._abandon(claim)
+            for blob in prefetched.values():
+                self.spool.release(blob, keep_partial=True)
 
-    # --- layers ------------------------------------------------------------------
-    async def _ensure_layer(self, client: RegistryClient, plan: ImagePlan, index: int,
-                            layer: LayerPlan, parent: Path | None, backend: StorageBackend,
-                            result: PullResult) -> Path:
-        key = digest_hex(layer.chain_id)
+    def _v2_build(self, claim: LayerClaim, index: int, plan: ImagePlan, backend: StorageBackend,
+                  client: RegistryClient, prefetched: dict[str, SpooledBlob],
+                  result: PullResult):
+        layer = plan.layers[index]
         meta = {"chain_id": layer.chain_id, "diff_id": layer.diff_id, "digest": layer.digest,
                 "size": layer.size, "media_type": layer.media_type,
                 "parent": plan.layers[index - 1].chain_id if index else None}
@@ -158,47 +194,111 @@ class Puller:
                         size=layer.size, chain_id=layer.chain_id)
 
         async def fetch(tree: Path) -> dict:
-            return await self._fetch_into(client, plan.reference, layer, tree, backend.layer_format)
+            blob = prefetched.pop(claim.key, None) or \
+                self._start_download(client, plan.reference, layer)
+            try:
+                return await self._extract_spooled(blob, layer, tree, backend.layer_format)
+            finally:
+                self.spool.release(blob, keep_partial=True)
 
-        return await self.ensure_layer(key, parent, backend, fetch, meta, announce, result)
+        async def build(parent: Path | None) -> Path:
+            if claim.lock is None:
+                return await claim.future
+            return await self.build_layer(claim, parent, backend, fetch, meta, announce, result)
+        return build
 
-    async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
-                           fetch: Callable[[Path], Awaitable[dict]], meta: dict,
-                           announce: dict, result: PullResult) -> Path:
-        """Make layer ``key`` exist: reuse it, or build it from ``fetch`` under its lock.
+    # --- layers: claim, build -------------------------------------------------------
+    async def claim_layer(self, key: str, backend: StorageBackend, result: PullResult,
+                          digest: str = "") -> LayerClaim:
+        """Reuse layer ``key``, share its build with another image, or take it on."""
+        shared = self._builds.get(key)
+        if shared is not None:
+            return LayerClaim(key, shared)
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)
+        self._builds[key] = future
+        claim = LayerClaim(key, future, self._locked(f"layer-{key}", f"building layer {key[:12]}"))
+        try:
+            await claim.lock.acquire()
+            final = self.root.layer_path(key)
+            if final.exists():
+                claim.lock.release()
+                claim.lock = None
+                self._check_layer_backend(key, backend)
+                self.events.emit("skipped", chain_id=key, digest=digest or key)
+                result.layers_reused += 1
+                future.set_result(final)
+        except BaseException as e:
+            self._abandon(claim, e)
+            raise
+        return claim
+
+    async def build_layer(self, claim: LayerClaim, parent: Path | None,
+                          backend: StorageBackend, fetch: Callable[[Path], Awaitable[dict]],
+                          meta: dict, announce: dict, result: PullResult) -> Path:
+        """Build a claimed layer from ``fetch`` and make it visible by rename.
 
         ``fetch(tree)`` fills the prepared temp tree and returns the extractor's
-        report (with ``tar_bytes``) once every check has passed; only then does the
-        layer get its final name.
+        report (with ``tar_bytes``) once every check has passed. A resumed
+        download that turns out wrong is thrown away and the layer starts over
+        once, from an empty tree.
         """
-        final = self.root.layer_path(key)
-        async with self._locked(f"layer-{key}", f"building layer {key[:12]}"):
-            if final.exists():
-                self._check_layer_backend(key, backend)
-                self.events.emit("skipped", chain_id=key, digest=announce.get("digest", key))
-                result.layers_reused += 1
-                return final
+        final = self.root.layer_path(claim.key)
+        try:
             for leftover in self.root.leftovers(final.name):
                 log.info("Removing %s left by an interrupted pull.", leftover.name)
                 backend.remove(leftover)
             self.events.emit("layer-start", **announce)
-            tmp = self.root.layer_tmp(key)
-            backend.create_layer(tmp, parent)
-            try:
-                unpacked = await fetch(tmp)
-                backend.seal_layer(tmp)
-                self.root.write_json(f"layers/{key}.json", {
-                    **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
-                    "created": _now()})
-                os.rename(tmp, final)
-            except BaseException:
-                backend.remove(tmp)
-                raise
+            for last_try in (False, True):
+                tmp = self.root.layer_tmp(claim.key)
+                backend.create_layer(tmp, parent)
+                try:
+                    unpacked = await fetch(tmp)
+                    backend.seal_layer(tmp)
+                    self.root.write_json(f"layers/{claim.key}.json", {
+                        **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
+                        "created": _now()})
+                    os.rename(tmp, final)
+                    break
+                except ResumedBlobMismatch as e:
+                    backend.remove(tmp)
+                    if last_try:
+                        raise DkrError(str(e)) from None
+                    log.warning("%s; starting this layer over.", e)
+                except BaseException:
+                    backend.remove(tmp)
+                    raise
+            claim.future.set_result(final)
+        except BaseException as e:
+            self._abandon(claim, e)
+            raise
+        self._abandon(claim)
         result.layers_fetched += 1
         result.bytes_fetched += announce.get("size") or 0
-        self.events.emit("layer-done", chain_id=key, digest=announce.get("digest", key),
+        self.events.emit("layer-done", chain_id=claim.key, digest=announce.get("digest", claim.key),
                          size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"])
         return final
+
+    async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
+                           fetch: Callable[[Path], Awaitable[dict]], meta: dict,
+                           announce: dict, result: PullResult) -> Path:
+        """Claim and, if needed, build one layer: the sequential form (v1 uses it)."""
+        claim = await self.claim_layer(key, backend, result, announce.get("digest", key))
+        if claim.lock is None:
+            return await claim.future
+        return await self.build_layer(claim, parent, backend, fetch, meta, announce, result)
+
+    def _abandon(self, claim: LayerClaim, error: BaseException | None = None) -> None:
+        """Release what a claim holds; a layer never built fails its waiters."""
+        if claim.lock is not None:
+            claim.lock.release()
+            claim.lock = None
+        if not claim.future.done():
+            if self._builds.get(claim.key) is claim.future:
+                del self._builds[claim.key]
+            claim.future.set_exception(
+                error if isinstance(error, Exception) else
+                DkrError(f"layer {claim.key[:12]} was not built (an earlier step failed)"))
 
     def _check_layer_backend(self, key: str, backend: StorageBackend) -> None:
         info = self.root.layer_info(key) or {}
@@ -207,30 +307,47 @@ class Puller:
             raise DkrError(f"layer {key[:12]} in {self.root.path} was made by "
                            f"backend {made_by}, not {backend.name} (use --backend {made_by})")
 
-    async def _fetch_into(self, client: RegistryClient, ref: Reference, layer: LayerPlan,
-                          tree: Path, layer_format: str) -> dict:
+    # --- layers: download and extraction ----------------------------------------------
+    def _start_download(self, client: RegistryClient, ref: Reference,
+                        layer: LayerPlan) -> SpooledBlob:
+        blob, start = self.spool.get(layer.digest, layer.size)
+        if start:
+            blob.task = asyncio.create_task(self._download(client, ref, blob))
+        return blob
+
+    async def _download(self, client: RegistryClient, ref: Reference, blob: SpooledBlob) -> None:
+        try:
+            await download(client, ref.name, blob, f"layer {blob.digest}")
+        except BaseException as e:
+            blob.done.set_exception(e if isinstance(e, Exception) else DkrError("interrupted"))
+            raise
+        else:
+            blob.done.set_result(None)
+        finally:
+            blob.finish_readers()
+
+    async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan, tree: Path,
+                               layer_format: str) -> dict:
         label = f"layer {layer.digest}"
         unpacker = LayerUnpacker(tree, layer_format)
-        sink = await unpacker.start()
-        try:
-            response = await client.get(f"/v2/{ref.name}/blobs/{layer.digest}",
-                                        scope=f"repository:{ref.name}:pull", sink=sink,
-                                        expected_size=layer.size, what=label)
-        except SinkError:
-            unpacked = await unpacker.finish()
-            raise DkrError(f"{label}: {unpacked.get('error', 'extractor stopped reading')}") from None
-        except BaseException:
-            await unpacker.abort()
-            raise
-        if response.status != 200:
-            await unpacker.abort()
-            raise DkrError(f"{label}: registry answered {response.status}")
-        unpacked = await unpacker.finish()
-        if "error" in unpacked:
-            raise DkrError(f"{label}: {unpacked['error']}")
-        if "sha256:" + response.sha256 != layer.digest:
-            raise DkrError(f"{label}: content does not match its digest "
-                           f"(got sha256:{response.sha256})")
+        async with self._extractors:
+            await unpacker.start_following(blob.path, blob.size, blob.add_reader())
+            report = asyncio.ensure_future(unpacker.finish())
+            try:
+                # A failed download also ends the reader; its own error is the one to tell.
+                await asyncio.wait({blob.done, report}, return_when=asyncio.FIRST_COMPLETED)
+                if _failed(blob.done):
+                    await blob.done
+                unpacked = await report
+                if _failed(blob.done):
+                    await blob.done
+                if "error" in unpacked:
+                    raise DkrError(f"{label}: {unpacked['error']}")
+                await blob.done              # the digest is checked when the last byte is in
+            except BaseException:
+                report.cancel()
+                await unpacker.abort()
+                raise
         if unpacked["diff_id"] != layer.diff_id:
             raise DkrError(f"{label}: unpacked content has DiffID {unpacked['diff_id']}, "
                            f"the config says {layer.diff_id}")
@@ -270,37 +387,31 @@ class Puller:
         return backends().get(info.get("backend", default.name), default)
 
     # --- locks -----------------------------------------------------------------------
-    def _locked(self, name: str, note: str):
-        return _AsyncFlock(self.root.meta / "locks" / f"{name}.lock", note)
+    def _locked(self, name: str, note: str) -> AsyncFlock:
+        return AsyncFlock(self.root.meta / "locks" / f"{name}.lock", note)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-class _AsyncFlock:
-    """An flock that waits without blocking the event loop (other transfers go on)."""
+def _failed(future: asyncio.Future) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
-    def __init__(self, path: Path, note: str):
-        self.path = path
-        self.note = note
-        self.fd = -1
 
-    async def __aenter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        announced = False
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    os.close(self.fd)
-                    raise
-            if not announced:
-                log.info("Waiting for another dkr process %s.", self.note)
-                announced = True
-            await asyncio.sleep(LOCK_POLL)
+async def _all_or_nothing(coroutines) -> list:
+    """Run side by side; on the first failure cancel the rest and wait for their cleanup."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
-    async def __aexit__(self, *exc):
-        os.close(self.fd)
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Nobody may be waiting for a failed layer; its error is reported elsewhere."""
+    if not future.cancelled():
+        future.exception()

@@ -90,32 +90,47 @@ class LayerUnpacker:
         self.proc: asyncio.subprocess.Process | None = None
         self.sink: PipeSink | None = None
 
+    def _args(self) -> list[str]:
+        args = [sys.executable, "-m", "dkr.extract", "--root", str(self.root),
+                "--format", self.layer_format]
+        if self.max_bytes:
+            args += ["--max-bytes", str(self.max_bytes)]
+        return args
+
     async def start(self) -> PipeSink:
+        """Extract from a pipe: the returned Sink takes the blob's bytes."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass                      # a smaller pipe only costs a few more wakeups
-        args = [sys.executable, "-m", "dkr.extract", "--root", str(self.root),
-                "--format", self.layer_format]
-        if self.max_bytes:
-            args += ["--max-bytes", str(self.max_bytes)]
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *args, stdin=read_fd, stdout=asyncio.subprocess.PIPE)
+                *self._args(), stdin=read_fd, stdout=asyncio.subprocess.PIPE)
         finally:
             os.close(read_fd)
         os.set_blocking(write_fd, False)
         self.sink = PipeSink(asyncio.get_running_loop(), write_fd)
         return self.sink
 
+    async def start_following(self, spool: Path, size: int, wake_fd: int) -> None:
+        """Extract from a spool file that is still growing (see dkr.spool)."""
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self._args(), "--spool", str(spool), "--size", str(size),
+                "--wake-fd", str(wake_fd), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, pass_fds=(wake_fd,))
+        finally:
+            os.close(wake_fd)
+
     async def finish(self) -> dict:
         """End of blob: close the pipe and collect the child's verdict."""
-        assert self.proc is not None and self.sink is not None
-        try:
-            await self.sink.flush()
-        finally:
-            self.sink.close()
+        assert self.proc is not None
+        if self.sink is not None:
+            try:
+                await self.sink.flush()
+            finally:
+                self.sink.close()
         out = await self.proc.stdout.read()
         await self.proc.wait()
         try:

@@ -22,20 +22,19 @@ import json
 import logging
 import time
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from .errors import DkrError
-from .job import Job, Response, Sink, SinkError
+from .job import Response, Sink, SinkError
 from .pull import PullResult
 from .reference import (default_machine_name, host_is_valid, parse_v1_name,
                         v1_id_is_valid, validate_machine_name)
+from .registry import RegistryClient
 from .unpack import LayerUnpacker
 
 log = logging.getLogger("dkr.v1")
 
 MAX_ANCESTRY = 2048        # layers in one image, as the seed capped it
-MAX_REDIRECTS = 10
-REDIRECT_CODES = (301, 302, 303, 307, 308)
 
 # The seed's words for a failed request, per step; details follow them.
 FAILED = {
@@ -86,6 +85,36 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
 
 # --- the conversation ----------------------------------------------------------
 
+class TokenAuth:
+    """v1 authentication for ``RegistryClient``: the index's token, echoed back.
+
+    There is nothing to negotiate: without a token every request asks for one
+    (``X-Docker-Token: true``), as the seed did, and a 401 is final. The
+    client sends these headers only to its own origin, so a redirect to a CDN
+    carries no token. ``scope`` is the protocol step, for the error message.
+    """
+
+    def __init__(self, token: str | None, on_index: bool = False):
+        self.token = token
+        self.on_index = on_index
+
+    async def headers(self, scope: str) -> list[str]:
+        return [f"Authorization: Token {self.token}" if self.token else "X-Docker-Token: true"]
+
+    async def answer(self, challenge_header: str | None, scope: str) -> None:
+        raise Unauthorized(self.refusal(scope))
+
+    def refusal(self, scope: str) -> str:
+        if self.on_index:
+            return "HTTP 401"
+        return "HTTP 401 " + ("(the registry refused the index's token)" if self.token else
+                              "(the registry wants a token, and the index gave none)")
+
+
+class Unauthorized(DkrError):
+    """A 401 from the index or registry: v1 has no second way in."""
+
+
 class V1Session:
     """One pull's requests: the index's answers and where its token may go."""
 
@@ -93,17 +122,30 @@ class V1Session:
         self.glue = puller.glue
         self.options = puller.transfer
         self.index = index
+        parts = urlsplit(index)
+        self._index_path = parts.path
+        self._index = self._client(parts.netloc, TokenAuth(None, on_index=True),
+                                   plain_http=parts.scheme == "http")
+        self._registry: RegistryClient | None = None
         self.token: str | None = None
         self.registry: str | None = None      # host[:port] the index directed us to
 
+    def _client(self, host: str, auth: TokenAuth, plain_http: bool = False) -> RegistryClient:
+        client = RegistryClient(self.glue, host, options=self.options, plain_http=plain_http)
+        client.auth = auth
+        return client
+
     async def lookup_index(self, repo: str) -> None:
-        response = await self.get("images", f"{self.index}/v1/repositories/{repo}/images")
+        response = await self.get(self._index, "images",
+                                  f"{self._index_path}/v1/repositories/{repo}/images")
         self.token = parse_token(response.headers.get("x-docker-token", []))
         self.registry = parse_endpoints(response.headers.get("x-docker-endpoints", []))[0]
+        # Registries are https only, as in the seed; --insecure only relaxes verification.
+        self._registry = self._client(self.registry, TokenAuth(self.token))
         log.info("Index lookup succeeded, directed to registry %s.", self.registry)
 
     async def resolve_tag(self, repo: str, tag: str) -> str:
-        response = await self.get("tags", self._on_registry(f"/v1/repositories/{repo}/tags/{tag}"))
+        response = await self.get(self._registry, "tags", f"/v1/repositories/{repo}/tags/{tag}")
         image_id = decode_json(response.body, f"tag {tag}")
         if not v1_id_is_valid(image_id):
             raise DkrError(f"Invalid tag id for {repo}:{tag}: {_quote(image_id)}")
@@ -111,11 +153,11 @@ class V1Session:
         return image_id
 
     async def ancestry(self, image_id: str) -> list[str]:
-        response = await self.get("ancestry", self._on_registry(f"/v1/images/{image_id}/ancestry"))
+        response = await self.get(self._registry, "ancestry", f"/v1/images/{image_id}/ancestry")
         return parse_ancestry(decode_json(response.body, f"ancestry of {image_id}"), image_id)
 
     async def image_json(self, image_id: str) -> tuple[dict, bytes]:
-        response = await self.get("json", self._on_registry(f"/v1/images/{image_id}/json"))
+        response = await self.get(self._registry, "json", f"/v1/images/{image_id}/json")
         config = decode_json(response.body, f"json of {image_id}")
         if not isinstance(config, dict):
             raise DkrError(f"Invalid json data for image {image_id}: not a JSON object")
@@ -125,63 +167,28 @@ class V1Session:
         return config, response.body
 
     async def layer(self, layer_id: str, sink: Sink, label: str) -> Response:
-        return await self.get("layer", self._on_registry(f"/v1/images/{layer_id}/layer"),
+        return await self.get(self._registry, "layer", f"/v1/images/{layer_id}/layer",
                               sink=sink, label=label)
 
-    def _on_registry(self, path: str) -> str:
-        return f"https://{self.registry}{path}"
-
-    # --- one request, redirects followed by hand --------------------------------
-    async def get(self, step: str, url: str, *, sink: Sink | None = None,
-                  label: str = "") -> Response:
-        """GET ``url``; anything but a 200 in the end fails the pull with the step's words."""
+    async def get(self, client: RegistryClient, step: str, path: str, *,
+                  sink: Sink | None = None, label: str = "") -> Response:
+        """GET with the client's retries and redirects; anything but 200 fails the step."""
         failed = FAILED[step] + (f" ({label})" if label else "")
-        for _ in range(MAX_REDIRECTS + 1):
-            try:
-                response = await Job(self.glue, url, headers=self._headers(url), sink=sink,
-                                     options=self.options, what=f"GET {url}").run()
-            except SinkError:
-                raise                     # the extractor knows why; the caller asks it
-            except DkrError as e:
-                raise DkrError(f"{failed} {e}") from None
-            location = response.header("location")
-            if response.status in REDIRECT_CODES and location:
-                url = self._redirect(url, location, failed)
-                continue
-            if response.status != 200:
-                raise DkrError(f"{failed} GET {url}: {self._http_problem(step, response)}")
-            return response
-        raise DkrError(f"{failed} More than {MAX_REDIRECTS} redirects.")
-
-    def _headers(self, url: str) -> list[str]:
-        headers = ["Accept: application/json"]
-        if self.registry is None:
-            headers.append("X-Docker-Token: true")       # asking the index for a token
-        elif _origin(url) == ("https", self.registry):
-            # The token is for the registry the index named; a redirect to a
-            # CDN or anywhere else gets no credentials.
-            headers.append(f"Authorization: Token {self.token}" if self.token
-                           else "X-Docker-Token: true")
-        return headers
-
-    def _redirect(self, current: str, location: str, failed: str) -> str:
-        target = urljoin(current, location)
-        scheme = urlsplit(target).scheme
-        if scheme not in ("http", "https"):
-            raise DkrError(f"{failed} Redirected to unsupported URL scheme {_quote(scheme)}.")
-        if scheme == "http" and urlsplit(current).scheme == "https" and not self.options.insecure:
-            raise DkrError(f"{failed} Refusing redirect from https to plain http "
-                           f"({urlsplit(target).netloc}).")
-        log.debug("%s redirected to %s", current, urlsplit(target).netloc)
-        return target
-
-    def _http_problem(self, step: str, response: Response) -> str:
-        problem = f"HTTP {response.status}"
-        if response.status == 401 and step != "images":
-            problem += (" (the registry refused the index's token)" if self.token else
-                        " (the registry wants a token, and the index gave none)")
-        said = _server_said(response.body)
-        return f"{problem}: {said}" if said else problem
+        url = f"{client.base}{path}"
+        try:
+            response = await client.get(path, scope=step, accept=["application/json"],
+                                        sink=sink, what=f"GET {url}")
+        except SinkError:
+            raise                         # the extractor knows why; the caller asks it
+        except Unauthorized as e:
+            raise DkrError(f"{failed} GET {url}: {e}") from None
+        except DkrError as e:
+            raise DkrError(f"{failed} {e}") from None
+        if response.status != 200:
+            said = _server_said(response.body)
+            raise DkrError(f"{failed} GET {url}: HTTP {response.status}"
+                           + (f": {said}" if said else ""))
+        return response
 
 
 # --- what the servers say, checked ------------------------------------------------
@@ -307,11 +314,6 @@ async def both(first, second):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc
 
 
 def _platform(config: dict) -> str:

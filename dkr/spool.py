@@ -1,0 +1,188 @@
+"""Blob downloads into spool files that extractors read while they grow.
+
+Every layer blob is written to ``IMAGE_ROOT/.dkr/partial/<hex>`` on the image
+root's own file system, and the extractor child follows that file as it
+grows (woken through a pipe whenever bytes arrive). This decouples the
+network from extraction: all downloads run at full speed from the start,
+while layers that must wait for their parent (btrfs snapshots) are already
+local when their turn comes. The file is deleted as soon as its layers are
+committed, usually before the kernel ever writes it back; what a crash or a
+dropped connection leaves is resumed with a ``Range`` request next time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from .errors import DkrError
+from .reference import digest_hex
+
+log = logging.getLogger("dkr.spool")
+
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+def _open_locked(directory: Path, name: str) -> tuple[Path, int]:
+    """The spool file for ``name``, locked; another process's download gets its own file."""
+    for path in (directory / name, directory / f"{name}.{os.getpid()}"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return path, fd
+        except BlockingIOError:
+            os.close(fd)
+    raise DkrError(f"spool file {directory / name} is busy")
+
+
+class SpoolSink:
+    """A Sink that appends to the spool file and wakes the readers following it."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.readers: list[int] = []        # write ends of the readers' wake-up pipes
+
+    def write(self, data: bytes) -> bool:
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "the spool file was closed (download abandoned)")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        for wake in self.readers:
+            try:
+                os.write(wake, b"!")
+            except BlockingIOError:
+                pass                        # a full pipe already says "more data"
+        return True
+
+    def on_drain(self, callback) -> None:   # never full: the file system takes it all
+        callback()
+
+
+class SpooledBlob:
+    """One blob's spool file, its download, and the readers following it."""
+
+    def __init__(self, directory: Path, digest: str, size: int):
+        self.digest = digest
+        self.size = size
+        self.path, self.fd = _open_locked(directory, digest_hex(digest))
+        self.sink = SpoolSink(self.fd)
+        self.done = asyncio.get_running_loop().create_future()
+        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.task: asyncio.Task | None = None
+        self.users = 0
+
+    def resume_point(self) -> tuple[int, "hashlib._Hash"]:
+        """How much of an earlier attempt is already here, with its hash so far."""
+        have = os.fstat(self.fd).st_size
+        if have > self.size:
+            os.ftruncate(self.fd, 0)
+            have = 0
+        hasher = hashlib.sha256()
+        offset = 0
+        while offset < have:
+            chunk = os.pread(self.fd, min(HASH_CHUNK, have - offset), offset)
+            hasher.update(chunk)
+            offset += len(chunk)
+        os.lseek(self.fd, have, os.SEEK_SET)
+        return have, hasher
+
+    def discard_content(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+
+    def add_reader(self) -> int:
+        """A wake-up pipe for one more extractor; returns the read end for the child."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(write_end, False)
+        if self.done.done():
+            os.close(write_end)             # nothing more will come: EOF right away
+        else:
+            self.sink.readers.append(write_end)
+        return read_end
+
+    def finish_readers(self) -> None:
+        """No more bytes will come (done or failed): readers see EOF on their pipes."""
+        for wake in self.sink.readers:
+            os.close(wake)
+        self.sink.readers.clear()
+
+    def close(self, delete: bool) -> None:
+        self.finish_readers()
+        self.sink.fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if delete:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class Spool:
+    """All spooled blobs of one image root; each digest is downloaded once."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.blobs: dict[str, SpooledBlob] = {}
+
+    def get(self, digest: str, size: int) -> tuple[SpooledBlob, bool]:
+        """The blob's spool entry, and whether the caller must start its download."""
+        blob = self.blobs.get(digest)
+        if blob is not None:
+            blob.users += 1
+            return blob, False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        blob = SpooledBlob(self.directory, digest, size)
+        blob.users = 1
+        self.blobs[digest] = blob
+        return blob, True
+
+    def release(self, blob: SpooledBlob, *, keep_partial: bool) -> None:
+        """One user is done. The last one deletes a complete file, keeps a partial one."""
+        blob.users -= 1
+        if blob.users > 0:
+            return
+        self.blobs.pop(blob.digest, None)
+        if blob.task is not None and not blob.task.done():
+            blob.task.cancel()             # nobody wants the rest; the partial file stays
+        complete = blob.done.done() and not blob.done.cancelled() and \
+            blob.done.exception() is None
+        blob.close(delete=complete or not keep_partial)
+
+    def close(self) -> None:
+        for blob in list(self.blobs.values()):
+            if blob.task is not None and not blob.task.done():
+                blob.task.cancel()
+            blob.close(delete=False)
+        self.blobs.clear()
+
+
+class ResumedBlobMismatch(DkrError):
+    """A resumed download did not add up; its spool was emptied for a fresh start."""
+
+
+async def download(client, name: str, blob: SpooledBlob, what: str) -> None:
+    """Fetch ``blob`` into its spool file, continuing a partial one; verify the digest."""
+    offset, hasher = blob.resume_point()
+    if offset:
+        log.info("%s: resuming at byte %d of %d.", what, offset, blob.size)
+    if offset < blob.size:
+        response = await client.get(f"/v2/{name}/blobs/{blob.digest}",
+                                    scope=f"repository:{name}:pull", sink=blob.sink,
+                                    expected_size=blob.size, offset=offset, hasher=hasher,
+                                    what=what)
+        if response.status not in (200, 206):
+            raise DkrError(f"{what}: registry answered {response.status}")
+    if "sha256:" + hasher.hexdigest() == blob.digest:
+        return
+    blob.discard_content()
+    if offset:
+        raise ResumedBlobMismatch(f"{what}: resumed content does not match its digest")
+    raise DkrError(f"{what}: content does not match its digest (got sha256:{hasher.hexdigest()})")
