@@ -14,7 +14,8 @@ from .events import Events
 from .pull import PullOptions, PullResult, Puller
 from .reference import default_machine_name, parse_reference
 
-__all__ = ["PullOptions", "PullResult", "pull", "pull_async", "pull_v1", "pull_v1_async"]
+__all__ = ["PullOptions", "PullResult", "pull", "pull_async", "pull_batch", "pull_batch_async",
+           "pull_v1", "pull_v1_async"]
 
 
 async def pull_async(reference: str, local: str | None = None, *,
@@ -30,6 +31,52 @@ def pull(reference: str, local: str | None = None, *, options: PullOptions | Non
          events: Events | None = None) -> PullResult:
     """Pull one image; raises DkrError (or Interrupted on SIGINT/SIGTERM)."""
     return _run(pull_async(reference, local, options=options, events=events))
+
+
+async def pull_batch_async(items: list[tuple[str, str | None]], *,
+                           options: PullOptions | None = None,
+                           events: Events | None = None) -> list[PullResult | DkrError]:
+    """Pull several images at once over one engine; each succeeds or fails on its own.
+
+    Layers the images share are fetched and unpacked once. Returns, in order,
+    a PullResult or the DkrError of each image.
+    """
+    parsed = []
+    seen: dict[str, str] = {}
+    for reference, local in items:
+        ref = parse_reference(reference)
+        local = local or default_machine_name(ref.name)
+        if local in seen:
+            raise DkrError(f"machine name {local!r} is used for both {seen[local]} and {reference}")
+        seen[local] = reference
+        parsed.append((ref, local))
+    async with Puller(options or PullOptions(), events) as puller:
+        outcomes = await asyncio.gather(*(puller.pull(ref, local) for ref, local in parsed),
+                                        return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, DkrError):
+            raise outcome
+    return outcomes
+
+
+def pull_batch(items: list[tuple[str, str | None]], *, options: PullOptions | None = None,
+               events: Events | None = None) -> list[PullResult | DkrError]:
+    return _run(pull_batch_async(items, options=options, events=events))
+
+
+def read_batch_file(text: str, where: str) -> list[tuple[str, str | None]]:
+    """``REFERENCE [LOCAL]`` per line; blank lines and ``#`` comments are skipped."""
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) > 2:
+            raise DkrError(f"{where} line {number}: want REFERENCE [LOCAL], got {line.strip()!r}")
+        items.append((words[0], words[1] if len(words) == 2 else None))
+    if not items:
+        raise DkrError(f"{where}: no images listed")
+    return items
 
 
 async def pull_v1_async(name: str, local: str | None = None, *, index_url: str,

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import __version__, api, manage
 from .auth import parse_creds
 from .errors import DkrError
-from .events import Events, JsonRenderer, log_renderer
+from .events import Events, JsonRenderer, StatsRenderer, log_renderer
 from .v2 import parse_platform
 
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--v1", action="store_true",
                       help="use the Docker Registry v1 protocol (REFERENCE is NAMESPACE/REPO[:TAG])")
     pull.add_argument("--index-url", help="v1 index, e.g. https://index.example.com")
-    pull.add_argument("reference", metavar="REFERENCE", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
+    pull.add_argument("--batch", metavar="FILE",
+                      help="pull every 'REFERENCE [LOCAL]' line of FILE ('-': stdin) at once")
+    pull.add_argument("--stats", action="store_true",
+                      help="say afterwards where the bytes and the seconds went")
+    pull.add_argument("reference", metavar="REFERENCE", nargs="?",
+                      help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
     pull.add_argument("local", metavar="LOCAL", nargs="?", help="machine name (default: last name component)")
     pull.set_defaults(func=cmd_pull)
 
@@ -83,11 +88,14 @@ def _creds_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _events(args) -> Events:
+def _events(args) -> tuple[Events, StatsRenderer | None]:
     renderers = [log_renderer]
     if getattr(args, "json", False):
         renderers.append(JsonRenderer(sys.stdout))
-    return Events(renderers)
+    stats = StatsRenderer() if getattr(args, "stats", False) else None
+    if stats:
+        renderers.append(stats)
+    return Events(renderers), stats
 
 
 def cmd_pull(args) -> int:
@@ -95,21 +103,47 @@ def cmd_pull(args) -> int:
         raise DkrError("--jobs must be at least 1")
     if args.retries < 0 or args.stall_timeout < 1:
         raise DkrError("--retries must be 0 or more and --stall-timeout at least 1")
+    if args.batch and (args.reference or args.local or args.v1):
+        raise DkrError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
+    if not args.batch and not args.reference:
+        raise DkrError("a REFERENCE (or --batch FILE) is required")
     options = api.PullOptions(
         image_root=args.image_root, backend=args.backend, force=args.force,
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
         credentials=args.creds, jobs=args.jobs, retries=args.retries,
         stall_timeout=args.stall_timeout)
-    if args.v1:
-        if not args.index_url:
-            raise DkrError("--v1 needs --index-url URL")
-        api.pull_v1(args.reference, args.local, index_url=args.index_url, options=options,
-                    events=_events(args))
-    elif args.index_url:
-        raise DkrError("--index-url only applies to --v1 pulls")
-    else:
-        api.pull(args.reference, args.local, options=options, events=_events(args))
-    return 0
+    events, stats = _events(args)
+    try:
+        if args.batch:
+            return _pull_batch(args.batch, options, events)
+        if args.v1:
+            if not args.index_url:
+                raise DkrError("--v1 needs --index-url URL")
+            api.pull_v1(args.reference, args.local, index_url=args.index_url,
+                        options=options, events=events)
+        elif args.index_url:
+            raise DkrError("--index-url only applies to --v1 pulls")
+        else:
+            api.pull(args.reference, args.local, options=options, events=events)
+        return 0
+    finally:
+        if stats:
+            stats.print()
+
+
+def _pull_batch(path: str, options, events) -> int:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DkrError(f"cannot read batch file {path}: {getattr(e, 'strerror', None) or e}") from None
+    items = api.read_batch_file(text, "stdin" if path == "-" else path)
+    outcomes = api.pull_batch(items, options=options, events=events)
+    failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
+    for (reference, _), error in failed:
+        print(f"dkr: error: {reference}: {error}", file=sys.stderr)
+    logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
+                                  len(items), f"; {len(failed)} failed" if failed else "")
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:

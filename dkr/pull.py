@@ -251,9 +251,12 @@ class Puller:
             self.events.emit("layer-start", **announce)
             for last_try in (False, True):
                 tmp = self.root.layer_tmp(claim.key)
+                began = time.monotonic()
                 backend.create_layer(tmp, parent)
                 try:
+                    prepared = time.monotonic()
                     unpacked = await fetch(tmp)
+                    extracted = time.monotonic()
                     backend.seal_layer(tmp)
                     self.root.write_json(f"layers/{claim.key}.json", {
                         **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
@@ -276,7 +279,9 @@ class Puller:
         result.layers_fetched += 1
         result.bytes_fetched += announce.get("size") or 0
         self.events.emit("layer-done", chain_id=claim.key, digest=announce.get("digest", claim.key),
-                         size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"])
+                         size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"],
+                         prepare_seconds=prepared - began, extract_seconds=extracted - prepared,
+                         commit_seconds=time.monotonic() - extracted)
         return final
 
     async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
@@ -316,8 +321,11 @@ class Puller:
         return blob
 
     async def _download(self, client: RegistryClient, ref: Reference, blob: SpooledBlob) -> None:
+        began = time.monotonic()
         try:
             await download(client, ref.name, blob, f"layer {blob.digest}")
+            self.events.emit("download-done", digest=blob.digest, size=blob.size,
+                             seconds=time.monotonic() - began)
         except BaseException as e:
             blob.done.set_exception(e if isinstance(e, Exception) else DkrError("interrupted"))
             raise
@@ -358,6 +366,7 @@ class Puller:
                            record: dict) -> None:
         """Make ``IMAGE_ROOT/LOCAL`` from ``layers``; ``record`` says where it came from."""
         machine = self.root.machine_path(local)
+        began = time.monotonic()
         async with self._locked(f"machine-{local}", f"making machine {local}"):
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
@@ -379,7 +388,8 @@ class Puller:
                 raise
             self.root.write_json(f"machines/{local}.json", {
                 **record, "local": local, "backend": backend.name, "created": _now()})
-        self.events.emit("machine", local=local, path=str(machine))
+        self.events.emit("machine", local=local, path=str(machine),
+                         seconds=time.monotonic() - began)
 
     def _machine_backend(self, local: str, default: StorageBackend) -> StorageBackend:
         """The backend that made an existing machine (it knows how to take it down)."""
