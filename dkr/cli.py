@@ -103,9 +103,9 @@ def cmd_pull(args) -> int:
         raise DkrError("--jobs must be at least 1")
     if args.retries < 0 or args.stall_timeout < 1:
         raise DkrError("--retries must be 0 or more and --stall-timeout at least 1")
-    if args.batch and (args.reference or args.local or args.v1):
+    if args.batch and (args.reference is not None or args.local or args.v1):
         raise DkrError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
-    if not args.batch and not args.reference:
+    if not args.batch and args.reference is None:
         raise DkrError("a REFERENCE (or --batch FILE) is required")
     options = api.PullOptions(
         image_root=args.image_root, backend=args.backend, force=args.force,
