@@ -94,7 +94,7 @@ class Puller:
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
         self.spool = Spool(self.root.meta / "partial")
-        self._clients: dict[str, RegistryClient] = {}
+        self._clients: dict[str, asyncio.Future] = {}
         self._backend: StorageBackend | None = None
         self._builds: dict[str, asyncio.Future] = {}
         self._extractors: asyncio.Semaphore | None = None
@@ -119,13 +119,21 @@ class Puller:
         return self._backend
 
     async def client(self, ref: Reference) -> RegistryClient:
+        """One client per registry host, pinged once even when many images ask at once."""
         host = ref.endpoint
         if host not in self._clients:
-            creds = self.options.credentials or docker_config_credentials(ref.host)
-            client = RegistryClient(self.glue, host, credentials=creds, options=self.transfer)
-            await client.ping()
-            self._clients[host] = client
-        return self._clients[host]
+            self._clients[host] = asyncio.ensure_future(self._connect(ref))
+        try:
+            return await asyncio.shield(self._clients[host])
+        except DkrError:
+            self._clients.pop(host, None)
+            raise
+
+    async def _connect(self, ref: Reference) -> RegistryClient:
+        creds = self.options.credentials or docker_config_credentials(ref.host)
+        client = RegistryClient(self.glue, ref.endpoint, credentials=creds, options=self.transfer)
+        await client.ping()
+        return client
 
     def refuse_existing(self, local: str) -> None:
         if os.path.lexists(self.root.machine_path(local)) and not self.options.force:

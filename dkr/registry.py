@@ -9,6 +9,7 @@ own host, and refuses to be redirected from https to plain http.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import hashlib
 import logging
@@ -26,6 +27,7 @@ log = logging.getLogger("dkr.registry")
 MAX_REDIRECTS = 10
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+PROBE_TIMEOUT = 3
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 15.0
 RETRY_AFTER_CAP = 60.0
@@ -67,8 +69,10 @@ class RegistryClient:
         response = await self._job(url, headers, what=what)
         return response.status, response.body
 
-    async def _job(self, url: str, headers: list[str], **kw) -> Response:
-        return await Job(self.glue, url, headers=headers, options=self.options, **kw).run()
+    async def _job(self, url: str, headers: list[str], *, options: TransferOptions | None = None,
+                   **kw) -> Response:
+        return await Job(self.glue, url, headers=headers, options=options or self.options,
+                         **kw).run()
 
     async def ping(self) -> None:
         """``GET /v2/``; with --insecure fall back to plain http when https fails."""
@@ -76,7 +80,9 @@ class RegistryClient:
         try:
             if self.scheme == "https" and self.options.insecure:
                 try:
-                    response = await self._job(f"{self.base}/v2/", [], what=where)
+                    # A plain-http server may never answer a TLS hello: don't wait long.
+                    probe = dataclasses.replace(self.options, connect_timeout=PROBE_TIMEOUT)
+                    response = await self._job(f"{self.base}/v2/", [], what=where, options=probe)
                 except DkrError as e:
                     log.debug("https to %s failed (%s); trying plain http", self.host, e)
                     self.scheme = "http"

@@ -12,6 +12,8 @@ The seed's sequence, state for state, on the shared CurlGlue engine:
 v1 has no digests: the image id names the layer (``IMAGE_ROOT/.dkr-<id>``),
 exactly as the seed kept it, and the registry is trusted for its content. What
 the servers say is still checked before it becomes part of a URL or a path.
+Requests go through ``RegistryClient`` like v2's, so retries, resumed layer
+bodies and the redirect rules (no token to another host) are the same.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
     result = PullResult(reference, local, image_id, chain=list(ancestry))
 
     paths: list[Path] = []
-    for index, layer_id in enumerate(ancestry):
+    for index in range(len(ancestry)):
         paths.append(await _ensure_layer(puller, session, backend, ancestry, index,
                                          paths[-1] if paths else None, result))
 

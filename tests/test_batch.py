@@ -1,0 +1,90 @@
+"""Many images over one engine: shared layers fetched and unpacked once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from helpers import assert_ok, run_dkr
+
+from dkr.testing import images
+from dkr.testing.faultproxy import FaultProxy
+from dkr.testing.images import File, Image, Layer
+
+
+@pytest.fixture(scope="module")
+def shared_base(registry):
+    base = [Layer([File(f"base/{i}", bytes([i]) * 5000) for i in range(50)]),
+            Layer([File(f"lib/{i}", bytes([i]) * 3000) for i in range(30)], compression="zstd")]
+    for n in range(4):
+        images.push_image(registry, f"batch/app{n}", "latest",
+                          Image(base + [Layer([File(f"app{n}", f"app {n}".encode())])]))
+    return base
+
+
+@pytest.fixture
+def proxy(registry):
+    host, port = registry.host.split(":")
+    with FaultProxy(host, int(port)) as p:
+        yield p
+
+
+def _blob_gets(proxy) -> Counter:
+    return Counter(e.path.rsplit("/", 1)[-1] for e in proxy.log
+                   if "/blobs/sha256:" in e.path and e.method == "GET")
+
+
+def test_batch_shares_layers_and_reports_each_image(shared_base, proxy, image_root, tmp_path):
+    listing = tmp_path / "images.txt"
+    listing.write_text("# three apps on one base, and one that does not exist\n"
+                       + "".join(f"{proxy.host}/batch/app{n}  machine{n}\n" for n in range(3))
+                       + f"\n{proxy.host}/batch/missing\n")
+    run = run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                  "--json", "--batch", listing)
+    assert run.rc == 1, run.err
+    errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
+    assert len(errors) == 1 and "batch/missing" in errors[0] and "manifest unknown" in errors[0]
+    assert "Pulled 3 of 4 images; 1 failed." in run.err
+    for n in range(3):
+        assert (image_root / f"machine{n}" / f"app{n}").read_bytes() == f"app {n}".encode()
+        assert (image_root / f"machine{n}" / "base" / "7").read_bytes() == bytes([7]) * 5000
+    built = Counter(e["chain_id"] for e in run.events if e["event"] == "layer-done")
+    assert len(built) == 2 + 3 and set(built.values()) == {1}     # each layer unpacked once
+    gets = _blob_gets(proxy)
+    base_digests = {layer.digest.split(":")[1] for layer in shared_base}
+    assert all(gets[f"sha256:{d}"] == 1 for d in base_digests), gets    # and fetched once
+    assert list((image_root / ".dkr" / "partial").iterdir()) == []     # spool freed
+
+
+def test_batch_from_stdin_all_good(shared_base, registry, image_root):
+    run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
+                            "dir", "--batch", "-", input=f"{registry.host}/batch/app3\n"))
+    assert "Pulled 1 of 1 images." in run.err
+    assert (image_root / "app3" / "app3").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a b c\n", r"line 1: want REFERENCE \[LOCAL\]"),
+    ("# nothing\n\n", r"no images listed"),
+    ("x/a same\ny/b same\n", r"machine name 'same' is used for both"),
+])
+def test_bad_batch_files(image_root, tmp_path, content, message):
+    from helpers import assert_clean_failure
+    listing = tmp_path / "bad.txt"
+    listing.write_text(content)
+    run = run_dkr("pull", "--image-root", image_root, "--batch", listing)
+    assert_clean_failure(run, image_root, message)
+
+
+def test_batch_excludes_reference(image_root, tmp_path):
+    from helpers import assert_clean_failure
+    run = run_dkr("pull", "--image-root", image_root, "--batch", tmp_path / "x", "some/ref")
+    assert_clean_failure(run, image_root, r"--batch takes the images from FILE")
+
+
+def test_stats_summary(shared_base, registry, image_root):
+    run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
+                            "dir", "--stats", f"{registry.host}/batch/app0"))
+    assert "Stats: 3 layers" in run.err
+    for phase in ("network", "prepare", "extract", "commit", "machine"):
+        assert f"  {phase} " in run.err
