@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 from urllib.parse import urlencode, urlsplit
 
 from .errors import DkrError
@@ -88,6 +88,19 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 Fetch = Callable[[str, list[str], str], Awaitable[tuple[int, bytes]]]
+
+
+class RequestAuth(Protocol):
+    """What a RegistryClient needs of an authentication scheme."""
+
+    async def headers(self, scope: str) -> list[str]:
+        """Headers for a request within ``scope`` (sent to the registry's own origin only)."""
+
+    async def answer(self, challenge_header: str | None, scope: str) -> None:
+        """A request got 401: get what the challenge asks for, or raise DkrError."""
+
+    def refusal(self, scope: str) -> str:
+        """The error message when the answered challenge still ends in 401."""
 
 
 class Authenticator:

@@ -35,13 +35,17 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _size_note(size: int | None) -> str:
+    return f" ({_mb(size)})" if size else ""
+
+
 _LINES: dict[str, Callable[[dict], str]] = {
     "backend": lambda f: f"Using {f['why']}.",
     "resolved": lambda f: (f"Resolved {f['reference']} to {f['digest']} "
                            f"({f['platform']}, {f['layers']} layers)."),
     "skipped": lambda f: f"Layer {_short(f['chain_id'])} already exists, skipping.",
     "layer-start": lambda f: (f"Extracting layer {f['index']}/{f['count']} "
-                              f"{_short(f['digest'])} ({_mb(f['size'])})."),
+                              f"{_short(f['digest'])}{_size_note(f.get('size'))}."),
     "layer-done": lambda f: (f"Layer {_short(f['chain_id'])} committed "
                              f"({_mb(f['size'])} → {_mb(f['tar_bytes'])} unpacked)."),
     "machine": lambda f: f"Created machine {f['local']} in {f['path']}.",

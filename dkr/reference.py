@@ -74,7 +74,7 @@ def parse_reference(text: str) -> Reference:
     host = DOCKER_HUB
     first, sep, remainder = rest.partition("/")
     if sep and _looks_like_host(first):
-        if not _HOST_RE.fullmatch(first):
+        if not host_is_valid(first):
             raise DkrError(f"invalid reference {text!r}: bad registry host {first!r}")
         host, rest = first, remainder
     tag = None
@@ -134,7 +134,10 @@ def default_machine_name(name: str) -> str:
 
 def host_is_valid(host: str) -> bool:
     """hostname[:port] or [v6]:port, as a v1 X-Docker-Endpoints entry must be."""
-    return bool(_HOST_RE.fullmatch(host))
+    if not _HOST_RE.fullmatch(host):
+        return False
+    port = host.rpartition(":")[2] if not host.endswith("]") and ":" in host else ""
+    return not port or 0 < int(port) <= 65535
 
 
 def v1_id_is_valid(value: object) -> bool:

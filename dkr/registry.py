@@ -17,7 +17,7 @@ import random
 import time
 from urllib.parse import urljoin, urlsplit
 
-from .auth import Authenticator, Credentials
+from .auth import Authenticator, Credentials, RequestAuth
 from .errors import DkrError
 from .glue import CurlGlue
 from .job import Job, Response, Sink, TransferError, TransferOptions
@@ -54,12 +54,13 @@ def retry_after(response: Response) -> float | None:
 
 class RegistryClient:
     def __init__(self, glue: CurlGlue, host: str, *, credentials: Credentials | None = None,
-                 options: TransferOptions | None = None, plain_http: bool = False):
+                 options: TransferOptions | None = None, plain_http: bool = False,
+                 auth: RequestAuth | None = None):
         self.glue = glue
         self.host = host
         self.options = options or TransferOptions()
         self.scheme = "http" if plain_http else "https"
-        self.auth = Authenticator(host, credentials, self._fetch_plain)
+        self.auth = auth or Authenticator(host, credentials, self._fetch_plain)
 
     @property
     def base(self) -> str:

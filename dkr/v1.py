@@ -133,8 +133,8 @@ class V1Session:
         self.registry: str | None = None      # host[:port] the index directed us to
 
     def _client(self, host: str, auth: TokenAuth, plain_http: bool = False) -> RegistryClient:
-        client = RegistryClient(self.glue, host, options=self.options, plain_http=plain_http)
-        client.auth = auth
+        client = RegistryClient(self.glue, host, options=self.options, plain_http=plain_http,
+                                auth=auth)
         return client
 
     async def lookup_index(self, repo: str) -> None:
