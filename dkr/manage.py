@@ -6,7 +6,8 @@ records, the manifest and config blobs. Every change happens under the same
 flock(2) the engine takes (``machine-LOCAL.lock``, ``layer-<key>.lock``), so
 a command never tears down what a pull is building; a lock that is held
 makes the command refuse (or, for gc, pass over that entry) instead of wait.
-Each user error is one DkrError raised before anything was changed.
+Each user error is one DkrError, raised before anything changes wherever that
+can be checked up front.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .hookspecs import StorageBackend
 from .plugins import backends, choose_backend
 from .reference import validate_machine_name
 from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot
-from .treeops import remove_tree, tree_size
+from .treeops import tree_size
 
 log = logging.getLogger("dkr.manage")
 
@@ -177,7 +178,9 @@ def _wrap_os_error(what: str) -> Iterator[None]:
 def _summary(root: ImageRoot, info: dict) -> dict:
     local = info.get("local", "?")
     return {"local": local, "reference": info.get("reference"),
-            "digest": info.get("manifest_digest"), "backend": info.get("backend"),
+            # a v1 image has no manifest: its image id names it
+            "digest": info.get("manifest_digest") or info.get("image_id"),
+            "backend": info.get("backend"),
             "size": _image_size(root, info), "created": info.get("created"),
             "path": str(root.machine_path(local)),
             "present": os.path.lexists(root.machine_path(local))}
@@ -445,7 +448,7 @@ def cmd_gc(args) -> int:
         return 0
     # One collector at a time. (A pull that holds this lock shared for its whole run
     # would also keep gc from removing layers it has built but not yet used.)
-    with _flock(root, "gc", "another dkr gc is running on this image root"):
+    with _flock(root, "gc", f"{root.path} is busy: another dkr gc (or a pull) is running there"):
         collector = _Collector(root, args.dry_run)
         try:
             collector.run()
@@ -454,7 +457,7 @@ def cmd_gc(args) -> int:
     counts = ", ".join(f"{n} {kind}{'s' if n != 1 else ''}"
                        for kind, n in collector.counts.items() if n)
     verb = "Would free" if args.dry_run else "Freed"
-    message = f"{verb} about {_human(collector.freed)}" + (f" ({counts})." if counts else " (nothing to remove).")
+    message = f"{verb} about {_human(collector.freed)} ({counts or 'nothing to remove'})."
     if args.dry_run:
         print(message)
     else:

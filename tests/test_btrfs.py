@@ -1,0 +1,184 @@
+"""The btrfs backend on a real, loop-mounted btrfs: subvolumes, snapshots, read-only layers."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+
+from dkr.testing import images, loopfs
+from dkr.testing.images import Dir, File, Image, Layer
+from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
+
+try:
+    import btrfsutil
+except ImportError:
+    btrfsutil = None
+
+
+def need(reason: str | None) -> None:
+    """No btrfs here: skip on a developer's machine, but CI must fail, never skip."""
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"btrfs tests cannot run: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def btrfs_mount():
+    need("the btrfsutil module is missing" if btrfsutil is None
+         else loopfs.unavailable_reason("btrfs"))
+    with ExitStack() as stack:
+        try:
+            mount = stack.enter_context(loopfs.btrfs("512M"))
+        except loopfs.LoopFsError as e:
+            need(str(e))
+        yield mount
+
+
+@pytest.fixture
+def root(btrfs_mount, request):
+    """A fresh image root on the btrfs, one per test."""
+    path = btrfs_mount / request.node.name.replace("[", "-").rstrip("]")
+    path.mkdir()
+    return path
+
+
+BASE = [Layer([Dir("etc"), File("etc/base", b"base layer\n")]),
+        Layer([Dir("usr"), File("usr/lib.so", b"\x7fELF" * 4000)])]
+
+
+def family(name: str) -> Image:
+    """Images that share the two BASE layers and add one of their own."""
+    return Image([*BASE, Layer([Dir("app"), File(f"app/{name}", name.encode() * 3000)])])
+
+
+def layer_dirs(root):
+    return sorted(p for p in root.iterdir() if p.name.startswith(".dkr-") and ".tmp-" not in p.name)
+
+
+def info(path):
+    return btrfsutil.subvolume_info(path)
+
+
+def all_subvolumes(root):
+    """Every subvolume below ``root`` (nested ones too), relative to it."""
+    found = [Path(rel) for rel, _ in btrfsutil.SubvolumeIterator(root.parent)]
+    return sorted(str(p.relative_to(root.name)) for p in found if p.parts[0] == root.name)
+
+
+# --- correctness -------------------------------------------------------------------
+
+def test_sample_matches_umoci(registry, root, tmp_path):
+    images.push_image(registry, "btrfs/sample", "latest", images.sample_image())
+    run = assert_ok(pull(registry, "btrfs/sample", root, "-v", "--json"))
+    chosen = [e for e in run.events if e["event"] == "backend"]
+    assert chosen and chosen[0]["name"] == "btrfs", run.err
+    assert "Using backend btrfs" in run.err
+    oracle = tree_snapshot(umoci_unpack(registry, "btrfs/sample", "latest", tmp_path / "oracle"))
+    assert diff_trees(oracle, tree_snapshot(root / "sample"), "umoci", "dkr") == []
+
+
+def test_layers_are_readonly_snapshots_of_their_parents(registry, root):
+    images.push_image(registry, "btrfs/chain", "latest", images.sample_image())
+    assert_ok(pull(registry, "btrfs/chain", root, local="m"))
+    record = json.loads((root / ".dkr" / "machines" / "m.json").read_text())
+    chain = [root / f".dkr-{key}" for key in record["layers"]]
+    assert len(chain) == 3 and sorted(chain) == layer_dirs(root)
+    for layer in chain:
+        assert btrfsutil.is_subvolume(layer)
+        assert btrfsutil.get_subvolume_read_only(layer), layer.name
+    assert info(chain[0]).parent_uuid == bytes(16)              # a new subvolume
+    for lower, upper in zip(chain, chain[1:]):
+        assert info(upper).parent_uuid == info(lower).uuid      # a snapshot of its parent
+    machine = root / "m"
+    assert btrfsutil.is_subvolume(machine)
+    assert not btrfsutil.get_subvolume_read_only(machine)
+    assert info(machine).parent_uuid == info(chain[-1]).uuid
+
+
+def test_writing_in_a_machine_touches_nothing_else(registry, root):
+    images.push_image(registry, "btrfs/write", "latest", images.sample_image())
+    assert_ok(pull(registry, "btrfs/write", root, local="one"))
+    assert_ok(pull(registry, "btrfs/write", root, local="two"))
+    layers_before = {p.name: tree_snapshot(p) for p in layer_dirs(root)}
+    two_before = tree_snapshot(root / "two")
+
+    one = root / "one"
+    (one / "etc" / "hostname").write_text("mine\n")
+    (one / "new-file").write_bytes(b"new")
+    os.unlink(one / "usr" / "bin" / "busybox")
+    os.chmod(one / "tmp", 0o700)
+
+    assert (one / "etc" / "hostname").read_text() == "mine\n"
+    assert {p.name: tree_snapshot(p) for p in layer_dirs(root)} == layers_before
+    assert tree_snapshot(root / "two") == two_before
+    with pytest.raises(OSError):
+        (layer_dirs(root)[0] / "etc" / "hostname").write_text("no")
+
+
+def test_shared_base_is_fetched_and_stored_once(registry, root):
+    first, second = family("first"), family("second")
+    images.push_image(registry, "btrfs/first", "latest", first)
+    images.push_image(registry, "btrfs/second", "latest", second)
+    assert_ok(pull(registry, "btrfs/first", root, "--json"))
+    run = assert_ok(pull(registry, "btrfs/second", root, "--json"))
+
+    kinds = [e["event"] for e in run.events]
+    assert kinds.count("skipped") == 2 and kinds.count("layer-done") == 1
+    assert run.err.count("already exists, skipping.") == 2
+    done = [e for e in run.events if e["event"] == "done"][0]
+    assert done["bytes"] == second.layers[2].size            # only its own layer came over the wire
+    assert [e["size"] for e in run.events if e["event"] == "layer-done"] == [second.layers[2].size]
+
+    layers = layer_dirs(root)
+    assert len(layers) == 4                                   # 2 shared + 1 + 1
+    by_uuid = {info(p).uuid: p for p in layers}
+    tops = [p for p in layers if sum(info(q).parent_uuid == info(p).uuid for q in layers) == 0]
+    assert len(tops) == 2
+    shared_parent = {by_uuid[info(top).parent_uuid] for top in tops}
+    assert len(shared_parent) == 1                 # both tops are snapshots of one base subvolume
+    assert all(info(p).id != info(q).id for p in layers for q in layers if p != q)
+
+
+def test_force_replaces_machine_and_deletes_the_old_subvolume(registry, root):
+    images.push_image(registry, "btrfs/force", "v1", Image([Layer([File("version", b"1")])]))
+    images.push_image(registry, "btrfs/force", "v2", Image([Layer([File("version", b"2")])]))
+    assert_ok(pull(registry, "btrfs/force:v1", root, local="box"))
+    (root / "box" / "scribble").write_text("gone after --force")
+    old_id = info(root / "box").id
+    assert_ok(pull(registry, "btrfs/force:v2", root, "--force", local="box"))
+    assert (root / "box" / "version").read_bytes() == b"2"
+    assert not (root / "box" / "scribble").exists()
+    assert info(root / "box").id != old_id
+    assert all_subvolumes(root) == sorted([*(p.name for p in layer_dirs(root)), "box"])
+
+
+def test_remove_handles_nested_and_readonly_subvolumes(registry, root):
+    images.push_image(registry, "btrfs/nested", "latest", family("nested"))
+    assert_ok(pull(registry, "btrfs/nested", root, local="host"))
+    machine = root / "host"
+    btrfsutil.create_subvolume(machine / "var-lib")
+    btrfsutil.create_subvolume(machine / "var-lib" / "inner")
+    (machine / "var-lib" / "inner" / "data").write_text("x")
+    btrfsutil.create_snapshot(machine / "var-lib" / "inner", machine / "frozen", read_only=True)
+    btrfsutil.set_subvolume_read_only(machine / "var-lib", True)
+    assert {"host/var-lib", "host/var-lib/inner", "host/frozen"} <= set(all_subvolumes(root))
+
+    assert_ok(run_dkr("remove", "--image-root", root, "host"))
+    assert not os.path.lexists(machine)
+    assert all_subvolumes(root) == [p.name for p in layer_dirs(root)]
+    assert_ok(run_dkr("gc", "--image-root", root))
+    assert all_subvolumes(root) == [] and layer_dirs(root) == []
+
+
+def test_btrfs_refused_elsewhere(registry):
+    images.push_image(registry, "btrfs/elsewhere", "latest", family("elsewhere"))
+    need(loopfs.unavailable_reason("ext4"))
+    with loopfs.ext4() as other:
+        failed = pull(registry, "btrfs/elsewhere", other, "--backend", "btrfs")
+        assert_clean_failure(failed, other, r"backend btrfs cannot be used on .*: .* not on btrfs")

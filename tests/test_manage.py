@@ -1,0 +1,217 @@
+"""dkr list, inspect, remove, gc, mount and umount (on the dir backend; the btrfs and
+overlay specifics are in their own test files)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+
+import pytest
+from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+
+from dkr.testing import images
+from dkr.testing.images import Dir, File, Image, Layer
+
+BASE = [Layer([Dir("etc"), File("etc/base", b"base layer\n")]),
+        Layer([Dir("usr"), File("usr/lib.so", b"\x7fELF" * 4000)])]
+
+
+def family(name: str) -> Image:
+    return Image([*BASE, Layer([Dir("app"), File(f"app/{name}", name.encode() * 3000)])])
+
+
+@pytest.fixture(scope="module")
+def pushed(registry):
+    """Two images sharing a 2-layer base, and the sample image."""
+    found = {"first": family("first"), "second": family("second"), "sample": images.sample_image()}
+    for name, image in found.items():
+        images.push_image(registry, f"manage/{name}", "latest", image)
+    return found
+
+
+@pytest.fixture(scope="module")
+def populated(registry, pushed, tmp_path_factory):
+    """An image root with machines "first" and "box" (the sample), for tests that only look."""
+    root = tmp_path_factory.mktemp("populated") / "machines"
+    pull_dir(registry, "manage/first", root)
+    pull_dir(registry, "manage/sample", root, local="box")
+    return root
+
+
+def dkr(root, *args):
+    return run_dkr(*args, "--image-root", root)
+
+
+def layer_keys(root) -> set[str]:
+    return {p.name[len(".dkr-"):] for p in root.iterdir()
+            if p.name.startswith(".dkr-") and ".tmp-" not in p.name}
+
+
+def machine_layers(root, local) -> list[str]:
+    return json.loads((root / ".dkr" / "machines" / f"{local}.json").read_text())["layers"]
+
+
+@contextmanager
+def held_lock(root, name):
+    """Hold one of dkr's flocks, as a running pull would."""
+    fd = os.open(root / ".dkr" / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def pull_dir(registry, repo, root, local=None):
+    return assert_ok(pull(registry, repo, root, "--backend", "dir", local=local))
+
+
+# --- list and inspect ------------------------------------------------------------------
+
+def test_list_and_inspect(registry, pushed, populated):
+    image_root = populated
+    table = assert_ok(dkr(image_root, "list")).out.splitlines()
+    assert table[0].split() == ["LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert sorted(rows) == ["box", "first"]
+    assert rows["box"][1] == f"{registry.host}/manage/sample:latest"
+    assert rows["box"][2] == pushed["sample"].manifest_digest.split(":")[1][:12]
+    assert rows["box"][3] == "dir"
+
+    listed = {m["local"]: m for m in json.loads(assert_ok(dkr(image_root, "list", "--json")).out)}
+    box = listed["box"]
+    assert box["digest"] == pushed["sample"].manifest_digest
+    assert box["backend"] == "dir" and box["present"] is True
+    assert box["size"] == sum(len(layer.tar) for layer in pushed["sample"].layers)
+    assert box["created"].endswith("Z")
+
+    out = json.loads(assert_ok(dkr(image_root, "inspect", "box")).out)
+    assert out["machine"]["local"] == "box"
+    assert out["machine"]["manifest_digest"] == pushed["sample"].manifest_digest
+    assert out["manifest"] == pushed["sample"].manifest_json
+    assert out["config"] == pushed["sample"].config_json
+    stored = image_root / ".dkr" / "blobs" / "sha256" / pushed["sample"].config_digest.split(":")[1]
+    config_digest = out["machine"]["config_digest"]
+    assert f"sha256:{hashlib.sha256(stored.read_bytes()).hexdigest()}" == config_digest
+
+
+def test_list_of_an_empty_or_missing_root(image_root):
+    assert assert_ok(dkr(image_root, "list")).out.split() == [
+        "LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED"]
+    assert json.loads(assert_ok(dkr(image_root, "list", "--json")).out) == []
+    assert_ok(dkr(image_root, "gc"))
+    assert not image_root.exists()            # read-only commands create nothing
+
+
+def test_unknown_machine_is_an_error(populated):
+    for command in ("inspect", "remove", "mount", "umount"):
+        failed = dkr(populated, command, "nope")
+        assert_clean_failure(failed, populated, rf"no machine 'nope' in {populated}")
+        bad = dkr(populated, command, "../first")
+        assert_clean_failure(bad, populated, r"invalid machine name '\.\./first'")
+    assert (populated / "first" / "etc" / "base").exists()
+
+
+def test_mount_needs_a_name(image_root):
+    assert_clean_failure(dkr(image_root, "mount"), image_root, r"give LOCAL or --all")
+    assert_clean_failure(dkr(image_root, "umount", "--all", "x"), image_root, r"not both")
+
+
+def test_dir_machine_needs_no_mount(populated):
+    assert "needs no mount" in assert_ok(dkr(populated, "mount", "first")).err
+    assert "not mounted" in assert_ok(dkr(populated, "umount", "--all")).err
+    assert (populated / "first" / "app" / "first").exists()
+
+
+# --- remove ---------------------------------------------------------------------------
+
+def test_remove(registry, pushed, image_root):
+    pull_dir(registry, "manage/first", image_root)
+    pull_dir(registry, "manage/second", image_root)
+    layers = layer_keys(image_root)
+    run = assert_ok(dkr(image_root, "rm", "first"))
+    assert "Removed machine first." in run.err
+    assert not os.path.lexists(image_root / "first")
+    assert not (image_root / ".dkr" / "machines" / "first.json").exists()
+    assert layer_keys(image_root) == layers               # layers wait for gc
+    listed = json.loads(assert_ok(dkr(image_root, "list", "--json")).out)
+    assert [m["local"] for m in listed] == ["second"]
+
+
+def test_remove_is_all_or_nothing(registry, pushed, image_root):
+    pull_dir(registry, "manage/first", image_root)
+    pull_dir(registry, "manage/second", image_root)
+    failed = dkr(image_root, "remove", "first", "nope", "second")
+    assert_clean_failure(failed, image_root, r"no machine 'nope'")
+    assert (image_root / "first").is_dir() and (image_root / "second").is_dir()
+    with held_lock(image_root, "machine-second"):
+        busy = dkr(image_root, "remove", "first", "second")
+        assert_clean_failure(busy, image_root, r"machine 'second' is busy")
+    assert (image_root / "first").is_dir() and (image_root / "second").is_dir()
+    assert_ok(dkr(image_root, "remove", "first", "second"))
+    assert not (image_root / "first").exists() and not (image_root / "second").exists()
+
+
+# --- gc -------------------------------------------------------------------------------
+
+def test_gc_removes_only_unreferenced_layers(registry, pushed, image_root):
+    pull_dir(registry, "manage/first", image_root)
+    pull_dir(registry, "manage/second", image_root)
+    first, second = machine_layers(image_root, "first"), machine_layers(image_root, "second")
+    assert first[:2] == second[:2] and first[2] != second[2]
+
+    assert "Freed about 0 B (nothing to remove)." in assert_ok(dkr(image_root, "gc")).err
+    assert layer_keys(image_root) == set(first) | set(second)
+
+    assert_ok(dkr(image_root, "remove", "first"))
+    dry = assert_ok(dkr(image_root, "gc", "--dry-run"))
+    assert f"would remove layer {first[2][:12]}" in dry.out
+    assert dry.out.count("would remove layer") == 1
+    assert "would remove blob" in dry.out                 # first's manifest and config
+    assert layer_keys(image_root) == set(first) | set(second)     # a dry run removes nothing
+
+    run = assert_ok(dkr(image_root, "gc"))
+    assert f"Removed layer {first[2][:12]}" in run.err
+    image = pushed["first"]
+    freed = len(image.layers[2].tar) + len(image.manifest_bytes) + len(image.config_bytes)
+    assert f"Freed about {freed / 1000:.1f} kB (1 layer, 2 blobs)." in run.err
+    assert layer_keys(image_root) == set(second)
+    assert not (image_root / ".dkr" / "layers" / f"{first[2]}.json").exists()
+    assert (image_root / "second" / "app" / "second").read_bytes() == b"second" * 3000
+    assert json.loads(assert_ok(dkr(image_root, "inspect", "second")).out)["config"]
+
+    assert_ok(dkr(image_root, "remove", "second"))
+    assert_ok(dkr(image_root, "gc"))
+    assert layer_keys(image_root) == set()
+    meta = image_root / ".dkr"
+    assert not list((meta / "layers").iterdir()) and not list((meta / "blobs" / "sha256").iterdir())
+
+
+def test_gc_leaves_what_a_pull_holds_and_clears_leftovers(registry, pushed, image_root):
+    pull_dir(registry, "manage/first", image_root)
+    assert_ok(dkr(image_root, "remove", "first"))
+    keys = sorted(layer_keys(image_root))
+    assert len(keys) == 3
+    held_key = keys[0]
+    layer_tmp = image_root / f".dkr-{'ab' * 32}.tmp-0123abcd"
+    held_tmp = image_root / f".dkr-{'cd' * 32}.tmp-4567ef01"
+    machine_tmp = image_root / ".dkr-local-crashed.tmp-89abcdef"
+    for leftover in (layer_tmp, held_tmp, machine_tmp):
+        (leftover / "etc").mkdir(parents=True)
+        (leftover / "etc" / "half").write_text("half written")
+
+    with held_lock(image_root, f"layer-{held_key}"), held_lock(image_root, f"layer-{'cd' * 32}"):
+        run = assert_ok(dkr(image_root, "gc"))
+    assert layer_keys(image_root) == {held_key}            # a pull is working on it
+    assert "in use by a pull" in run.err
+    assert not layer_tmp.exists() and not machine_tmp.exists()
+    assert held_tmp.exists()
+    assert run.err.count("Removed leftover") == 2
+
+    assert_ok(dkr(image_root, "gc"))
+    assert layer_keys(image_root) == set() and not held_tmp.exists()
+    with held_lock(image_root, "gc"):
+        assert_clean_failure(dkr(image_root, "gc"), image_root, r"is busy: another dkr gc")

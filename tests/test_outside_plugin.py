@@ -1,0 +1,88 @@
+"""A storage backend from a separately installed package, found through the ``dkr`` entry points."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+
+from dkr.testing import images
+from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
+
+PACKAGE = Path(__file__).parent / "outside_plugin"
+DIST = "dkr-copy-backend"
+
+
+def _pip(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check",
+                           "--no-input", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def copy_plugin():
+    """The example plugin, pip-installed into this venv for the module's tests."""
+    installed = _pip("install", "--no-build-isolation", "--no-deps", "--no-index", str(PACKAGE))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    try:
+        yield "copy"
+    finally:
+        removed = _pip("uninstall", "--yes", DIST)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+
+
+def test_pull_with_outside_backend(registry, copy_plugin, image_root, tmp_path):
+    images.push_image(registry, "outside/sample", "latest", images.sample_image())
+    run = assert_ok(pull(registry, "outside/sample", image_root, "--backend", copy_plugin,
+                         "-v", "--json"))
+    assert [e["name"] for e in run.events if e["event"] == "backend"] == ["copy"]
+    record = json.loads((image_root / ".dkr" / "machines" / "sample.json").read_text())
+    assert record["backend"] == "copy"
+    for key in record["layers"]:
+        layer = json.loads((image_root / ".dkr" / "layers" / f"{key}.json").read_text())
+        assert layer["backend"] == "copy"
+    oracle = tree_snapshot(umoci_unpack(registry, "outside/sample", "latest", tmp_path / "o"))
+    assert diff_trees(oracle, tree_snapshot(image_root / "sample"), "umoci", "dkr") == []
+
+    listed = json.loads(assert_ok(run_dkr("list", "--json", "--image-root", image_root)).out)
+    assert [(m["local"], m["backend"]) for m in listed] == [("sample", "copy")]
+    assert_ok(run_dkr("remove", "--image-root", image_root, "sample"))
+    assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert [p.name for p in image_root.iterdir()] == [".dkr"]
+
+
+def test_auto_never_picks_it(registry, copy_plugin, image_root):
+    images.push_image(registry, "outside/auto", "latest",
+                      images.Image([images.Layer([images.File("f", b"f")])]))
+    run = pull(registry, "outside/auto", image_root, "--json")
+    try:
+        assert_ok(run)
+        assert [e["name"] for e in run.events if e["event"] == "backend"] != ["copy"]
+    finally:
+        # auto may have chosen overlay: leave no mount behind in the temp dir
+        run_dkr("remove", "--image-root", image_root, "auto")
+
+
+def test_layers_of_another_backend_are_refused(registry, copy_plugin, image_root):
+    images.push_image(registry, "outside/mixed", "latest",
+                      images.Image([images.Layer([images.File("f", b"f")])]))
+    assert_ok(pull(registry, "outside/mixed", image_root, "--backend", "copy", local="one"))
+    failed = pull(registry, "outside/mixed", image_root, "--backend", "dir", local="two")
+    assert_clean_failure(failed, image_root, r"made by backend copy.*--backend copy", "two")
+
+
+def test_gone_plugin_is_a_clear_error(registry, image_root):
+    # Runs after the module's plugin tests: a record naming a backend nobody provides.
+    image_root.mkdir(parents=True)
+    (image_root / ".dkr" / "machines").mkdir(parents=True)
+    (image_root / ".dkr" / "machines" / "old.json").write_text(json.dumps(
+        {"local": "old", "backend": "vanished", "layers": []}))
+    (image_root / "old").mkdir()
+    failed = run_dkr("remove", "--image-root", image_root, "old")
+    assert_clean_failure(failed, image_root, r"made by backend 'vanished', which is not installed")
+    assert (image_root / "old").is_dir()
+    unknown = run_dkr("pull", "--image-root", image_root, "--backend", "vanished", "x/y")
+    assert_clean_failure(unknown, image_root, r"unknown backend 'vanished' \(have: .*dir")

@@ -1,0 +1,252 @@
+"""The overlay backend on a real, loop-mounted ext4: diff layers and overlay mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from contextlib import ExitStack
+
+import pytest
+from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+
+from dkr.errors import DkrError
+from dkr.testing import images, loopfs
+from dkr.testing.images import Dir, File, Image, Layer
+from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
+from dkr_plugins import overlay
+
+
+def need(reason: str | None) -> None:
+    """No loop mounts or overlay here: skip on a developer's machine, but CI must fail."""
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"overlay tests cannot run: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def ext4_mount():
+    need(loopfs.unavailable_reason("ext4"))
+    with ExitStack() as stack:
+        try:
+            mount = stack.enter_context(loopfs.ext4("256M"))
+        except loopfs.LoopFsError as e:
+            need(str(e))
+        need(overlay.OverlayBackend().unusable_reason(mount))
+        yield mount
+
+
+@pytest.fixture
+def root(ext4_mount, request):
+    """A fresh image root on the ext4, one per test."""
+    path = ext4_mount / request.node.name.replace("[", "-").rstrip("]")
+    path.mkdir()
+    return path
+
+
+def record(root, local):
+    return json.loads((root / ".dkr" / "machines" / f"{local}.json").read_text())
+
+
+def layers_of(root, local):
+    return [root / f".dkr-{key}" for key in record(root, local)["layers"]]
+
+
+def layer_dirs(root):
+    return sorted(p for p in root.iterdir() if p.name.startswith(".dkr-") and ".tmp-" not in p.name)
+
+
+def is_whiteout(path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(0, 0)
+
+
+def state_dirs(root, local):
+    base = root / ".dkr" / "overlay" / local
+    return sorted(base.iterdir()) if base.exists() else []
+
+
+# --- correctness -------------------------------------------------------------------
+
+def test_merged_view_matches_umoci(registry, root, tmp_path):
+    images.push_image(registry, "ovl/sample", "latest", images.sample_image())
+    run = assert_ok(pull(registry, "ovl/sample", root, "-v", "--json"))
+    chosen = [e for e in run.events if e["event"] == "backend"][0]
+    assert chosen["name"] == "overlay", run.err
+    assert "not on btrfs" in chosen["why"]
+    machine = root / "sample"
+    assert overlay.mount_type(machine) == "overlay"
+    oracle = tree_snapshot(umoci_unpack(registry, "ovl/sample", "latest", tmp_path / "oracle"))
+    assert diff_trees(oracle, tree_snapshot(machine), "umoci", "dkr") == []
+
+
+def test_layers_are_diffs_with_overlay_whiteouts(registry, root):
+    images.push_image(registry, "ovl/diffs", "latest", images.sample_image())
+    assert_ok(pull(registry, "ovl/diffs", root, local="m"))
+    base, update, app = layers_of(root, "m")
+    # Each layer holds only its own files ...
+    assert (base / "etc" / "old.conf").is_file()
+    assert not (update / "usr" / "bin" / "busybox").exists()
+    assert (update / "usr" / "bin" / "tool").is_file()
+    # ... and its whiteouts as overlay markers, which hide the lower files.
+    assert is_whiteout(update / "etc" / "old.conf")
+    assert os.getxattr(update / "var" / "cache" / "apt", "trusted.overlay.opaque") == b"y"
+    assert is_whiteout(app / "usr" / "share" / "doc")
+    machine = root / "m"
+    assert not os.path.lexists(machine / "etc" / "old.conf")
+    assert not os.path.lexists(machine / "usr" / "share" / "doc")
+    assert sorted(os.listdir(machine / "var" / "cache" / "apt")) == ["fresh.bin"]
+    assert (base / "var" / "cache" / "apt" / "pkgcache.bin").is_file()
+
+
+def test_umount_and_mount_again_give_the_same_tree(registry, root):
+    images.push_image(registry, "ovl/remount", "latest", images.sample_image())
+    assert_ok(pull(registry, "ovl/remount", root, local="box"))
+    machine = root / "box"
+    (machine / "etc" / "hostname").write_text("changed in the machine\n")
+    (machine / "root-was-here").write_bytes(b"x")
+    os.unlink(machine / "usr" / "bin" / "ls")
+    before = tree_snapshot(machine)
+
+    assert "Unmounted machine box" in assert_ok(run_dkr("umount", "--image-root", root, "box")).err
+    assert overlay.mount_type(machine) is None and os.listdir(machine) == []
+    assert "not mounted" in assert_ok(run_dkr("umount", "--image-root", root, "box")).err
+
+    assert "Mounted machine box" in assert_ok(run_dkr("mount", "--image-root", root, "box")).err
+    assert tree_snapshot(machine) == before
+    assert "already mounted" in assert_ok(run_dkr("mount", "--image-root", root, "--all")).err
+    assert tree_snapshot(machine) == before
+
+
+def test_writes_stay_in_the_machine(registry, root):
+    images.push_image(registry, "ovl/write", "latest", images.sample_image())
+    assert_ok(pull(registry, "ovl/write", root, local="one"))
+    assert_ok(pull(registry, "ovl/write", root, local="two"))
+    layers_before = {p.name: tree_snapshot(p) for p in layer_dirs(root)}
+    two_before = tree_snapshot(root / "two")
+
+    one = root / "one"
+    (one / "etc" / "hostname").write_text("mine\n")
+    (one / "new-file").write_bytes(b"new")
+    os.unlink(one / "usr" / "bin" / "busybox")
+
+    assert {p.name: tree_snapshot(p) for p in layer_dirs(root)} == layers_before
+    assert tree_snapshot(root / "two") == two_before
+    [state] = state_dirs(root, "one")
+    upper = state / "upper"
+    assert (upper / "new-file").read_bytes() == b"new"
+    assert (upper / "etc" / "hostname").read_text() == "mine\n"
+    assert is_whiteout(upper / "usr" / "bin" / "busybox")
+
+
+def test_force_and_remove_clean_up_the_upper_dir(registry, root):
+    images.push_image(registry, "ovl/force", "v1", Image([Layer([File("version", b"1")])]))
+    images.push_image(registry, "ovl/force", "v2", Image([Layer([File("version", b"2")])]))
+    assert_ok(pull(registry, "ovl/force:v1", root, local="box"))
+    (root / "box" / "scribble").write_text("gone after --force")
+    [old_state] = state_dirs(root, "box")
+    assert_ok(pull(registry, "ovl/force:v2", root, "--force", local="box"))
+    assert (root / "box" / "version").read_bytes() == b"2"
+    assert not (root / "box" / "scribble").exists()
+    [new_state] = state_dirs(root, "box")
+    assert new_state != old_state
+
+    assert_ok(run_dkr("remove", "--image-root", root, "box"))
+    assert not os.path.lexists(root / "box")
+    assert not (root / ".dkr" / "overlay" / "box").exists()
+    assert not (root / ".dkr" / "machines" / "box.json").exists()
+
+
+def test_busy_machine_is_not_removed(registry, root):
+    images.push_image(registry, "ovl/busy", "latest", Image([Layer([File("f", b"data")])]))
+    assert_ok(pull(registry, "ovl/busy", root, local="busy"))
+    assert_ok(pull(registry, "ovl/busy", root, local="idle"))
+    with open(root / "busy" / "f") as held:
+        failed = run_dkr("remove", "--image-root", root, "idle", "busy")
+        assert_clean_failure(failed, root, r"machine busy is busy")
+        # Nothing half done: the other machine was mounted again, both remain.
+        for local in ("idle", "busy"):
+            assert overlay.mount_type(root / local) == "overlay"
+            assert (root / local / "f").read_bytes() == b"data"
+        assert held.read() == "data"
+    assert_ok(run_dkr("remove", "--image-root", root, "idle", "busy"))
+    assert not os.path.lexists(root / "busy") and not os.path.lexists(root / "idle")
+
+
+def test_many_layers_fit_in_one_mount(registry, root):
+    # Under a long image root, 16 lower dirs make far more than one page of mount options.
+    deep = root / ("r" * 200) / ("m" * 200)
+    layers = [Layer([Dir("d"), File(f"d/{i:02}", b"%d" % i)], compression="none")
+              for i in range(15)]
+    layers.append(Layer([images.Whiteout("d/07")], compression="none"))
+    assert sum(len(str(deep / f".dkr-{'0' * 64}")) + 1 for _ in layers) > os.sysconf("SC_PAGE_SIZE")
+    images.push_image(registry, "ovl/tall", "latest", Image(layers))
+    assert_ok(pull(registry, "ovl/tall", deep))
+    names = sorted(os.listdir(deep / "tall" / "d"))
+    assert names == [f"{i:02}" for i in range(15) if i != 7]
+
+
+# --- limits and refusals -------------------------------------------------------------
+
+def test_too_many_layers_is_a_clear_error(root):
+    backend = overlay.OverlayBackend()
+    machine = root / ".dkr-local-tall.tmp-0001"
+    layers = []
+    for i in range(overlay.MAX_STACK + 1):
+        layers.append(root / f".dkr-{i:064x}")
+        layers[-1].mkdir()
+    backend.create_machine(machine, layers)
+    with pytest.raises(DkrError, match=r"has 501 layers; an overlay mount stacks at most 500"):
+        backend.activate_machine(machine, layers)
+    # Without lowerdir+ (before Linux 6.8) one page of options is the limit.
+    state = backend._state(machine)
+    with pytest.raises(DkrError, match=r"more than this kernel's overlay mount can stack"):
+        overlay.mount_old_api(machine, layers[:80], state / "upper", state / "work")
+    backend.remove(machine)
+    assert not machine.exists() and not (root / ".dkr" / "overlay" / "tall").exists()
+
+
+@pytest.mark.parametrize("way", ["by-fd", "by-name", "mount(2)"])
+def test_every_mount_api_mounts(root, way):
+    lower = [root / ".dkr-aa", root / ".dkr-bb"]
+    for i, layer in enumerate(lower):
+        layer.mkdir()
+        (layer / "file").write_text(f"layer {i}")
+        (layer / f"only-{i}").write_text("x")
+    backend = overlay.OverlayBackend()
+    machine = root / "m"
+    backend.create_machine(machine, lower)
+    state = backend._state(machine)
+    args = (machine, list(reversed(lower)), state / "upper", state / "work")
+    try:
+        if way == "mount(2)":
+            overlay.mount_old_api(*args)
+        else:
+            overlay.mount_new_api(*args, by_fd=way == "by-fd")
+    except overlay._Unsupported:
+        pytest.skip(f"this kernel cannot mount an overlay {way}")
+    try:
+        assert (machine / "file").read_text() == "layer 1"
+        assert sorted(os.listdir(machine)) == ["file", "only-0", "only-1"]
+    finally:
+        backend.remove(machine)
+    assert overlay.mount_type(machine) is None and not machine.exists()
+
+
+def test_refused_on_an_overlay_image_root(registry, root):
+    images.push_image(registry, "ovl/nested", "latest", Image([Layer([File("f", b"f")])]))
+    lower, upper, work, merged = (root / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    overlay.mount_overlay(merged, [lower], upper, work)
+    try:
+        reason = overlay.OverlayBackend().unusable_reason(merged)
+        assert reason and "itself on overlayfs" in reason
+        failed = pull(registry, "ovl/nested", merged / "machines", "--backend", "overlay")
+        assert_clean_failure(failed, merged / "machines", r"cannot be used on .*on overlayfs")
+        run = assert_ok(pull(registry, "ovl/nested", merged / "machines", "-v", "--json"))
+        chosen = [e for e in run.events if e["event"] == "backend"][0]
+        assert chosen["name"] == "dir" and "not overlay" in chosen["why"]
+    finally:
+        overlay.unmount(merged)
