@@ -170,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     except DkrError as e:
         print(f"dkr: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # A file system refusing something (full, read-only, permissions) is the
+        # user's to fix, not a bug: say what and where, in one line.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"dkr: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dkr: error: interrupted", file=sys.stderr)
         return 130

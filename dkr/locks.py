@@ -19,9 +19,10 @@ POLL = 0.2
 
 
 class AsyncFlock:
-    def __init__(self, path: Path, note: str):
+    def __init__(self, path: Path, note: str, shared: bool = False):
         self.path = path
         self.note = note
+        self.mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         self.fd = -1
 
     @property
@@ -31,7 +32,7 @@ class AsyncFlock:
     def try_acquire(self) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, self.mode | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):

@@ -28,6 +28,7 @@ from .hookspecs import StorageBackend
 from .plugins import backends, choose_backend
 from .reference import validate_machine_name
 from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot
+from .fsinfo import mount_type
 from .treeops import tree_size
 
 log = logging.getLogger("dkr.manage")
@@ -128,17 +129,10 @@ def _machine_lock(root: ImageRoot, local: str, stack: ExitStack) -> None:
         raise DkrError(f"machine {local!r} is busy: another dkr process is working on it")
 
 
-def _unescape(field: bytes) -> bytes:
-    # mountinfo writes space, tab, newline and backslash as \ooo
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
 def _is_mount_point(path: Path) -> bool:
     """Is anything mounted right on ``path``? (A btrfs subvolume alone is not a mount.)"""
-    target = os.fsencode(os.path.realpath(path))
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            return any(_unescape(line.split()[4]) == target for line in f)
+        return mount_type(path) is not None
     except OSError:
         return os.path.ismount(path)
 
@@ -336,7 +330,8 @@ class _Collector:
         self.root = root
         self.dry_run = dry_run
         self.freed = 0
-        self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0}
+        self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0,
+                       "partial download": 0}
         self._fallback: StorageBackend | None = None
 
     # which backend removes an entry that names none
@@ -381,6 +376,7 @@ class _Collector:
                 self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend())
         self.layer_records()
         self.blobs()
+        self.partial_downloads()
 
     def layer(self, key: str) -> None:
         with ExitStack() as stack:
@@ -441,13 +437,33 @@ class _Collector:
             self.report("blob", blob.name[:12], size)
 
 
+    def partial_downloads(self) -> None:
+        """Spool files of interrupted downloads (a pull holds its own flock'ed)."""
+        for spool in sorted((self.root.meta / "partial").glob("*")):
+            try:
+                fd = os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue                      # a download is writing it right now
+            else:
+                size = os.fstat(fd).st_size
+                if not self.dry_run:
+                    spool.unlink(missing_ok=True)
+                self.report("partial download", spool.name[:12], size)
+            finally:
+                os.close(fd)
+
+
 def cmd_gc(args) -> int:
     root = ImageRoot(args.image_root)
     if not root.meta.is_dir():
         log.info("Nothing to collect in %s.", root.path)
         return 0
-    # One collector at a time. (A pull that holds this lock shared for its whole run
-    # would also keep gc from removing layers it has built but not yet used.)
+    # One collector at a time, and none while a pull runs: a pull holds this lock
+    # shared from start to end, so layers it reuses or just built stay put.
     with _flock(root, "gc", f"{root.path} is busy: another dkr gc (or a pull) is running there"):
         collector = _Collector(root, args.dry_run)
         try:

@@ -40,14 +40,15 @@ def choose_backend(name: str, image_root: Path) -> tuple[StorageBackend, str]:
         reason = backend.unusable_reason(image_root)
         if reason:
             raise DkrError(f"backend {name} cannot be used on {image_root}: {reason}")
-        return backend, f"backend {name} requested"
+        return backend, f"backend {name} (as requested)"
     refused = []
     candidates = sorted((b for b in available.values() if b.auto_priority >= 0),
                         key=lambda b: -b.auto_priority)
     for backend in candidates:
         reason = backend.unusable_reason(image_root)
         if reason is None:
-            why = "; ".join(refused)
-            return backend, f"backend {backend.name} chosen" + (f" ({why})" if why else "")
+            order = ", ".join(b.name for b in candidates)
+            why = "; ".join(refused) if refused else f"the first usable of {order}"
+            return backend, f"backend {backend.name} (auto: {why})"
         refused.append(f"not {backend.name}: {reason}")
     raise DkrError(f"no storage backend can be used on {image_root}: {'; '.join(refused)}")

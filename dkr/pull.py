@@ -98,6 +98,7 @@ class Puller:
         self._backend: StorageBackend | None = None
         self._builds: dict[str, asyncio.Future] = {}
         self._extractors: asyncio.Semaphore | None = None
+        self._no_gc = AsyncFlock(self.root.meta / "locks" / "gc.lock", "running gc", shared=True)
 
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
@@ -106,16 +107,20 @@ class Puller:
 
     async def __aexit__(self, *exc) -> None:
         self.spool.close()
+        self._no_gc.release()
         if self.glue is not None:
             self.glue.close()
             self.glue = None
 
     # --- set-up ----------------------------------------------------------------
-    def backend(self) -> StorageBackend:
+    async def backend(self) -> StorageBackend:
         if self._backend is None:
             self.root.prepare()
-            self._backend, why = choose_backend(self.options.backend, self.root.path)
-            self.events.emit("backend", name=self._backend.name, why=why)
+            if not self._no_gc.held:      # gc waits until this run is over
+                await self._no_gc.acquire()
+            if self._backend is None:
+                self._backend, why = choose_backend(self.options.backend, self.root.path)
+                self.events.emit("backend", name=self._backend.name, why=why)
         return self._backend
 
     async def client(self, ref: Reference) -> RegistryClient:
@@ -144,7 +149,7 @@ class Puller:
     async def pull(self, ref: Reference, local: str) -> PullResult:
         started = time.monotonic()
         validate_machine_name(local)
-        backend = self.backend()
+        backend = await self.backend()
         self.refuse_existing(local)
         client = await self.client(ref)
         plan = await ManifestResolver(client, ref, self.options.platform).resolve()

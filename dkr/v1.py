@@ -54,7 +54,7 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
     repo, tag = parse_v1_name(name)
     local = validate_machine_name(local or default_machine_name(repo))
     session = V1Session(puller, index_base(index_url, puller.transfer.insecure))
-    backend = puller.backend()
+    backend = await puller.backend()
     puller.refuse_existing(local)
 
     await session.lookup_index(repo)

@@ -10,12 +10,12 @@ layer. Everything goes through ``btrfsutil``; nothing shells out.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 from typing import Sequence
 
 from dkr.errors import DkrError
+from dkr.fsinfo import BTRFS_SUPER_MAGIC, statfs_magic
 from dkr.hookspecs import hookimpl
 from dkr.treeops import remove_tree
 
@@ -23,21 +23,6 @@ try:
     import btrfsutil
 except ImportError:            # the backend then reports itself unusable
     btrfsutil = None
-
-BTRFS_SUPER_MAGIC = 0x9123683E
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def statfs_magic(path: Path) -> int:
-    """The file system type (``f_type`` of statfs(2)) of ``path``."""
-    buf = ctypes.create_string_buffer(256)    # larger than any struct statfs
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    # f_type is the first member, a native word (__fsword_t).
-    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
-
 
 def _fail(what: str, path: Path, e: Exception) -> DkrError:
     detail = getattr(e, "strerror", None) or str(e)

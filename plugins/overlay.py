@@ -24,17 +24,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from dkr.errors import DkrError
+from dkr.fsinfo import OVERLAYFS_SUPER_MAGIC, mount_type, statfs_magic
 from dkr.hookspecs import hookimpl
 from dkr.treeops import remove_tree
 
-OVERLAYFS_SUPER_MAGIC = 0x794C7630
 STATE_XATTR = "trusted.dkr.overlay"
 MACHINE_TMP_PREFIX = ".dkr-local-"
 MAX_STACK = 500                 # OVL_MAX_STACK: lower layers one mount can take
@@ -57,12 +56,6 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def statfs_magic(path: Path) -> int:
-    buf = ctypes.create_string_buffer(256)    # larger than any struct statfs
-    _check(_libc.statfs(os.fsencode(path), buf), f"statfs {path}")
-    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
-
-
 def _kernel_has_overlay() -> bool:
     with open("/proc/filesystems") as f:
         if any(line.split()[-1] == "overlay" for line in f if line.strip()):
@@ -73,23 +66,6 @@ def _kernel_has_overlay() -> bool:
 
 
 # --- mount table ---------------------------------------------------------------
-
-def _unescape(field: bytes) -> bytes:
-    # mountinfo writes space, tab, newline and backslash as \ooo
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
-def mount_type(path: Path) -> str | None:
-    """The type of the file system mounted right on ``path`` (the top one), or None."""
-    target = os.fsencode(os.path.realpath(path))
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == target:
-                found = fields[fields.index(b"-") + 1].decode()
-    return found
-
 
 # --- mounting --------------------------------------------------------------------
 

@@ -215,3 +215,33 @@ def test_gc_leaves_what_a_pull_holds_and_clears_leftovers(registry, pushed, imag
     assert layer_keys(image_root) == set() and not held_tmp.exists()
     with held_lock(image_root, "gc"):
         assert_clean_failure(dkr(image_root, "gc"), image_root, r"is busy: another dkr gc")
+
+
+def test_gc_removes_abandoned_partial_downloads_but_not_live_ones(tmp_path):
+    import fcntl
+    from helpers import assert_ok, run_dkr
+    root = tmp_path / "machines"
+    partial = root / ".dkr" / "partial"
+    partial.mkdir(parents=True)
+    (partial / ("a" * 64)).write_bytes(b"x" * 1000)         # a crashed download
+    live = partial / ("b" * 64)
+    live.write_bytes(b"y" * 10)
+    with open(live, "rb") as held:                          # a download in progress
+        fcntl.flock(held, fcntl.LOCK_EX)
+        dry = assert_ok(run_dkr("gc", "--dry-run", "--image-root", root))
+        assert f"would remove partial download {'a' * 12}" in dry.out
+        assert (partial / ("a" * 64)).exists()
+        assert_ok(run_dkr("gc", "--image-root", root))
+    assert not (partial / ("a" * 64)).exists()
+    assert live.exists()
+
+
+def test_gc_refuses_while_a_pull_runs(tmp_path):
+    import fcntl
+    from helpers import assert_clean_failure, run_dkr
+    root = tmp_path / "machines"
+    locks = root / ".dkr" / "locks"
+    locks.mkdir(parents=True)
+    with open(locks / "gc.lock", "w") as pull_holds:        # what a running pull holds
+        fcntl.flock(pull_holds, fcntl.LOCK_SH)
+        assert_clean_failure(run_dkr("gc", "--image-root", root), root, r"busy.*a pull")

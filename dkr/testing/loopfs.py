@@ -18,13 +18,14 @@ decide between skipping and failing (CI must fail).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from dkr.fsinfo import mounts_below
 
 __all__ = ["LoopFsError", "unavailable_reason", "loop_fs", "btrfs", "ext4", "xfs",
            "mounts_below", "unmount_below"]
@@ -71,23 +72,6 @@ def _run(cmd: list[str]) -> str:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise LoopFsError(f"{' '.join(cmd)} failed: {detail[-1] if detail else proc.returncode}")
     return proc.stdout
-
-
-def _unescape(field: bytes) -> bytes:
-    # mountinfo writes space, tab, newline and backslash as \ooo
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
-def mounts_below(top: Path) -> list[Path]:
-    """Mount points at or below ``top``, deepest (most recently mounted) first."""
-    top = Path(os.path.realpath(top))
-    found = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            point = Path(os.fsdecode(_unescape(line.split()[4])))
-            if point == top or top in point.parents:
-                found.append(point)
-    return list(reversed(found))
 
 
 def unmount_below(top: Path, include_top: bool = False) -> None:
