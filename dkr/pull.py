@@ -103,6 +103,7 @@ class Puller:
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
         self._extractors = asyncio.Semaphore(os.cpu_count() or 2)
+        self._setting_up = asyncio.Lock()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -114,11 +115,10 @@ class Puller:
 
     # --- set-up ----------------------------------------------------------------
     async def backend(self) -> StorageBackend:
-        if self._backend is None:
-            self.root.prepare()
-            if not self._no_gc.held:      # gc waits until this run is over
-                await self._no_gc.acquire()
+        async with self._setting_up:          # many images of a batch may ask at once
             if self._backend is None:
+                self.root.prepare()
+                await self._no_gc.acquire()   # gc waits until this run is over
                 self._backend, why = choose_backend(self.options.backend, self.root.path)
                 self.events.emit("backend", name=self._backend.name, why=why)
         return self._backend
