@@ -32,7 +32,7 @@ from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from .store import ImageRoot
-from .unpack import LayerUnpacker
+from .unpack import ExtractorPool, LayerUnpacker
 from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
 
 log = logging.getLogger("dkr.pull")
@@ -103,10 +103,12 @@ class Puller:
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
         self._extractors = asyncio.Semaphore(os.cpu_count() or 2)
+        self.extractor_pool = ExtractorPool(os.cpu_count() or 2)
         self._setting_up = asyncio.Lock()
         return self
 
     async def __aexit__(self, *exc) -> None:
+        await self.extractor_pool.close()
         self.spool.close()
         self._no_gc.release()
         if self.glue is not None:
@@ -182,6 +184,7 @@ class Puller:
             for claim, layer in zip(claims, plan.layers):
                 if claim.lock is not None and claim.key not in prefetched:
                     prefetched[claim.key] = self._start_download(client, plan.reference, layer)
+            self.extractor_pool.warm(len(prefetched))
             builds = [self._v2_build(claim, index, plan, backend, client, prefetched, result)
                       for index, claim in enumerate(claims)]
             if backend.layer_format == "stacked":
@@ -350,9 +353,9 @@ class Puller:
     async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan, tree: Path,
                                layer_format: str) -> dict:
         label = f"layer {layer.digest}"
-        unpacker = LayerUnpacker(tree, layer_format)
+        unpacker = LayerUnpacker(tree, layer_format, pool=self.extractor_pool)
         async with self._extractors:
-            await unpacker.start_following(blob.path, blob.size, blob.add_reader())
+            blob.add_reader(await unpacker.start_following(blob.path, blob.size))
             report = asyncio.ensure_future(unpacker.finish())
             try:
                 # A failed download also ends the reader; its own error is the one to tell.

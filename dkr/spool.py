@@ -58,6 +58,8 @@ class SpoolSink:
                 os.write(wake, b"!")
             except BlockingIOError:
                 pass                        # a full pipe already says "more data"
+            except BrokenPipeError:
+                pass                        # that reader is gone; the others go on
         return True
 
     def on_drain(self, callback) -> None:   # never full: the file system takes it all
@@ -96,15 +98,15 @@ class SpooledBlob:
         os.ftruncate(self.fd, 0)
         os.lseek(self.fd, 0, os.SEEK_SET)
 
-    def add_reader(self) -> int:
-        """A wake-up pipe for one more extractor; returns the read end for the child."""
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(write_end, False)
+    def add_reader(self, wake_fd: int) -> None:
+        """Wake ``wake_fd`` (non-blocking; now owned here) whenever bytes arrive.
+
+        Closing it says no more will come: at once if the download is over.
+        """
         if self.done.done():
-            os.close(write_end)             # nothing more will come: EOF right away
+            os.close(wake_fd)
         else:
-            self.sink.readers.append(write_end)
-        return read_end
+            self.sink.readers.append(wake_fd)
 
     def finish_readers(self) -> None:
         """No more bytes will come (done or failed): readers see EOF on their pipes."""

@@ -80,48 +80,115 @@ class PipeSink:
             self.fd = -1
 
 
-class LayerUnpacker:
-    """One extractor child for one layer tree."""
+class WarmExtractor:
+    """An extractor child that has started and loaded everything, waiting for a job.
 
-    def __init__(self, root: Path, layer_format: str, max_bytes: int | None = None):
-        self.root = root
-        self.layer_format = layer_format
-        self.max_bytes = max_bytes
-        self.proc: asyncio.subprocess.Process | None = None
-        self.sink: PipeSink | None = None
+    Its stdin is a pipe we hold the (non-blocking) write end of: first the job
+    as one JSON line, then either the blob's bytes or, for a spool file,
+    wake-ups whenever the file grew.
+    """
 
-    def _args(self) -> list[str]:
-        args = [sys.executable, "-m", "dkr.extract", "--root", str(self.root),
-                "--format", self.layer_format]
-        if self.max_bytes:
-            args += ["--max-bytes", str(self.max_bytes)]
-        return args
+    def __init__(self, proc: asyncio.subprocess.Process, control_fd: int):
+        self.proc = proc
+        self.control_fd = control_fd
 
-    async def start(self) -> PipeSink:
-        """Extract from a pipe: the returned Sink takes the blob's bytes."""
+    @classmethod
+    async def spawn(cls) -> "WarmExtractor":
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass                      # a smaller pipe only costs a few more wakeups
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self._args(), stdin=read_fd, stdout=asyncio.subprocess.PIPE)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dkr.extract", "--serve", stdin=read_fd,
+                stdout=asyncio.subprocess.PIPE)
+        except BaseException:
+            os.close(write_fd)
+            raise
         finally:
             os.close(read_fd)
-        os.set_blocking(write_fd, False)
-        self.sink = PipeSink(asyncio.get_running_loop(), write_fd)
+        return cls(proc, write_fd)
+
+    def send(self, job: dict) -> None:
+        line = (json.dumps(job) + "\n").encode()
+        view = memoryview(line)
+        while view:                   # an empty pipe: this never waits
+            view = view[os.write(self.control_fd, view):]
+        os.set_blocking(self.control_fd, False)
+
+    async def dismiss(self) -> None:
+        """Not needed after all: EOF before a job makes the child exit quietly."""
+        if self.control_fd >= 0:
+            os.close(self.control_fd)
+            self.control_fd = -1
+        await self.proc.wait()
+
+
+class ExtractorPool:
+    """Extractor children started ahead of need, so no layer waits for Python to start.
+
+    A child costs a fraction of a second to start (interpreter, decompressors,
+    plugins); a chain of btrfs layers would pay that once per layer, in series,
+    without a warm one ready.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._ready: list[asyncio.Task] = []
+
+    def warm(self, count: int) -> None:
+        while len(self._ready) < min(count, self.size):
+            self._ready.append(asyncio.ensure_future(WarmExtractor.spawn()))
+
+    async def take(self) -> WarmExtractor:
+        task = self._ready.pop(0) if self._ready else asyncio.ensure_future(WarmExtractor.spawn())
+        self.warm(1)                   # the next layer's child starts now
+        return await task
+
+    async def close(self) -> None:
+        ready, self._ready = self._ready, []
+        for task in ready:
+            try:
+                extractor = await task
+            except (OSError, asyncio.CancelledError):
+                continue
+            await extractor.dismiss()
+
+
+class LayerUnpacker:
+    """One extractor child for one layer tree."""
+
+    def __init__(self, root: Path, layer_format: str, max_bytes: int | None = None,
+                 pool: ExtractorPool | None = None):
+        self.root = root
+        self.layer_format = layer_format
+        self.max_bytes = max_bytes
+        self.pool = pool
+        self.proc: asyncio.subprocess.Process | None = None
+        self.sink: PipeSink | None = None
+
+    async def _begin(self, **job) -> WarmExtractor:
+        extractor = await (self.pool.take() if self.pool else WarmExtractor.spawn())
+        self.proc = extractor.proc
+        extractor.send({"root": str(self.root), "format": self.layer_format,
+                        "max_bytes": self.max_bytes, **job})
+        return extractor
+
+    async def start(self) -> PipeSink:
+        """Extract from a pipe: the returned Sink takes the blob's bytes."""
+        extractor = await self._begin()
+        self.sink = PipeSink(asyncio.get_running_loop(), extractor.control_fd)
         return self.sink
 
-    async def start_following(self, spool: Path, size: int, wake_fd: int) -> None:
-        """Extract from a spool file that is still growing (see dkr.spool)."""
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self._args(), "--spool", str(spool), "--size", str(size),
-                "--wake-fd", str(wake_fd), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, pass_fds=(wake_fd,))
-        finally:
-            os.close(wake_fd)
+    async def start_following(self, spool: Path, size: int) -> int:
+        """Extract from a spool file that is still growing (see dkr.spool).
+
+        Returns the fd to write a byte to whenever the file grew, and to close
+        when no more will come; the caller owns it from then on.
+        """
+        extractor = await self._begin(spool=str(spool), size=size)
+        return extractor.control_fd
 
     async def finish(self) -> dict:
         """End of blob: close the pipe and collect the child's verdict."""

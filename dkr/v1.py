@@ -121,6 +121,7 @@ class V1Session:
     """One pull's requests: the index's answers and where its token may go."""
 
     def __init__(self, puller, index: str):
+        self.puller = puller
         self.glue = puller.glue
         self.options = puller.transfer
         self.index = index
@@ -287,7 +288,7 @@ async def _ensure_layer(puller, session: V1Session, backend, ancestry: list[str]
 async def _fetch_layer(session: V1Session, layer_id: str, tree: Path, layer_format: str,
                        label: str) -> tuple[dict, Response]:
     """Stream one layer into the extractor; its report once the whole tar is in."""
-    unpacker = LayerUnpacker(tree, layer_format)
+    unpacker = LayerUnpacker(tree, layer_format, pool=session.puller.extractor_pool)
     sink = await unpacker.start()
     try:
         response = await session.layer(layer_id, sink, label)
