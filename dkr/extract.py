@@ -37,6 +37,9 @@ import zstandard
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+# overlayfs reads its own xattrs (opaque, redirect, metacopy, origin …) from
+# lower layers; only the extractor may write them, never the image.
+OVERLAY_XATTR_PREFIX = "trusted.overlay."
 CLONE_NEWUSER = 0x10000000
 
 
@@ -175,6 +178,8 @@ class Extractor:
                 return True
             remove_tree(path)
             self.known_dirs = {d for d in self.known_dirs if not _is_below(d, path)}
+            # Their mode and mtime are set last; a symlink may take their place now.
+            self.dirs = [(d, m) for d, m in self.dirs if not _is_below(d, path)]
         else:
             os.unlink(path)
         return False
@@ -249,6 +254,8 @@ class Extractor:
         for name, value in m.xattrs.items():
             if symlink and name.startswith("user."):
                 continue          # the kernel refuses user.* on symlinks
+            if name.startswith(OVERLAY_XATTR_PREFIX):
+                continue
             try:
                 os.setxattr(target, name, value, follow_symlinks=not symlink)
             except OSError as e:
@@ -256,9 +263,23 @@ class Extractor:
                     raise
 
     def finish_dirs(self) -> None:
+        # Through a descriptor opened without following symlinks: a later member
+        # may have put a symlink (to a file hardlinked with a lower layer) there.
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         for path, m in reversed(self.dirs):
-            os.chmod(path, m.mode)
-            os.utime(path, ns=(m.mtime_ns, m.mtime_ns))
+            try:
+                fd = os.open(path, flags)
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    continue
+                raise
+            try:
+                os.chmod(fd, m.mode)
+                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+            finally:
+                os.close(fd)
 
     # --- whiteouts ---------------------------------------------------------------
     def resolve_whiteouts(self) -> None:
@@ -276,11 +297,12 @@ class Extractor:
             elif _no_symlink_on_the_way(target):
                 remove_tree(target)
         for directory in self.opaques:
-            if _no_symlink_on_the_way(directory) and os.path.isdir(directory):
-                self._prune(directory, ancestors)
+            self._prune(directory, ancestors)
 
     def _prune(self, directory: bytes, ancestors: set[bytes]) -> None:
         """Delete whatever below ``directory`` this layer did not write."""
+        if not _real_directory(directory):
+            return
         try:
             names = os.listdir(directory)
         except (NotADirectoryError, FileNotFoundError):
@@ -307,6 +329,8 @@ class Extractor:
         """Diff layers keep whiteouts as overlay markers for the lower layers."""
         ancestors = self._ancestors_of_added()
         for target in self.deletes:
+            if not _no_symlink_on_the_way(target):
+                continue
             if target in self.added or target in ancestors:
                 # The layer brings its own TARGET: a directory must still hide the lower one's entries.
                 if os.path.isdir(target) and not os.path.islink(target):
@@ -315,10 +339,13 @@ class Extractor:
             self._make_parents(target)
             self._create(target, lambda p: os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0)))
         for directory in self.opaques:
+            if not _no_symlink_on_the_way(directory):
+                continue
             if directory != b"." and not os.path.lexists(directory):
                 self._make_parents(directory)
                 os.mkdir(directory, 0o755)
-            self._set_opaque(directory)
+            if _real_directory(directory):
+                self._set_opaque(directory)
 
     def _set_opaque(self, directory: bytes) -> None:
         os.setxattr(directory, OPAQUE_XATTR, b"y", follow_symlinks=False)
@@ -326,6 +353,15 @@ class Extractor:
 
 def _is_below(path: bytes, top: bytes) -> bool:
     return path == top or path.startswith(top + b"/")
+
+
+def _real_directory(path: bytes) -> bool:
+    """A directory reached without following any symlink (itself or a parent)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and _no_symlink_on_the_way(path)
 
 
 def _no_symlink_on_the_way(path: bytes) -> bool:
@@ -376,9 +412,9 @@ def _open_input(spool: str | None, size: int | None, wake_fd: int | None) -> io.
 
 
 def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None = None,
-        size: int | None = None, wake_fd: int | None = None) -> dict:
+        size: int | None = None, wake_fd: int | None = None, classify=None) -> dict:
     as_root = os.geteuid() == 0
-    classify = _load_classifier()           # plugins load before the chroot hides them
+    classify = classify or _load_classifier()   # plugins load before the chroot hides them
     stdin = _open_input(spool, size, wake_fd)   # opened before the chroot hides it, too
     _enter_root(root, as_root)
     os.umask(0)
@@ -393,21 +429,57 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
             "entries": extractor.entries, "skipped_devices": extractor.skipped_devices}
 
 
+def _read_command() -> dict | None:
+    """``--serve``: one JSON line on stdin says what to extract; nothing means "not needed".
+
+    Read byte by byte, so that what follows the line (a blob, or wake-ups for
+    a spool file) stays in the pipe for the reader that comes next.
+    """
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            return None
+        line += byte
+    return json.loads(line)
+
+
+def _serve() -> dict | None:
+    # Everything slow (imports, plugin loading) is done before the parent needs us.
+    classify = _load_classifier()
+    spec = _read_command()
+    if spec is None:
+        return None
+    spool = spec.get("spool")
+    return run(spec["root"], spec["format"], spec.get("max_bytes"), spool, spec.get("size"),
+               0 if spool else None, classify)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dkr.extract")
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--format", choices=("stacked", "diff"), required=True)
+    parser.add_argument("--serve", action="store_true",
+                        help="start now, take the job as a JSON line on stdin")
+    parser.add_argument("--root")
+    parser.add_argument("--format", choices=("stacked", "diff"))
     parser.add_argument("--max-bytes", type=int)
     parser.add_argument("--spool", help="read this growing file instead of stdin")
     parser.add_argument("--size", type=int, help="the spooled blob's full size")
     parser.add_argument("--wake-fd", type=int, help="pipe that signals new spool data")
     args = parser.parse_args(argv)
+    if not args.serve and not (args.root and args.format):
+        parser.error("--root and --format are required (or --serve)")
     # The parent decides when to stop us (it kills us on Ctrl-C), so a terminal's
     # SIGINT to the whole process group must not leave a half-written member behind.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "w")
     try:
-        result = run(args.root, args.format, args.max_bytes, args.spool, args.size, args.wake_fd)
+        if args.serve:
+            result = _serve()
+            if result is None:
+                return 0
+        else:
+            result = run(args.root, args.format, args.max_bytes, args.spool, args.size,
+                         args.wake_fd)
     except (ExtractError, TarError) as e:
         result = {"error": str(e)}
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 
 BLOCK = 512
 CHUNK = 1024 * 1024
+# Data after the end-of-archive blocks still counts for the DiffID, so it is
+# read and hashed; tar writers pad to a record (10 KiB by default), nothing
+# legitimate adds megabytes. More than this is refused instead of inflating a
+# bomb of trailing zeros for minutes.
+MAX_TRAILING = 4 * 1024 * 1024
 
 REGULAR, HARDLINK, SYMLINK, CHAR, BLOCKDEV, DIRECTORY, FIFO = (
     "file", "hardlink", "symlink", "char", "block", "dir", "fifo")
@@ -66,6 +71,16 @@ def _checksum_ok(block: bytes) -> bool:
         return True
     signed = sum((b - 256 if b > 127 else b) for b in block[:148] + b" " * 8 + block[156:])
     return stored == signed
+
+
+def _pax_number(pax: dict[bytes, bytes], key: bytes) -> int | None:
+    """A pax size/uid/gid: plain decimal digits only (a negative size would rewind the reader)."""
+    value = pax.get(key)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise TarError(f"bad pax {key.decode()} value {value[:20]!r}")
+    return int(value)
 
 
 def _parse_pax(data: bytes) -> dict[bytes, bytes]:
@@ -149,10 +164,18 @@ class TarReader:
         return data
 
     def drain(self) -> None:
-        """Read to the end of the stream so the DiffID covers every byte."""
+        """Read to the end of the stream so the DiffID covers every byte.
+
+        What follows the end-of-archive blocks is hashed but never parsed; it
+        may be a record's padding, not megabytes (see MAX_TRAILING).
+        """
+        end = self.total - (len(self._buf) - self._pos)
         self._pos = len(self._buf)
         while self._more():
             self._pos = len(self._buf)
+            if self.total - end > MAX_TRAILING:
+                raise TarError(f"more than {MAX_TRAILING // (1024 * 1024)} MiB of data after "
+                               "the end of the tar archive")
 
     # --- members ------------------------------------------------------------
     def __iter__(self):
@@ -168,6 +191,7 @@ class TarReader:
                     raise TarError("empty layer stream") from None
                 raise
             if block == bytes(BLOCK):
+                self._end_of_archive()
                 return
             if not _checksum_ok(block):
                 raise TarError("tar header checksum mismatch (corrupt or not a tar stream)")
@@ -191,6 +215,23 @@ class TarReader:
             pax = {}
             yield member
 
+    def _end_of_archive(self) -> None:
+        """A zero block ends the archive only if the stream ends or another zero block follows.
+
+        Go's archive/tar (Docker, containerd, umoci) refuses a lone zero block
+        followed by a header; members hidden behind one must not be read by
+        some tools and skipped by others.
+        """
+        while len(self._buf) - self._pos < BLOCK:
+            if not self._more():
+                if len(self._buf) - self._pos == 0:
+                    return
+                raise TarError("unexpected end of archive (truncated layer?)")
+        if self._buf[self._pos:self._pos + BLOCK] != bytes(BLOCK):
+            raise TarError("a lone zero block in the middle of the tar archive "
+                           "(members hidden after an end marker?)")
+        self._pos += BLOCK
+
     def _member(self, block: bytes, typeflag: bytes, pax: dict[bytes, bytes],
                 long_name: bytes | None, long_link: bytes | None) -> Member:
         kind = _TYPES.get(typeflag)
@@ -205,8 +246,9 @@ class TarReader:
                 name = prefix + b"/" + name
         name = pax.get(b"path", long_name or name)
         linkname = pax.get(b"linkpath", long_link or _cstr(block[157:257]))
-        if b"size" in pax:
-            self._pending = int(pax[b"size"])
+        pax_size = _pax_number(pax, b"size")
+        if pax_size is not None:
+            self._pending = pax_size
         mtime_ns = _number(block[136:148], "mtime") * 10**9
         if b"mtime" in pax:
             mtime_ns = _pax_time_ns(pax[b"mtime"])
@@ -214,10 +256,11 @@ class TarReader:
             size = 0                       # links and devices carry no body we use
         else:
             size = self._pending
+        uid, gid = _pax_number(pax, b"uid"), _pax_number(pax, b"gid")
         return Member(
             path=name, kind=kind, mode=_number(block[100:108], "mode") & 0o7777,
-            uid=int(pax[b"uid"]) if b"uid" in pax else _number(block[108:116], "uid"),
-            gid=int(pax[b"gid"]) if b"gid" in pax else _number(block[116:124], "gid"),
+            uid=_number(block[108:116], "uid") if uid is None else uid,
+            gid=_number(block[116:124], "gid") if gid is None else gid,
             size=size, mtime_ns=mtime_ns, linkname=linkname,
             devmajor=_number(block[329:337], "devmajor"),
             devminor=_number(block[337:345], "devminor"),
