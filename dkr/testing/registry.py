@@ -315,8 +315,11 @@ class Registry:
     """
 
     def __init__(self, auth=None, tls=False, push_credentials=None, workdir=None,
-                 log_level="info", start=True):
+                 log_level="info", start=True, redirect_blobs_to=None):
         self.auth = auth
+        # Base URL of a server that serves the storage directory: blob GETs are
+        # then redirected there (the registry's "redirect" storage middleware).
+        self.redirect_blobs_to = redirect_blobs_to
         self.workdir = Path(tempfile.mkdtemp(prefix="dkr-registry-", dir=workdir))
         self.storage = self.workdir / "storage"
         self.config_path = self.workdir / "config.yml"
@@ -388,6 +391,10 @@ class Registry:
         auth = self._auth_config()
         if auth:
             config["auth"] = auth
+        if self.redirect_blobs_to:
+            del config["storage"]["redirect"]
+            config["middleware"] = {"storage": [
+                {"name": "redirect", "options": {"baseurl": self.redirect_blobs_to}}]}
         # JSON is valid YAML, and avoids needing a YAML writer.
         self.config_path.write_text(json.dumps(config, indent=2))
 
