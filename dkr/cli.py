@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--jobs", type=int, default=6, help="connections per host (default 6)")
     pull.add_argument("--retries", type=int, default=4,
                       help="further attempts after a network failure, 429 or 5xx (default 4)")
+    pull.add_argument("--spool-limit", type=_size_arg, default=4 * 1024**3, metavar="SIZE",
+                      help="download at most this much ahead of extraction, e.g. 500M "
+                           "(default 4G; the next layer's blob is always let through)")
     pull.add_argument("--stall-timeout", type=int, default=60, metavar="SECONDS",
                       help="give up on a transfer that moved no data this long (default 60)")
     pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
@@ -81,6 +84,15 @@ def _platform_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _size_arg(text: str) -> int:
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    number, unit = text[:-1] if text[-1:].upper() in units and text[-1:].isalpha() else text, \
+        text[-1:].upper() if text[-1:].isalpha() else ""
+    if not number.isdigit() or unit not in units:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: want a number with K, M, G or T")
+    return int(number) * units[unit]
+
+
 def _creds_arg(text: str):
     try:
         return parse_creds(text)
@@ -111,7 +123,7 @@ def cmd_pull(args) -> int:
         image_root=args.image_root, backend=args.backend, force=args.force,
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
         credentials=args.creds, jobs=args.jobs, retries=args.retries,
-        stall_timeout=args.stall_timeout)
+        stall_timeout=args.stall_timeout, spool_limit=args.spool_limit)
     events, stats = _events(args)
     try:
         if args.batch:

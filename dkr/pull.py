@@ -52,6 +52,7 @@ class PullOptions:
     jobs: int = 6
     retries: int = 4
     stall_timeout: int = 60
+    spool_limit: int | None = 4 * 1024**3     # bytes of blobs downloaded ahead of extraction
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Puller:
                                         retries=options.retries,
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
-        self.spool = Spool(self.root.meta / "partial")
+        self.spool = Spool(self.root.meta / "partial", options.spool_limit)
         self._clients: dict[str, asyncio.Future] = {}
         self._backend: StorageBackend | None = None
         self._builds: dict[str, asyncio.Future] = {}
@@ -337,8 +338,9 @@ class Puller:
         return blob
 
     async def _download(self, client: RegistryClient, ref: Reference, blob: SpooledBlob) -> None:
-        began = time.monotonic()
         try:
+            await self.spool.admit(blob)
+            began = time.monotonic()
             await download(client, ref.name, blob, f"layer {blob.digest}")
             self.events.emit("download-done", digest=blob.digest, size=blob.size,
                              seconds=time.monotonic() - began)

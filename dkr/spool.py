@@ -78,6 +78,7 @@ class SpooledBlob:
         self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.task: asyncio.Task | None = None
         self.users = 0
+        self.admitted = False
 
     def resume_point(self) -> tuple[int, "hashlib._Hash"]:
         """How much of an earlier attempt is already here, with its hash so far."""
@@ -128,11 +129,52 @@ class SpooledBlob:
 
 
 class Spool:
-    """All spooled blobs of one image root; each digest is downloaded once."""
+    """All spooled blobs of one image root; each digest is downloaded once.
 
-    def __init__(self, directory: Path):
+    ``limit`` bounds the bytes spooled at once: a download starts only when its
+    blob fits beside the others (or when nothing else is spooled, so the next
+    layer can always proceed). Downloads are admitted in the order they were
+    asked for, which is layer order, so the layer extracted next is never
+    starved by ones behind it.
+    """
+
+    def __init__(self, directory: Path, limit: int | None = None):
         self.directory = directory
+        self.limit = limit
         self.blobs: dict[str, SpooledBlob] = {}
+        self.in_use = 0
+        self._admission: asyncio.Condition | None = None
+        self._queue: list[SpooledBlob] = []
+
+    async def admit(self, blob: SpooledBlob) -> None:
+        """Wait until ``blob`` may occupy the spool."""
+        if self._admission is None:
+            self._admission = asyncio.Condition()
+        self._queue.append(blob)
+        async with self._admission:
+            try:
+                await self._admission.wait_for(lambda: self._fits(blob))
+            finally:
+                self._queue.remove(blob)
+            self.in_use += blob.size
+            blob.admitted = True
+            self._admission.notify_all()
+
+    def _fits(self, blob: SpooledBlob) -> bool:
+        if self._queue[0] is not blob:
+            return False
+        return self.limit is None or self.in_use == 0 or self.in_use + blob.size <= self.limit
+
+    def _free(self, blob: SpooledBlob) -> None:
+        if blob.admitted:
+            blob.admitted = False
+            self.in_use -= blob.size
+            if self._admission is not None:
+                asyncio.ensure_future(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._admission:
+            self._admission.notify_all()
 
     def get(self, digest: str, size: int) -> tuple[SpooledBlob, bool]:
         """The blob's spool entry, and whether the caller must start its download."""
@@ -157,6 +199,7 @@ class Spool:
         complete = blob.done.done() and not blob.done.cancelled() and \
             blob.done.exception() is None
         blob.close(delete=complete or not keep_partial)
+        self._free(blob)
 
     def close(self) -> None:
         for blob in list(self.blobs.values()):

@@ -88,3 +88,22 @@ def test_stats_summary(shared_base, registry, image_root):
     assert "Stats: 3 layers" in run.err
     for phase in ("network", "prepare", "extract", "commit", "machine"):
         assert f"  {phase} " in run.err
+
+
+def test_spool_limit_keeps_downloads_behind_extraction(shared_base, registry, image_root):
+    """With room for one blob, each layer downloads only after the one before is applied."""
+    run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
+                            "dir", "--json", "--spool-limit", "1", f"{registry.host}/batch/app1"))
+    order = [(e["event"], e["digest"]) for e in run.events
+             if e["event"] in ("download-done", "layer-done")]
+    downloads = [d for kind, d in order if kind == "download-done"]
+    assert len(downloads) == 3
+    for earlier, later in zip(downloads, downloads[1:]):
+        assert order.index(("layer-done", earlier)) < order.index(("download-done", later)), order
+    assert list((image_root / ".dkr" / "partial").iterdir()) == []
+
+
+def test_bad_spool_limit(image_root):
+    from helpers import assert_clean_failure
+    run = run_dkr("pull", "--image-root", image_root, "--spool-limit", "lots", "x/y")
+    assert_clean_failure(run, image_root, r"invalid size 'lots'")
