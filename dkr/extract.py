@@ -41,6 +41,10 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 # lower layers; only the extractor may write them, never the image.
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 CLONE_NEWUSER = 0x10000000
+# Where rootless container storage (containers/storage, fuse-overlayfs) keeps the
+# owner, mode and type a file should have had: "UID:GID:MODE:TYPE".
+OVERRIDE_STAT_XATTR = "user.containers.override_stat"
+_STAT_KINDS = {tarstream.DIRECTORY: "dir", tarstream.FIFO: "pipe", tarstream.REGULAR: "file"}
 
 
 class ExtractError(Exception):
@@ -129,6 +133,7 @@ class Extractor:
         self.known_dirs: set[bytes] = {b"."}
         self.entries = 0
         self.skipped_devices = 0
+        self.recorded_owners = 0
 
     # --- members -------------------------------------------------------------
     def apply(self, member: Member, reader: tarstream.TarReader) -> None:
@@ -232,7 +237,7 @@ class Extractor:
         kinds = {tarstream.CHAR: stat.S_IFCHR, tarstream.BLOCKDEV: stat.S_IFBLK,
                  tarstream.FIFO: stat.S_IFIFO}
         if m.kind != tarstream.FIFO and not self.as_root:
-            self.skipped_devices += 1
+            self._device_stand_in(path, m)
             return
         rdev = os.makedev(m.devmajor, m.devminor)
         self._create(path, lambda p: os.mknod(p, kinds[m.kind] | 0o600, rdev))
@@ -242,8 +247,31 @@ class Extractor:
         os.utime(path, ns=(m.mtime_ns, m.mtime_ns))
 
     # --- metadata --------------------------------------------------------------
+    def _device_stand_in(self, path: bytes, m: Member) -> None:
+        """Without root no device node can be made: an empty file that says what it was."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = self._create(path, lambda p: os.open(p, flags, 0o600))
+        try:
+            kind = "char" if m.kind == tarstream.CHAR else "block"
+            self._record_stat(fd, m, f"{kind}-{m.devmajor}-{m.devminor}")
+            os.chmod(fd, m.mode)
+            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+        finally:
+            os.close(fd)
+        self.skipped_devices += 1
+
+    def _record_stat(self, target, m: Member, kind: str) -> None:
+        """What could not be applied goes where rootless container tools look for it."""
+        value = f"{m.uid}:{m.gid}:{m.mode:04o}:{kind}".encode()
+        os.setxattr(target, OVERRIDE_STAT_XATTR, value)
+        self.recorded_owners += 1
+
     def _own(self, target, m: Member, follow: bool) -> None:
         if not self.as_root:
+            # Our user namespace maps only ourselves (as 0): other owners are recorded.
+            # A symlink cannot carry user.* xattrs; its owner matters to nobody.
+            if (m.uid or m.gid) and m.kind != SYMLINK:
+                self._record_stat(target, m, _STAT_KINDS.get(m.kind, "file"))
             return
         if isinstance(target, int):
             os.fchown(target, m.uid, m.gid)
@@ -426,7 +454,8 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
     extractor.resolve_whiteouts()
     extractor.finish_dirs()
     return {"diff_id": "sha256:" + reader.hash.hexdigest(), "tar_bytes": reader.total,
-            "entries": extractor.entries, "skipped_devices": extractor.skipped_devices}
+            "entries": extractor.entries, "skipped_devices": extractor.skipped_devices,
+            "recorded_owners": extractor.recorded_owners}
 
 
 def _read_command() -> dict | None:

@@ -246,6 +246,10 @@ class Job:
                 self._body += data[: ERROR_BODY_KEEP - len(self._body)]
             return None
         if self.sink is None:
+            if self.expected_size is not None and \
+                    self.received + len(data) > self.expected_size:
+                return self._abort(f"{self.what}: body runs past the expected "
+                                   f"{self.expected_size} bytes")
             if len(self._body) + len(data) > self.max_payload:
                 return self._abort(f"{self.what}: response is over the "
                                    f"{self.max_payload} byte limit")

@@ -32,6 +32,7 @@ from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from .store import ImageRoot
+from .extract import OVERRIDE_STAT_XATTR
 from .unpack import ExtractorPool, LayerUnpacker
 from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
 
@@ -65,6 +66,8 @@ class PullResult:
     bytes_fetched: int = 0
     seconds: float = 0.0
     chain: list[str] = field(default_factory=list)
+    recorded_stats: int = 0       # without root: owners kept in an xattr, not applied
+    device_stand_ins: int = 0     # without root: device nodes left as marked empty files
 
 
 def exchange_paths(a: Path, b: Path) -> None:
@@ -158,19 +161,27 @@ class Puller:
         plan = await ManifestResolver(client, ref, self.options.platform).resolve()
         self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
                          platform=plan.platform, layers=len(plan.layers))
-        self.root.save_blob(plan.manifest_digest, plan.manifest)
-        self.root.save_blob(plan.config_digest, plan.config)
         result = PullResult(str(ref), local, plan.manifest_digest,
                             chain=[layer.chain_id for layer in plan.layers])
         paths = await self._layers(client, plan, backend, result)
+        self.root.save_blob(plan.manifest_digest, plan.manifest)
+        self.root.save_blob(plan.config_digest, plan.config)
         await self.make_machine(local, paths, backend, {
             "reference": str(ref), "manifest_digest": plan.manifest_digest,
             "config_digest": plan.config_digest, "platform": plan.platform,
             "layers": [digest_hex(layer.chain_id) for layer in plan.layers]})
+        return self.finish(result, started)
+
+    def finish(self, result: PullResult, started: float) -> PullResult:
+        """Say what a finished pull did, including what it could not apply."""
         result.seconds = time.monotonic() - started
-        self.events.emit("done", reference=str(ref), local=local, seconds=result.seconds,
-                         fetched=result.layers_fetched, reused=result.layers_reused,
-                         bytes=result.bytes_fetched)
+        if result.recorded_stats or result.device_stand_ins:
+            log.warning("Not running as root: file owners (%d entries) and device nodes (%d) "
+                        "were not applied; they are recorded in the %s xattr.",
+                        result.recorded_stats, result.device_stand_ins, OVERRIDE_STAT_XATTR)
+        self.events.emit("done", reference=result.reference, local=result.local,
+                         seconds=result.seconds, fetched=result.layers_fetched,
+                         reused=result.layers_reused, bytes=result.bytes_fetched)
         return result
 
     async def _layers(self, client: RegistryClient, plan: ImagePlan, backend: StorageBackend,
@@ -295,6 +306,8 @@ class Puller:
         self._abandon(claim)
         result.layers_fetched += 1
         result.bytes_fetched += announce.get("size") or 0
+        result.recorded_stats += unpacked.get("recorded_owners", 0)
+        result.device_stand_ins += unpacked.get("skipped_devices", 0)
         self.events.emit("layer-done", chain_id=claim.key, digest=announce.get("digest", claim.key),
                          size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"],
                          prepare_seconds=prepared - began, extract_seconds=extracted - prepared,
@@ -335,6 +348,7 @@ class Puller:
         blob, start = self.spool.get(layer.digest, layer.size)
         if start:
             blob.task = asyncio.create_task(self._download(client, ref, blob))
+            blob.task.add_done_callback(_retrieved)   # its error reaches users via blob.done
         return blob
 
     async def _download(self, client: RegistryClient, ref: Reference, blob: SpooledBlob) -> None:

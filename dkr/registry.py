@@ -124,6 +124,10 @@ class RegistryClient:
                 offset += e.delivered if sink is not None else 0
                 delay, cause = backoff(attempt), str(e).removeprefix(f"{what}: ")
             else:
+                if response.status in RETRY_STATUSES and attempt and \
+                        attempt >= self.options.retries:
+                    raise DkrError(f"{what}: registry answered {response.status} "
+                                   f"(gave up after {attempt + 1} attempts)")
                 if response.status not in RETRY_STATUSES or attempt >= self.options.retries:
                     if sink is not None:
                         response.received += offset

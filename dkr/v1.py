@@ -78,11 +78,7 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
         "reference": reference, "protocol": "v1", "index": session.index,
         "registry": session.registry, "image_id": image_id,
         "config_digest": config_digest, "layers": list(ancestry)})
-    result.seconds = time.monotonic() - started
-    puller.events.emit("done", reference=reference, local=local, seconds=result.seconds,
-                       fetched=result.layers_fetched, reused=result.layers_reused,
-                       bytes=result.bytes_fetched)
-    return result
+    return puller.finish(result, started)
 
 
 # --- the conversation ----------------------------------------------------------

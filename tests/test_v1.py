@@ -318,7 +318,7 @@ def test_layer_faults_fail_cleanly(srv, root, fault, pattern):
 
 
 @pytest.mark.parametrize("fault, pattern", [
-    ("status", r"\(layer 2/3 (?P<id>[0-9a-f]+)\) GET https://.*/v1/images/(?P=id)/layer: HTTP 503"),
+    ("status", r"\(layer 2/3 (?P<id>[0-9a-f]+)\) GET https://.*/v1/images/(?P=id)/layer: (HTTP|registry answered) 503"),
     ("truncate", r"\(layer 2/3 (?P<id>[0-9a-f]+)\) GET https://.*/v1/images/(?P=id)/layer: "
                  r".*\(curl error 18\) \(gave up after 2 attempts\)"),
 ])
