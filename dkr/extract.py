@@ -41,6 +41,7 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 # lower layers; only the extractor may write them, never the image.
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 CLONE_NEWUSER = 0x10000000
+PR_SET_PDEATHSIG = 1
 # Where rootless container storage (containers/storage, fuse-overlayfs) keeps the
 # owner, mode and type a file should have had: "UID:GID:MODE:TYPE".
 OVERRIDE_STAT_XATTR = "user.containers.override_stat"
@@ -458,6 +459,15 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
             "recorded_owners": extractor.recorded_owners}
 
 
+def _die_with_parent(parent: int) -> None:
+    """An extractor outliving a killed dkr would go on writing into a tree that the
+    next run is about to clean up: the kernel kills us when our parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:      # it died before we asked
+        os._exit(1)
+
+
 def _read_command() -> dict | None:
     """``--serve``: one JSON line on stdin says what to extract; nothing means "not needed".
 
@@ -488,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dkr.extract")
     parser.add_argument("--serve", action="store_true",
                         help="start now, take the job as a JSON line on stdin")
+    parser.add_argument("--parent", type=int, help="die with this process")
     parser.add_argument("--root")
     parser.add_argument("--format", choices=("stacked", "diff"))
     parser.add_argument("--max-bytes", type=int)
@@ -497,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.serve and not (args.root and args.format):
         parser.error("--root and --format are required (or --serve)")
+    if args.parent:
+        _die_with_parent(args.parent)
     # The parent decides when to stop us (it kills us on Ctrl-C), so a terminal's
     # SIGINT to the whole process group must not leave a half-written member behind.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

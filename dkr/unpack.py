@@ -100,9 +100,12 @@ class WarmExtractor:
         except OSError:
             pass                      # a smaller pipe only costs a few more wakeups
         try:
+            # A process group of its own: a terminal's Ctrl-C goes to dkr, which
+            # stops its children itself, never to a child still starting up.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dkr.extract", "--serve", stdin=read_fd,
-                stdout=asyncio.subprocess.PIPE)
+                sys.executable, "-m", "dkr.extract", "--serve", "--parent", str(os.getpid()),
+                stdin=read_fd,
+                stdout=asyncio.subprocess.PIPE, process_group=0)
         except BaseException:
             os.close(write_fd)
             raise

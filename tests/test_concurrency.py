@@ -1,0 +1,103 @@
+"""Several ``dkr pull`` processes on one image root at the same time.
+
+The same image to different machines and images that share layers: every
+process succeeds, each layer is built exactly once across all of them (the
+``layer-done`` events of every process together), the waiting shows in the
+log, and nothing is corrupted. The shared base layer is slowed down by the
+fault proxy so that the first process still holds its lock when the others
+arrive: the waiting is certain, not a race.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from helpers import temp_entries
+from reliability_helpers import (DkrProcess, Proxy, chain_ids, check_layers_complete,
+                                 error_lines, spool_files, visible_layers)
+
+from dkr.testing import images
+from dkr.testing.images import Dir, File, Image, Layer
+from dkr.testing.oracle import diff_trees, tree_snapshot
+
+BASE = Layer([Dir("usr"), File("usr/base", random.Random(11).randbytes(600_000))])
+X = Image([BASE, Layer([Dir("app"), File("app/x", b"x" * 1000)])])
+Y = Image([BASE, Layer([Dir("app"), File("app/y", b"y" * 1000)])])
+
+
+@pytest.fixture(scope="module")
+def proxy(registry):
+    images.push_image(registry, "conc/x", "latest", X)
+    images.push_image(registry, "conc/y", "latest", Y)
+    with Proxy("127.0.0.1", registry.port) as p:
+        yield p
+
+
+def start(proxy, repo, root, local) -> DkrProcess:
+    return DkrProcess("pull", "--insecure", "--image-root", root, "--backend", "dir", "--json",
+                      "--retries", "2", f"{proxy.host}/{repo}", local)
+
+
+def test_parallel_pulls_share_layers_and_build_each_once(proxy, image_root):
+    # 600 kB at 250 kB/s: the others start (a Python process each) well within that.
+    proxy.add_fault(f"/blobs/{BASE.digest}", "slow", times=1, rate=250_000)
+    first = start(proxy, "conc/x", image_root, "x1")
+    others = []
+    try:
+        # The first process holds the base layer's lock once it starts building it.
+        first.wait_event(lambda e: e["event"] == "layer-start")
+        others = [start(proxy, "conc/x", image_root, "x2"), start(proxy, "conc/y", image_root, "y"),
+                  start(proxy, "conc/x", image_root, "x3")]
+        results = [p.finish() for p in [first, *others]]
+    finally:
+        for p in [first, *others]:
+            p.stop()
+    for rc, err in results:
+        assert rc == 0 and "Traceback" not in err and not error_lines(err), err
+
+    built = Counter(e["chain_id"] for p in [first, *others] for e in p.events
+                    if e["event"] == "layer-done")
+    expected = {c.split(":")[1] for c in chain_ids(X) + chain_ids(Y)}
+    assert set(built) == expected and set(built.values()) == {1}, built
+    skipped = Counter(e["chain_id"] for p in others for e in p.events if e["event"] == "skipped")
+    assert skipped[chain_ids(X)[0].split(":")[1]] == 3          # everyone reused the base
+    assert all("Waiting for another dkr process building layer" in err
+               for _, err in results[1:]), [err for _, err in results[1:]]
+    # One download of the base blob for all four processes.
+    assert len([e for e in proxy.log_for(f"/blobs/{BASE.digest}") if e.method == "GET"]) == 1
+
+    x1 = tree_snapshot(image_root / "x1")
+    for machine in ("x2", "x3"):
+        assert diff_trees(x1, tree_snapshot(image_root / machine), "x1", machine) == []
+    assert (image_root / "x1" / "usr" / "base").read_bytes() == BASE.entries[1].data
+    assert (image_root / "y" / "app" / "y").read_bytes() == b"y" * 1000
+    assert not (image_root / "y" / "app" / "x").exists()
+    assert len(visible_layers(image_root)) == 3
+    check_layers_complete(image_root)
+    assert temp_entries(image_root) == [] and spool_files(image_root) == []
+
+
+def test_two_pulls_to_the_same_machine(proxy, image_root):
+    """Same image, same LOCAL, at once: one makes it, the other says it exists; nothing breaks."""
+    proxy.add_fault(f"/blobs/{BASE.digest}", "slow", times=1, rate=400_000)
+    a = start(proxy, "conc/x", image_root, "same")
+    b = None
+    try:
+        a.wait_event(lambda e: e["event"] == "layer-start")
+        b = start(proxy, "conc/x", image_root, "same")
+        (rc_a, err_a), (rc_b, err_b) = a.finish(), b.finish()
+    finally:
+        a.stop()
+        if b:
+            b.stop()
+    # Either may get to the machine first (b finds the layers done and races a to it).
+    (_, err_ok), (rc_no, err_no) = sorted([(rc_a, err_a), (rc_b, err_b)])
+    assert sorted([rc_a, rc_b]) == [0, 1], (err_a, err_b)
+    assert "Traceback" not in err_ok + err_no and error_lines(err_ok) == [], err_ok
+    assert error_lines(err_no) == [
+        f"dkr: error: machine 'same' already exists in {image_root} (use --force to replace it)"]
+    assert (image_root / "same" / "app" / "x").read_bytes() == b"x" * 1000
+    assert temp_entries(image_root) == []
+    check_layers_complete(image_root)
