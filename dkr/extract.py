@@ -135,6 +135,7 @@ class Extractor:
         self.entries = 0
         self.skipped_devices = 0
         self.recorded_owners = 0
+        self.skipped_xattrs = 0
 
     # --- members -------------------------------------------------------------
     def apply(self, member: Member, reader: tarstream.TarReader) -> None:
@@ -290,6 +291,7 @@ class Extractor:
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
+                self.skipped_xattrs += 1    # not allowed here (e.g. without root)
 
     def finish_dirs(self) -> None:
         # Through a descriptor opened without following symlinks: a later member
@@ -456,7 +458,8 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
     extractor.finish_dirs()
     return {"diff_id": "sha256:" + reader.hash.hexdigest(), "tar_bytes": reader.total,
             "entries": extractor.entries, "skipped_devices": extractor.skipped_devices,
-            "recorded_owners": extractor.recorded_owners}
+            "recorded_owners": extractor.recorded_owners,
+            "skipped_xattrs": extractor.skipped_xattrs}
 
 
 def _die_with_parent(parent: int) -> None:

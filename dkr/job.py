@@ -13,6 +13,7 @@ import asyncio
 import enum
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -123,6 +124,8 @@ class Job:
         self._abort_reason: str | None = None
         self._sink_failed = False
         self._hold = False             # sink is full: refuse (pause) the next chunk
+        self.stall_timeout = (options or TransferOptions()).low_speed_time
+        self._last_activity = 0.0
         self._future: asyncio.Future[Response] = glue.loop.create_future()
         self.curl = self._make_curl(url, headers or [], options or TransferOptions(), method)
 
@@ -158,12 +161,27 @@ class Job:
     async def run(self) -> Response:
         self.state = JobState.ANALYZING
         self.glue.add(self)
+        self._last_activity = time.monotonic()
+        self._watchdog = self.glue.loop.call_later(1.0, self._check_stall)
         try:
             return await self._future
         finally:
+            self._watchdog.cancel()
             if not self._future.done() or self._future.cancelled():
                 self.glue.remove(self)
             self.curl.close()
+
+    def _check_stall(self) -> None:
+        """No byte for the stall timeout (libcurl's own check averages over seconds more)."""
+        if self._future.done():
+            return
+        idle = time.monotonic() - self._last_activity
+        if idle >= self.stall_timeout and not self._hold:
+            self.glue.remove(self)
+            self._fail(f"{self.what}: no data for {self.stall_timeout} s (stalled)",
+                       retryable=True)
+            return
+        self._watchdog = self.glue.loop.call_later(1.0, self._check_stall)
 
     def on_finished(self, code: int, message: str) -> None:
         if self._future.done():
@@ -197,6 +215,7 @@ class Job:
 
     # --- curl callbacks ------------------------------------------------------
     def _on_header(self, line: bytes):
+        self._last_activity = time.monotonic()
         text = line.decode("iso-8859-1").rstrip("\r\n")
         if text.startswith("HTTP/"):
             parts = text.split(None, 2)
@@ -239,6 +258,7 @@ class Job:
         return unit == "bytes" and start.isdigit() and int(start) == self.range_start
 
     def _on_write(self, data: bytes):
+        self._last_activity = time.monotonic()
         if self._abort_reason:
             return 0
         if not self._is_success():
@@ -275,7 +295,8 @@ class Job:
             accepted = self.sink.write(data)
         except OSError as e:
             self._sink_failed = True
-            return self._abort(f"{self.what}: cannot pass data on: {e.strerror}")
+            where = f" to {e.filename}" if e.filename else ""
+            return self._abort(f"{self.what}: cannot write{where}: {e.strerror}")
         if not accepted:
             self._hold = True
             self.sink.on_drain(self._resume)
@@ -287,6 +308,7 @@ class Job:
 
     def _resume(self) -> None:
         self._hold = False
+        self._last_activity = time.monotonic()   # waiting for our sink is not a stall
         if self._future.done() or self._abort_reason:
             return
         try:

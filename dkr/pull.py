@@ -68,6 +68,7 @@ class PullResult:
     chain: list[str] = field(default_factory=list)
     recorded_stats: int = 0       # without root: owners kept in an xattr, not applied
     device_stand_ins: int = 0     # without root: device nodes left as marked empty files
+    skipped_xattrs: int = 0       # extended attributes the file system or user may not set
 
 
 def exchange_paths(a: Path, b: Path) -> None:
@@ -179,6 +180,9 @@ class Puller:
             log.warning("Not running as root: file owners (%d entries) and device nodes (%d) "
                         "were not applied; they are recorded in the %s xattr.",
                         result.recorded_stats, result.device_stand_ins, OVERRIDE_STAT_XATTR)
+        if result.skipped_xattrs:
+            log.warning("%d extended attributes (e.g. file capabilities) could not be set "
+                        "here and were left out.", result.skipped_xattrs)
         self.events.emit("done", reference=result.reference, local=result.local,
                          seconds=result.seconds, fetched=result.layers_fetched,
                          reused=result.layers_reused, bytes=result.bytes_fetched)
@@ -308,6 +312,7 @@ class Puller:
         result.bytes_fetched += announce.get("size") or 0
         result.recorded_stats += unpacked.get("recorded_owners", 0)
         result.device_stand_ins += unpacked.get("skipped_devices", 0)
+        result.skipped_xattrs += unpacked.get("skipped_xattrs", 0)
         self.events.emit("layer-done", chain_id=claim.key, digest=announce.get("digest", claim.key),
                          size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"],
                          prepare_seconds=prepared - began, extract_seconds=extracted - prepared,

@@ -43,16 +43,20 @@ def _open_locked(directory: Path, name: str) -> tuple[Path, int]:
 class SpoolSink:
     """A Sink that appends to the spool file and wakes the readers following it."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, path: Path):
         self.fd = fd
+        self.path = path
         self.readers: list[int] = []        # write ends of the readers' wake-up pipes
 
     def write(self, data: bytes) -> bool:
         if self.fd < 0:
             raise OSError(errno.EBADF, "the spool file was closed (download abandoned)")
         view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         for wake in self.readers:
             try:
                 os.write(wake, b"!")
@@ -73,7 +77,7 @@ class SpooledBlob:
         self.digest = digest
         self.size = size
         self.path, self.fd = _open_locked(directory, digest_hex(digest))
-        self.sink = SpoolSink(self.fd)
+        self.sink = SpoolSink(self.fd, self.path)
         self.done = asyncio.get_running_loop().create_future()
         self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.task: asyncio.Task | None = None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DkrError
+from .plugins import modules_for_children
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
@@ -104,7 +105,7 @@ class WarmExtractor:
             # stops its children itself, never to a child still starting up.
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dkr.extract", "--serve", "--parent", str(os.getpid()),
-                stdin=read_fd,
+                stdin=read_fd, env={**os.environ, **modules_for_children()},
                 stdout=asyncio.subprocess.PIPE, process_group=0)
         except BaseException:
             os.close(write_fd)
