@@ -25,7 +25,6 @@ import pytest
 
 from dkr.plugins import backends
 from dkr.testing import loopfs
-from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Layer
 
 WAIT = 60          # generous upper bound for "this event will come"; never a timing assertion
@@ -42,23 +41,6 @@ class BlobLayer(Layer):
         super().__init__([], compression)
         self.__dict__["blob"] = blob
         self.__dict__["tar"] = blob if tar is None else tar
-
-
-class Proxy(FaultProxy):
-    """The fault proxy, answering a TLS hello by hanging up at once.
-
-    ``--insecure`` makes dkr try https first; FaultProxy waits for a request
-    line that a TLS ClientHello never completes, and dkr's probe then sits out
-    its whole timeout (3 s) before falling back to plain http.
-    """
-
-    def _exchange(self, conn, rfile) -> bool:
-        try:
-            if rfile.peek(1)[:1] == b"\x16":          # a TLS handshake record
-                return False
-        except OSError:
-            return False
-        return super()._exchange(conn, rfile)
 
 
 # --- noticing changes ---------------------------------------------------------------

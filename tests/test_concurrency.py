@@ -15,10 +15,17 @@ from collections import Counter
 
 import pytest
 from helpers import temp_entries
-from reliability_helpers import (DkrProcess, Proxy, chain_ids, check_layers_complete,
-                                 error_lines, spool_files, visible_layers)
+from reliability_helpers import (
+    DkrProcess,
+    chain_ids,
+    check_layers_complete,
+    error_lines,
+    spool_files,
+    visible_layers,
+)
 
 from dkr.testing import images
+from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
 from dkr.testing.oracle import diff_trees, tree_snapshot
 
@@ -31,7 +38,7 @@ Y = Image([BASE, Layer([Dir("app"), File("app/y", b"y" * 1000)])])
 def proxy(registry):
     images.push_image(registry, "conc/x", "latest", X)
     images.push_image(registry, "conc/y", "latest", Y)
-    with Proxy("127.0.0.1", registry.port) as p:
+    with FaultProxy("127.0.0.1", registry.port) as p:
         yield p
 
 

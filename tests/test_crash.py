@@ -17,12 +17,25 @@ import signal
 
 import pytest
 from helpers import assert_ok, pull, temp_entries
-from reliability_helpers import (DkrProcess, Proxy, backend_mount, catches_sigint, chain_ids,
-                                 check_layers_complete, children, error_lines, extractor_pids,
-                                 ignores_sigint, layer_dir, session_pids,
-                                 spool_files, visible_layers, wait_gone)
+from reliability_helpers import (
+    DkrProcess,
+    backend_mount,
+    catches_sigint,
+    chain_ids,
+    check_layers_complete,
+    children,
+    error_lines,
+    extractor_pids,
+    ignores_sigint,
+    layer_dir,
+    session_pids,
+    spool_files,
+    visible_layers,
+    wait_gone,
+)
 
 from dkr.testing import images
+from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
 
 SLOW_BYTES = 1_000_000
@@ -51,7 +64,7 @@ def pushed(registry):
 
 @pytest.fixture
 def proxy(pushed):
-    with Proxy("127.0.0.1", pushed.port) as p:
+    with FaultProxy("127.0.0.1", pushed.port) as p:
         yield p
 
 

@@ -15,9 +15,10 @@ import re
 
 import pytest
 from helpers import assert_clean_failure, assert_ok, pull
-from reliability_helpers import Proxy, spool_files, visible_layers
+from reliability_helpers import spool_files, visible_layers
 
 from dkr.testing import images
+from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
 
 SIZE = 400_000
@@ -42,7 +43,7 @@ def pushed(registry):
 
 @pytest.fixture
 def proxy(pushed):
-    with Proxy("127.0.0.1", pushed.port) as p:
+    with FaultProxy("127.0.0.1", pushed.port) as p:
         yield p
 
 

@@ -30,10 +30,17 @@ from pathlib import Path
 
 import pytest
 from helpers import Run, assert_clean_failure, assert_ok, pull, temp_entries
-from reliability_helpers import (BlobLayer, Proxy, check_layers_complete, fingerprint, layer_dir,
-                                 need, visible_layers)
+from reliability_helpers import (
+    BlobLayer,
+    check_layers_complete,
+    fingerprint,
+    layer_dir,
+    need,
+    visible_layers,
+)
 
 from dkr.testing import images, loopfs
+from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
 from dkr.v2 import chain_ids as v2_chain_ids
 
@@ -49,7 +56,7 @@ IMAGE = Image([Layer([Dir("etc"), File("etc/limits", b"limits\n")])])
 @pytest.fixture(scope="module")
 def proxy(registry):
     images.push_image(registry, "limits/img", "latest", IMAGE)
-    with Proxy("127.0.0.1", registry.port) as p:
+    with FaultProxy("127.0.0.1", registry.port) as p:
         yield p
 
 

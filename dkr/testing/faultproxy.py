@@ -263,6 +263,13 @@ class FaultProxy:
 
     def _exchange(self, conn: _Conn, rfile) -> bool:
         """Serve one request; return whether the client connection stays open."""
+        try:
+            if rfile.peek(1)[:1] == b"\x16":
+                # A TLS ClientHello (a client trying https first, as dkr --insecure
+                # does): hang up at once, as a plain-http server answers it quickly.
+                return False
+        except OSError:
+            return False
         line = rfile.readline(65537)
         if not line:
             return False
