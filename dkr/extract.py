@@ -428,9 +428,26 @@ def _enter_user_namespace() -> None:
 
 
 def _load_classifier():
+    """The whiteout hook as a plain function: firstresult, in pluggy's call order.
+
+    It runs once per member; going through pluggy's machinery each time cost
+    more than creating the file.
+    """
     from .plugins import manager
     hook = manager().hook.dkr_whiteout_classify
-    return lambda path: hook(path=path)
+    impls = [impl for impl in reversed(hook.get_hookimpls())
+             if not (impl.hookwrapper or getattr(impl, "wrapper", False))]
+    if len(impls) != len(hook.get_hookimpls()):
+        return lambda path: hook(path=path)       # wrappers need pluggy itself
+    functions = [impl.function for impl in impls]
+
+    def classify(path: str):
+        for function in functions:
+            result = function(path=path)
+            if result is not None:
+                return result
+        return None
+    return classify
 
 
 def _open_input(spool: str | None, size: int | None, wake_fd: int | None) -> io.BufferedReader:
@@ -450,7 +467,8 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
     _enter_root(root, as_root)
     os.umask(0)
     extractor = Extractor(layer_format, classify, as_root)
-    reader = tarstream.TarReader(open_decompressed(stdin), max_bytes=max_bytes)
+    reader = tarstream.TarReader(tarstream.ReadAhead(open_decompressed(stdin)),
+                                 max_bytes=max_bytes)
     for member in reader:
         extractor.apply(member, reader)
     reader.drain()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import queue
+import threading
 from urllib.parse import unquote_to_bytes
 from dataclasses import dataclass, field
 
@@ -51,12 +53,12 @@ def _number(field_: bytes, what: str) -> int:
     if field_[:1] and field_[0] & 0x80:          # GNU base-256
         value = int.from_bytes(field_, "big", signed=False) & ~(0x80 << (8 * (len(field_) - 1)))
         return value
-    text = field_.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
+    text = field_.split(b"\0", 1)[0]
     try:
-        return int(text, 8)
+        return int(text, 8)                      # int() skips the spaces itself
     except ValueError:
+        if not text.strip(b" "):
+            return 0
         raise TarError(f"bad {what} field {text[:20]!r} in tar header") from None
 
 
@@ -102,12 +104,57 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
     return records
 
 
+class ReadAhead:
+    """Inflates and hashes on a second thread, a few chunks ahead of the tar parser.
+
+    zlib/ISA-L, zstd and sha256 all release the GIL on large buffers, so this
+    puts a second core to work on the same layer (as ``pigz -dc | tar -x``
+    does with two processes), while memory stays bounded by ``depth`` chunks.
+    """
+
+    def __init__(self, stream, depth: int = 4):
+        self.stream = stream
+        self.hash = hashlib.sha256()
+        self._chunks: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._finished = False
+        self._thread = threading.Thread(target=self._fill, name="inflate", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while True:
+                chunk = self.stream.read(CHUNK)
+                if not chunk:
+                    break
+                self.hash.update(chunk)
+                self._chunks.put(chunk)
+        except BaseException as e:   # handed to the reading thread, raised there
+            self._error = e
+        self._chunks.put(None)
+
+    def read(self, size: int = -1) -> bytes:
+        """The next inflated chunk (whatever its size), or b"" at the end."""
+        if self._finished:
+            return b""
+        chunk = self._chunks.get()
+        if chunk is None:
+            self._finished = True
+            if self._error is not None:
+                raise self._error
+            return b""
+        return chunk
+
+
 class TarReader:
     """Yields Members; the caller must consume each member's body (copy or skip)."""
 
     def __init__(self, stream, *, max_bytes: int | None = None):
         self.stream = stream
-        self.hash = hashlib.sha256()
+        # A stream that hashes what it hands out (ReadAhead, on another thread)
+        # keeps that work off this one.
+        self._hashed_by_stream = hasattr(stream, "hash")
+        self.hash = stream.hash if self._hashed_by_stream else hashlib.sha256()
         self.total = 0
         self.max_bytes = max_bytes
         self._buf = b""
@@ -120,7 +167,8 @@ class TarReader:
         chunk = self.stream.read(CHUNK)
         if not chunk:
             return False
-        self.hash.update(chunk)
+        if not self._hashed_by_stream:
+            self.hash.update(chunk)
         self.total += len(chunk)
         if self.max_bytes is not None and self.total > self.max_bytes:
             raise TarError(f"layer unpacks to more than {self.max_bytes} bytes")
@@ -237,7 +285,7 @@ class TarReader:
         kind = _TYPES.get(typeflag)
         if kind is None:
             raise TarError(f"unsupported tar entry type {typeflag!r}")
-        if any(k.startswith(b"GNU.sparse") for k in pax):
+        if pax and any(k.startswith(b"GNU.sparse") for k in pax):
             raise TarError("sparse files in layers are not supported")
         name = _cstr(block[0:100])
         if block[257:263] == b"ustar\0":
@@ -246,9 +294,10 @@ class TarReader:
                 name = prefix + b"/" + name
         name = pax.get(b"path", long_name or name)
         linkname = pax.get(b"linkpath", long_link or _cstr(block[157:257]))
-        pax_size = _pax_number(pax, b"size")
-        if pax_size is not None:
-            self._pending = pax_size
+        if pax:
+            pax_size = _pax_number(pax, b"size")
+            if pax_size is not None:
+                self._pending = pax_size
         mtime_ns = _number(block[136:148], "mtime") * 10**9
         if b"mtime" in pax:
             mtime_ns = _pax_time_ns(pax[b"mtime"])
@@ -256,15 +305,16 @@ class TarReader:
             size = 0                       # links and devices carry no body we use
         else:
             size = self._pending
-        uid, gid = _pax_number(pax, b"uid"), _pax_number(pax, b"gid")
+        uid, gid = (_pax_number(pax, b"uid"), _pax_number(pax, b"gid")) if pax else (None, None)
+        device = kind == CHAR or kind == BLOCKDEV
         return Member(
             path=name, kind=kind, mode=_number(block[100:108], "mode") & 0o7777,
             uid=_number(block[108:116], "uid") if uid is None else uid,
             gid=_number(block[116:124], "gid") if gid is None else gid,
             size=size, mtime_ns=mtime_ns, linkname=linkname,
-            devmajor=_number(block[329:337], "devmajor"),
-            devminor=_number(block[337:345], "devminor"),
-            xattrs=_xattrs(pax))
+            devmajor=_number(block[329:337], "devmajor") if device else 0,
+            devminor=_number(block[337:345], "devminor") if device else 0,
+            xattrs=_xattrs(pax) if pax else {})
 
 
 def _pax_time_ns(value: bytes) -> int:
