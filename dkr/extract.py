@@ -22,6 +22,7 @@ import select
 import signal
 import stat
 import sys
+import time
 import zlib
 
 from . import tarstream
@@ -66,6 +67,7 @@ class GrowingFile(io.RawIOBase):
         self.wake_fd = wake_fd
         self.pos = 0
         self.writer_gone = False
+        self.waited = 0.0             # seconds spent waiting for the download
 
     def readable(self) -> bool:
         return True
@@ -82,7 +84,9 @@ class GrowingFile(io.RawIOBase):
         return 0
 
     def _wait(self) -> None:
+        began = time.monotonic()
         select.select([self.wake_fd], [], [], 1.0)   # also re-checks once a second
+        self.waited += time.monotonic() - began
         try:
             if os.read(self.wake_fd, 65536) == b"":
                 self.writer_gone = True
@@ -461,6 +465,7 @@ def _open_input(spool: str | None, size: int | None, wake_fd: int | None) -> io.
 
 def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None = None,
         size: int | None = None, wake_fd: int | None = None, classify=None) -> dict:
+    began = time.monotonic()
     as_root = os.geteuid() == 0
     classify = classify or _load_classifier()   # plugins load before the chroot hides them
     stdin = _open_input(spool, size, wake_fd)   # opened before the chroot hides it, too
@@ -477,7 +482,8 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
     return {"diff_id": "sha256:" + reader.hash.hexdigest(), "tar_bytes": reader.total,
             "entries": extractor.entries, "skipped_devices": extractor.skipped_devices,
             "recorded_owners": extractor.recorded_owners,
-            "skipped_xattrs": extractor.skipped_xattrs}
+            "skipped_xattrs": extractor.skipped_xattrs,
+            "busy_seconds": time.monotonic() - began - getattr(stdin.raw, "waited", 0.0)}
 
 
 def _die_with_parent(parent: int) -> None:

@@ -82,11 +82,19 @@ def exchange_paths(a: Path, b: Path) -> None:
 
 @dataclass
 class LayerClaim:
-    """A layer an image needs: ``future`` gives its path; ``lock`` is held if we build it."""
+    """A layer an image needs, and where it stands.
+
+    ``tree`` gives a path to the layer's complete tree as soon as it is
+    extracted and checked (its temp name while it is being sealed): a child
+    layer may be snapshotted from it then. ``future`` gives the final path once
+    the layer is committed. ``lock`` is held while we build it.
+    """
 
     key: str
     future: asyncio.Future
+    tree: asyncio.Future
     lock: AsyncFlock | None = None
+    owner: bool = True            # False: another image of this run builds it
 
 
 class Puller:
@@ -101,7 +109,7 @@ class Puller:
         self.spool = Spool(self.root.meta / "partial", options.spool_limit)
         self._clients: dict[str, asyncio.Future] = {}
         self._backend: StorageBackend | None = None
-        self._builds: dict[str, asyncio.Future] = {}
+        self._builds: dict[str, LayerClaim] = {}
         self._extractors: asyncio.Semaphore | None = None
         self._no_gc = AsyncFlock(self.root.meta / "locks" / "gc.lock", "running gc", shared=True)
 
@@ -201,23 +209,22 @@ class Puller:
                 if claim.lock is not None and claim.key not in prefetched:
                     prefetched[claim.key] = self._start_download(client, plan.reference, layer)
             self.extractor_pool.warm(len(prefetched))
-            builds = [self._v2_build(claim, index, plan, backend, client, prefetched, result)
-                      for index, claim in enumerate(claims)]
-            if backend.layer_format == "stacked":
-                paths: list[Path] = []
-                for build in builds:
-                    paths.append(await build(paths[-1] if paths else None))
-                return paths
-            return await _all_or_nothing([build(None) for build in builds])
+            # All layers go at once: a stacked one waits for its parent's tree (not its
+            # commit) to snapshot it, and commits only after its parent did.
+            return await _all_or_nothing([
+                self._v2_build(claim, index, plan, backend, client, prefetched, result,
+                               claims[index - 1] if index else None)
+                for index, claim in enumerate(claims)])
         finally:
             for claim in claims:
                 self._abandon(claim)
             for blob in prefetched.values():
                 self.spool.release(blob, keep_partial=True)
 
-    def _v2_build(self, claim: LayerClaim, index: int, plan: ImagePlan, backend: StorageBackend,
-                  client: RegistryClient, prefetched: dict[str, SpooledBlob],
-                  result: PullResult):
+    async def _v2_build(self, claim: LayerClaim, index: int, plan: ImagePlan,
+                        backend: StorageBackend, client: RegistryClient,
+                        prefetched: dict[str, SpooledBlob], result: PullResult,
+                        parent: LayerClaim | None) -> Path:
         layer = plan.layers[index]
         meta = {"chain_id": layer.chain_id, "diff_id": layer.diff_id, "digest": layer.digest,
                 "size": layer.size, "media_type": layer.media_type,
@@ -233,11 +240,13 @@ class Puller:
             finally:
                 self.spool.release(blob, keep_partial=True)
 
-        async def build(parent: Path | None) -> Path:
-            if claim.lock is None:
-                return await claim.future
-            return await self.build_layer(claim, parent, backend, fetch, meta, announce, result)
-        return build
+        if claim.lock is None:
+            return await claim.future
+        parent_tree = None
+        if parent is not None and backend.layer_format == "stacked":
+            parent_tree = await parent.tree
+        return await self.build_layer(claim, parent_tree, backend, fetch, meta, announce, result,
+                                      parent_committed=parent.future if parent else None)
 
     # --- layers: claim, build -------------------------------------------------------
     async def claim_layer(self, key: str, backend: StorageBackend, result: PullResult,
@@ -245,11 +254,13 @@ class Puller:
         """Reuse layer ``key``, share its build with another image, or take it on."""
         shared = self._builds.get(key)
         if shared is not None:
-            return LayerClaim(key, shared)
-        future = asyncio.get_running_loop().create_future()
+            return LayerClaim(key, shared.future, shared.tree, owner=False)
+        loop = asyncio.get_running_loop()
+        future, tree = loop.create_future(), loop.create_future()
         future.add_done_callback(_retrieved)
-        self._builds[key] = future
-        claim = LayerClaim(key, future, self._locked(f"layer-{key}", f"building layer {key[:12]}"))
+        tree.add_done_callback(_retrieved)
+        claim = LayerClaim(key, future, tree, self._locked(f"layer-{key}", f"building layer {key[:12]}"))
+        self._builds[key] = claim
         try:
             await claim.lock.acquire()
             final = self.root.layer_path(key)
@@ -260,6 +271,7 @@ class Puller:
                 self.events.emit("skipped", chain_id=key, digest=digest or key)
                 result.layers_reused += 1
                 future.set_result(final)
+                tree.set_result(final)
         except BaseException as e:
             self._abandon(claim, e)
             raise
@@ -267,13 +279,17 @@ class Puller:
 
     async def build_layer(self, claim: LayerClaim, parent: Path | None,
                           backend: StorageBackend, fetch: Callable[[Path], Awaitable[dict]],
-                          meta: dict, announce: dict, result: PullResult) -> Path:
+                          meta: dict, announce: dict, result: PullResult,
+                          parent_committed: asyncio.Future | None = None) -> Path:
         """Build a claimed layer from ``fetch`` and make it visible by rename.
 
         ``fetch(tree)`` fills the prepared temp tree and returns the extractor's
         report (with ``tar_bytes``) once every check has passed. A resumed
         download that turns out wrong is thrown away and the layer starts over
-        once, from an empty tree.
+        once, from an empty tree. Sealing (which flushes the layer to disk) and
+        recording run on a worker thread while child layers already start from
+        the finished tree; the rename waits for the parent's, so a layer never
+        becomes visible before the layer below it.
         """
         final = self.root.layer_path(claim.key)
         try:
@@ -289,10 +305,12 @@ class Puller:
                     prepared = time.monotonic()
                     unpacked = await fetch(tmp)
                     extracted = time.monotonic()
-                    backend.seal_layer(tmp)
-                    self.root.write_json(f"layers/{claim.key}.json", {
-                        **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
-                        "created": _now()})
+                    claim.tree.set_result(tmp)
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self._seal, backend, tmp, claim.key, meta, unpacked)
+                    sealed = time.monotonic()
+                    if parent_committed is not None:
+                        await parent_committed
                     os.rename(tmp, final)
                     break
                 except ResumedBlobMismatch as e:
@@ -315,9 +333,17 @@ class Puller:
         result.skipped_xattrs += unpacked.get("skipped_xattrs", 0)
         self.events.emit("layer-done", chain_id=claim.key, digest=announce.get("digest", claim.key),
                          size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"],
-                         prepare_seconds=prepared - began, extract_seconds=extracted - prepared,
-                         commit_seconds=time.monotonic() - extracted)
+                         prepare_seconds=prepared - began,
+                         extract_seconds=unpacked.get("busy_seconds", extracted - prepared),
+                         commit_seconds=sealed - extracted)
         return final
+
+    def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
+              unpacked: dict) -> None:
+        backend.seal_layer(tree)
+        self.root.write_json(f"layers/{key}.json", {
+            **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
+            "created": _now()})
 
     async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
                            fetch: Callable[[Path], Awaitable[dict]], meta: dict,
@@ -330,15 +356,19 @@ class Puller:
 
     def _abandon(self, claim: LayerClaim, error: BaseException | None = None) -> None:
         """Release what a claim holds; a layer never built fails its waiters."""
+        if not claim.owner:
+            return                    # its builder decides how it ends
         if claim.lock is not None:
             claim.lock.release()
             claim.lock = None
         if not claim.future.done():
-            if self._builds.get(claim.key) is claim.future:
+            if self._builds.get(claim.key) is claim:
                 del self._builds[claim.key]
-            claim.future.set_exception(
-                error if isinstance(error, Exception) else
-                DkrError(f"layer {claim.key[:12]} was not built (an earlier step failed)"))
+            failure = error if isinstance(error, Exception) else \
+                DkrError(f"layer {claim.key[:12]} was not built (an earlier step failed)")
+            claim.future.set_exception(failure)
+            if not claim.tree.done():
+                claim.tree.set_exception(failure)
 
     def _check_layer_backend(self, key: str, backend: StorageBackend) -> None:
         info = self.root.layer_info(key) or {}
