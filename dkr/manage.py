@@ -12,7 +12,6 @@ can be checked up front.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import Iterator
 
 from .errors import DkrError
 from .hookspecs import StorageBackend
+from .locks import AsyncFlock
 from .plugins import backends, choose_backend
 from .reference import validate_machine_name
 from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot
@@ -108,19 +108,14 @@ def _flock(root: ImageRoot, name: str, busy: str) -> Iterator[None]:
 def _try_flock_into(root: ImageRoot, name: str, stack: ExitStack) -> bool:
     """Take the lock ``name`` without waiting; on success ``stack`` releases it."""
     locks = root.meta / "locks"
+    lock = AsyncFlock(locks / f"{name}.lock", name)
     try:
         locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise DkrError(f"cannot lock {locks / name}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if not lock.try_acquire():
             return False
+    except OSError as e:
         raise DkrError(f"cannot lock {locks / name}: {e.strerror}") from None
-    stack.callback(os.close, fd)
+    stack.callback(lock.release)
     return True
 
 

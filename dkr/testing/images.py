@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from .registry import file_digest
+
 __all__ = [
     "File", "Dir", "Symlink", "Hardlink", "Device", "Fifo", "Whiteout", "Opaque", "Raw",
     "Layer", "LayerFile", "Image", "push_image", "push_index", "index_bytes",
@@ -644,7 +646,7 @@ def random_tree_layer(seed, n_files: int, total_bytes: int, path, compression: s
                 writer.add(_sized_info(name, size, mode), _file_chunks(rng, pools, extra, size))
         writer.close()
         finish()
-    digest = _file_sha256(path)
+    digest = file_digest(path)
     return LayerFile(path=path, digest=digest, diff_id="sha256:" + sink.sha.hexdigest(),
                      size=path.stat().st_size, compression=compression, tar_size=sink.count,
                      n_files=n_files, comment=f"random_tree_layer seed={seed}")
@@ -654,14 +656,6 @@ def _sized_info(name, size, mode):
     info = File(name, mode=mode).tarinfo()
     info.size = size
     return info
-
-
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def random_image(seed, directory, layers=((2000, 64 << 20),), compression: str = "gzip",
