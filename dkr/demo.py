@@ -40,8 +40,9 @@ def run_demo(image_root, backend: str = "auto") -> int:
         log.info("Done in %.2f s. The machine is %s:", time.monotonic() - started, machine)
         for name in sorted(os.listdir(machine)):
             log.info("  /%s", name)
-        log.info("Try: systemd-nspawn -D %s --register=no /bin/sh  (when the image has a shell)",
-                 machine)
+        log.info("See it with: dkr list --image-root %s; dkr inspect --image-root %s %s",
+                 image_root, image_root, result.local)
+        log.info("(A real image with a shell boots with: systemd-nspawn -D %s)", machine)
     finally:
         registry.stop()
     return 0
