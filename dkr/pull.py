@@ -32,7 +32,6 @@ from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from .store import ImageRoot
-from .extract import OVERRIDE_STAT_XATTR
 from .unpack import ExtractorPool, LayerUnpacker
 from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
 
@@ -185,6 +184,7 @@ class Puller:
         """Say what a finished pull did, including what it could not apply."""
         result.seconds = time.monotonic() - started
         if result.recorded_stats or result.device_stand_ins:
+            from .extract import OVERRIDE_STAT_XATTR   # the extractor's modules stay out of here
             log.warning("Not running as root: file owners (%d entries) and device nodes (%d) "
                         "were not applied; they are recorded in the %s xattr.",
                         result.recorded_stats, result.device_stand_ins, OVERRIDE_STAT_XATTR)
