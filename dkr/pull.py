@@ -306,6 +306,8 @@ class Puller:
                     unpacked = await fetch(tmp)
                     extracted = time.monotonic()
                     claim.tree.set_result(tmp)
+                    self.events.emit("layer-extracted", chain_id=claim.key,
+                                     digest=announce.get("digest", claim.key))
                     await asyncio.get_running_loop().run_in_executor(
                         None, self._seal, backend, tmp, claim.key, meta, unpacked)
                     sealed = time.monotonic()

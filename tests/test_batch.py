@@ -91,15 +91,16 @@ def test_stats_summary(shared_base, registry, image_root):
 
 
 def test_spool_limit_keeps_downloads_behind_extraction(shared_base, registry, image_root):
-    """With room for one blob, each layer downloads only after the one before is applied."""
+    """With room for one blob, each layer downloads only after the one before is extracted."""
     run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
                             "dir", "--json", "--spool-limit", "1", f"{registry.host}/batch/app1"))
     order = [(e["event"], e["digest"]) for e in run.events
-             if e["event"] in ("download-done", "layer-done")]
+             if e["event"] in ("download-done", "layer-extracted")]
     downloads = [d for kind, d in order if kind == "download-done"]
     assert len(downloads) == 3
     for earlier, later in zip(downloads, downloads[1:]):
-        assert order.index(("layer-done", earlier)) < order.index(("download-done", later)), order
+        assert order.index(("layer-extracted", earlier)) < order.index(("download-done", later)), \
+            order
     assert list((image_root / ".dkr" / "partial").iterdir()) == []
 
 
