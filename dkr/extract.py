@@ -1,9 +1,12 @@
 """The confined extractor: one child process per layer.
 
-Run as ``python -m dkr.extract --root DIR --format stacked|diff``. It reads
-the layer blob (gzip, zstd or plain tar, sniffed from its first bytes) on
-stdin, inflates it once, hashes the tar stream (the DiffID) on the same
-pass, and extracts it into DIR after ``chroot(DIR)``: the kernel, not path
+dkr starts it as ``python -m dkr.extract --serve`` ahead of need and sends
+the job as one JSON line on stdin (``root``, ``format`` and, for a blob that
+is still downloading, ``spool`` and ``size``); ``--root DIR --format F``
+runs a job directly. It reads the layer blob (gzip, zstd or plain tar,
+sniffed from its first bytes) from stdin or the growing spool file,
+inflates it once, hashes the tar stream (the DiffID) on the same pass on a
+second thread, and extracts it into DIR after ``chroot(DIR)``: the kernel, not path
 checks, keeps every member, symlink and hardlink inside the layer root, so
 a parser bug cannot reach the host. Without root it first enters a user
 namespace to be allowed the chroot. It ends by printing one JSON line:
@@ -529,9 +532,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root")
     parser.add_argument("--format", choices=("stacked", "diff"))
     parser.add_argument("--max-bytes", type=int)
-    parser.add_argument("--spool", help="read this growing file instead of stdin")
-    parser.add_argument("--size", type=int, help="the spooled blob's full size")
-    parser.add_argument("--wake-fd", type=int, help="pipe that signals new spool data")
     args = parser.parse_args(argv)
     if not args.serve and not (args.root and args.format):
         parser.error("--root and --format are required (or --serve)")
@@ -547,8 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             if result is None:
                 return 0
         else:
-            result = run(args.root, args.format, args.max_bytes, args.spool, args.size,
-                         args.wake_fd)
+            result = run(args.root, args.format, args.max_bytes)
     except (ExtractError, TarError) as e:
         result = {"error": str(e)}
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
