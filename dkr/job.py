@@ -316,6 +316,3 @@ class Job:
         except pycurl.error:
             return
         self.glue.kick()
-
-    def error_text(self) -> str:
-        return bytes(self._body[:200]).decode("utf-8", "replace").strip()
