@@ -32,6 +32,7 @@ from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from .store import ImageRoot
+from .treeops import remove_tree
 from .unpack import ExtractorPool, LayerUnpacker
 from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
 
@@ -115,7 +116,7 @@ class Puller:
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
         self._extractors = asyncio.Semaphore(os.cpu_count() or 2)
-        self.extractor_pool = ExtractorPool(os.cpu_count() or 2)
+        self.extractor_pool = ExtractorPool()
         self._setting_up = asyncio.Lock()
         return self
 
@@ -132,6 +133,7 @@ class Puller:
         async with self._setting_up:          # many images of a batch may ask at once
             if self._backend is None:
                 self.root.prepare()
+                self.extractor_pool.warm()    # starts up while the manifests come in
                 await self._no_gc.acquire()   # gc waits until this run is over
                 self._backend, why = choose_backend(self.options.backend, self.root.path)
                 self.events.emit("backend", name=self._backend.name, why=why)
@@ -208,7 +210,7 @@ class Puller:
             for claim, layer in zip(claims, plan.layers):
                 if claim.lock is not None and claim.key not in prefetched:
                     prefetched[claim.key] = self._start_download(client, plan.reference, layer)
-            self.extractor_pool.warm(len(prefetched))
+            self.extractor_pool.warm()
             # All layers go at once: a stacked one waits for its parent's tree (not its
             # commit) to snapshot it, and commits only after its parent did.
             return await _all_or_nothing([
@@ -232,21 +234,31 @@ class Puller:
         announce = dict(index=index + 1, count=len(plan.layers), digest=layer.digest,
                         size=layer.size, chain_id=layer.chain_id)
 
-        async def fetch(tree: Path) -> dict:
-            blob = prefetched.pop(claim.key, None) or \
+        def take_blob() -> SpooledBlob:
+            return prefetched.pop(claim.key, None) or \
                 self._start_download(client, plan.reference, layer)
-            try:
-                return await self._extract_spooled(blob, layer, tree, backend.layer_format)
-            finally:
-                self.spool.release(blob, keep_partial=True)
 
         if claim.lock is None:
             return await claim.future
-        parent_tree = None
-        if parent is not None and backend.layer_format == "stacked":
-            parent_tree = await parent.tree
-        return await self.build_layer(claim, parent_tree, backend, fetch, meta, announce, result,
-                                      parent_committed=parent.future if parent else None)
+        self._remove_leftovers(claim.key, backend)
+        stage = None
+        stacked = parent is not None and backend.layer_format == "stacked"
+        if stacked and not parent.tree.done():
+            stage = self._stage(claim.key, take_blob(), layer, backend.layer_format)
+
+        async def fetch(tree: Path) -> dict:
+            if stage is not None and not stage.used:
+                return await stage.replay(tree)
+            unpacker = LayerUnpacker(tree, backend.layer_format, self.extractor_pool)
+            return await self._extract_blob(take_blob(), layer, unpacker)
+
+        try:
+            parent_tree = await _parent_tree(parent.tree, stage) if stacked else None
+            return await self.build_layer(claim, parent_tree, backend, fetch, meta, announce,
+                                          result, parent_committed=parent.future if parent else None)
+        finally:
+            if stage is not None:
+                await _to_the_end(stage.discard())
 
     # --- layers: claim, build -------------------------------------------------------
     async def claim_layer(self, key: str, backend: StorageBackend, result: PullResult,
@@ -293,9 +305,6 @@ class Puller:
         """
         final = self.root.layer_path(claim.key)
         try:
-            for leftover in self.root.leftovers(final.name):
-                log.info("Removing %s left by an interrupted pull.", leftover.name)
-                backend.remove(leftover)
             self.events.emit("layer-start", **announce)
             for last_try in (False, True):
                 tmp = self.root.layer_tmp(claim.key)
@@ -340,6 +349,12 @@ class Puller:
                          commit_seconds=sealed - extracted)
         return final
 
+    def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
+        """What an interrupted pull left of a layer we hold the lock of."""
+        for leftover in self.root.leftovers(self.root.layer_path(key).name):
+            log.info("Removing %s left by an interrupted pull.", leftover.name)
+            backend.remove(leftover)
+
     def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
               unpacked: dict) -> None:
         backend.seal_layer(tree)
@@ -354,6 +369,7 @@ class Puller:
         claim = await self.claim_layer(key, backend, result, announce.get("digest", key))
         if claim.lock is None:
             return await claim.future
+        self._remove_leftovers(key, backend)
         return await self.build_layer(claim, parent, backend, fetch, meta, announce, result)
 
     def _abandon(self, claim: LayerClaim, error: BaseException | None = None) -> None:
@@ -403,10 +419,29 @@ class Puller:
         finally:
             blob.finish_readers()
 
-    async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan, tree: Path,
-                               layer_format: str) -> dict:
+    def _stage(self, key: str, blob: SpooledBlob, layer: LayerPlan,
+               layer_format: str) -> "_Stage":
+        """Start pass 1 of a staged layer now (see dkr.staging)."""
+        directory = self.root.layer_tmp(key)
+        directory.mkdir()
+        unpacker = LayerUnpacker(None, layer_format, self.extractor_pool, stage=directory)
+        task = asyncio.ensure_future(self._extract_spooled(blob, layer, unpacker))
+        task.add_done_callback(_retrieved)
+        # The blob stays admitted to the spool until the replay is done: what is
+        # staged counts against --spool-limit as the blob did.
+        return _Stage(directory, unpacker, task, f"layer {layer.digest}",
+                      lambda: self.spool.release(blob, keep_partial=True))
+
+    async def _extract_blob(self, blob: SpooledBlob, layer: LayerPlan,
+                            unpacker: LayerUnpacker) -> dict:
+        try:
+            return await self._extract_spooled(blob, layer, unpacker)
+        finally:
+            self.spool.release(blob, keep_partial=True)
+
+    async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan,
+                               unpacker: LayerUnpacker) -> dict:
         label = f"layer {layer.digest}"
-        unpacker = LayerUnpacker(tree, layer_format, pool=self.extractor_pool)
         async with self._extractors:
             blob.add_reader(await unpacker.start_following(blob.path, blob.size))
             report = asyncio.ensure_future(unpacker.finish())
@@ -472,6 +507,70 @@ class Puller:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class _Stage:
+    """A stacked layer staged ahead of its parent (pass 1 running or done)."""
+
+    directory: Path
+    unpacker: LayerUnpacker
+    task: asyncio.Future          # pass 1's checked report
+    label: str
+    release_blob: Callable[[], None] | None
+    used: bool = False
+
+    async def replay(self, tree: Path) -> dict:
+        self.used = True
+        try:
+            staged = await self.task
+            applied = await self.unpacker.replay(tree)
+        finally:
+            self._release()
+        if "error" in applied:
+            raise DkrError(f"{self.label}: {applied['error']}")
+        return {**staged, **applied,
+                "busy_seconds": staged["busy_seconds"] + applied["busy_seconds"]}
+
+    async def discard(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.unpacker.abort()
+        self._release()
+        remove_tree(self.directory)
+
+    def _release(self) -> None:
+        release, self.release_blob = self.release_blob, None
+        if release is not None:
+            release()
+
+
+async def _to_the_end(cleanup: Awaitable) -> None:
+    """Await a clean-up to its end even if we are cancelled meanwhile; then pass that on."""
+    task = asyncio.ensure_future(cleanup)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> Path:
+    """The parent's finished tree; a staged layer that fails meanwhile fails at once.
+
+    (Unless it is a resumed download gone wrong: the build starts that over.)
+    """
+    if stage is not None and not tree.done():
+        await asyncio.wait({tree, stage.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not tree.done() and _failed(stage.task) and \
+                not isinstance(stage.task.exception(), ResumedBlobMismatch):
+            await stage.task
+    return await tree
 
 
 def _failed(future: asyncio.Future) -> bool:

@@ -12,6 +12,8 @@ import asyncio
 import fcntl
 import json
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Callable
@@ -81,38 +83,21 @@ class PipeSink:
             self.fd = -1
 
 
-class WarmExtractor:
-    """An extractor child that has started and loaded everything, waiting for a job.
+class ExtractorChild:
+    """One extractor process, forked for us by the fork server.
 
     Its stdin is a pipe we hold the (non-blocking) write end of: first the job
     as one JSON line, then either the blob's bytes or, for a spool file,
-    wake-ups whenever the file grew.
+    wake-ups whenever the file grew. Its stdout is a pipe for the one-line
+    report. It is not our child: a pidfd lets us wait for it and kill it.
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process, control_fd: int):
-        self.proc = proc
+    def __init__(self, pid: int, pidfd: int, control_fd: int, report_fd: int):
+        self.pid = pid
+        self.pidfd = pidfd
         self.control_fd = control_fd
-
-    @classmethod
-    async def spawn(cls) -> "WarmExtractor":
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass                      # a smaller pipe only costs a few more wakeups
-        try:
-            # A process group of its own: a terminal's Ctrl-C goes to dkr, which
-            # stops its children itself, never to a child still starting up.
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dkr.extract", "--serve", "--parent", str(os.getpid()),
-                stdin=read_fd, env={**os.environ, **modules_for_children()},
-                stdout=asyncio.subprocess.PIPE, process_group=0)
-        except BaseException:
-            os.close(write_fd)
-            raise
-        finally:
-            os.close(read_fd)
-        return cls(proc, write_fd)
+        self.report_fd = report_fd
+        self.exited = False
 
     def send(self, job: dict) -> None:
         line = (json.dumps(job) + "\n").encode()
@@ -121,68 +106,164 @@ class WarmExtractor:
             view = view[os.write(self.control_fd, view):]
         os.set_blocking(self.control_fd, False)
 
-    async def dismiss(self) -> None:
-        """Not needed after all: EOF before a job makes the child exit quietly."""
+    def close_stdin(self) -> None:
         if self.control_fd >= 0:
             os.close(self.control_fd)
             self.control_fd = -1
-        await self.proc.wait()
+
+    async def report(self) -> bytes:
+        """Everything it prints, once it closed its stdout (normally: exited)."""
+        chunks = []
+        os.set_blocking(self.report_fd, False)
+        while True:
+            try:
+                data = os.read(self.report_fd, 65536)
+            except BlockingIOError:
+                await _readable(self.report_fd)
+                continue
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+    async def wait(self) -> None:
+        if not self.exited:
+            await _readable(self.pidfd)
+            self.exited = True
+        self.close()
+
+    def kill(self) -> None:
+        if not self.exited and self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        for name in ("control_fd", "report_fd", "pidfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 class ExtractorPool:
-    """Extractor children started ahead of need, so no layer waits for Python to start.
+    """Extractor children forked from one warm server (``dkr.extract --fork-server``).
 
-    A child costs a fraction of a second to start (interpreter, decompressors,
-    plugins); a chain of btrfs layers would pay that once per layer, in series,
-    without a warm one ready.
+    Starting Python with the decompressors and plugins costs a fraction of a
+    second of CPU; a pull that runs one or two extractors per layer would pay
+    it every time. The server pays it once, ahead of need, and forks a child
+    per layer in milliseconds. It runs in its own process group, so a
+    terminal's Ctrl-C reaches dkr, which stops its children itself.
     """
 
-    def __init__(self, size: int):
-        self.size = size
-        self._ready: list[asyncio.Task] = []
+    def __init__(self):
+        self._server: asyncio.Task | None = None
+        self._asking = asyncio.Lock()
 
-    def warm(self, count: int) -> None:
-        while len(self._ready) < min(count, self.size):
-            self._ready.append(asyncio.ensure_future(WarmExtractor.spawn()))
+    def warm(self) -> None:
+        if self._server is None:
+            self._server = asyncio.ensure_future(self._start())
 
-    async def take(self) -> WarmExtractor:
-        task = self._ready.pop(0) if self._ready else asyncio.ensure_future(WarmExtractor.spawn())
-        self.warm(1)                   # the next layer's child starts now
-        return await task
+    async def _start(self) -> tuple[asyncio.subprocess.Process, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dkr.extract", "--fork-server", "--parent", str(os.getpid()),
+                stdin=theirs.fileno(), env={**os.environ, **modules_for_children()},
+                process_group=0)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return proc, ours
+
+    async def take(self) -> ExtractorChild:
+        self.warm()
+        _, server = await asyncio.shield(self._server)
+        job_r, job_w = os.pipe2(os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(job_w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass                      # a smaller pipe only costs a few more wakeups
+        try:
+            async with self._asking:  # answers come in the order of the requests
+                socket.send_fds(server, [b"x"], [job_r, report_w])
+                while True:
+                    try:
+                        answer, fds, _, _ = socket.recv_fds(server, 32, 1)
+                        break
+                    except BlockingIOError:
+                        await _readable(server.fileno())
+        except BaseException:
+            os.close(job_w)
+            os.close(report_r)
+            raise
+        finally:
+            os.close(job_r)
+            os.close(report_w)
+        if not answer or not fds:
+            os.close(job_w)
+            os.close(report_r)
+            raise DkrError("the extractor fork server is gone")
+        return ExtractorChild(int(answer), fds[0], job_w, report_r)
 
     async def close(self) -> None:
-        ready, self._ready = self._ready, []
-        for task in ready:
-            try:
-                extractor = await task
-            except (OSError, asyncio.CancelledError):
-                continue
-            await extractor.dismiss()
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        try:
+            proc, sock = await server
+        except (OSError, asyncio.CancelledError):
+            return
+        sock.close()                  # EOF: the server exits
+        await proc.wait()
 
 
 class LayerUnpacker:
-    """One extractor child for one layer tree."""
+    """One extractor child for one layer tree.
 
-    def __init__(self, root: Path, layer_format: str, max_bytes: int | None = None,
-                 pool: ExtractorPool | None = None):
+    With ``stage`` (a directory), the blob is only staged there (pass 1 of
+    ``dkr.staging``); ``replay(root)`` applies it to the layer tree later,
+    once that tree can exist.
+    """
+
+    def __init__(self, root: Path | None, layer_format: str, pool: ExtractorPool,
+                 max_bytes: int | None = None, stage: Path | None = None):
         self.root = root
         self.layer_format = layer_format
         self.max_bytes = max_bytes
         self.pool = pool
-        self.proc: asyncio.subprocess.Process | None = None
+        self.stage = stage
+        self.proc: ExtractorChild | None = None
         self.sink: PipeSink | None = None
 
-    async def _begin(self, **job) -> WarmExtractor:
-        extractor = await (self.pool.take() if self.pool else WarmExtractor.spawn())
-        self.proc = extractor.proc
+    async def _begin(self, **job) -> int:
+        """Start a child on the job; returns its stdin, which the caller owns from then on."""
+        extractor = await self.pool.take()
+        self.proc = extractor
+        if self.stage is not None:
+            job["stage"] = str(self.stage)
         extractor.send({"root": str(self.root), "format": self.layer_format,
                         "max_bytes": self.max_bytes, **job})
-        return extractor
+        control_fd, extractor.control_fd = extractor.control_fd, -1
+        return control_fd
 
     async def start(self) -> PipeSink:
         """Extract from a pipe: the returned Sink takes the blob's bytes."""
-        extractor = await self._begin()
-        self.sink = PipeSink(asyncio.get_running_loop(), extractor.control_fd)
+        self.sink = PipeSink(asyncio.get_running_loop(), await self._begin())
         return self.sink
 
     async def start_following(self, spool: Path, size: int) -> int:
@@ -191,8 +272,17 @@ class LayerUnpacker:
         Returns the fd to write a byte to whenever the file grew, and to close
         when no more will come; the caller owns it from then on.
         """
-        extractor = await self._begin(spool=str(spool), size=size)
-        return extractor.control_fd
+        return await self._begin(spool=str(spool), size=size)
+
+    async def replay(self, root: Path) -> dict:
+        """Pass 2 of a staged layer: apply it to ``root``; returns the child's report."""
+        assert self.stage is not None
+        extractor = await self.pool.take()
+        self.proc, self.sink, self.root = extractor, None, root
+        extractor.send({"root": str(root), "format": self.layer_format,
+                        "replay": str(self.stage)})
+        extractor.close_stdin()
+        return await self.finish()
 
     async def finish(self) -> dict:
         """End of blob: close the pipe and collect the child's verdict."""
@@ -202,21 +292,18 @@ class LayerUnpacker:
                 await self.sink.flush()
             finally:
                 self.sink.close()
-        out = await self.proc.stdout.read()
+        out = await self.proc.report()
         await self.proc.wait()
         try:
             result = json.loads(out.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
-            raise DkrError(f"extractor for {self.root.name} died "
-                           f"(exit status {self.proc.returncode})") from None
+            where = self.stage.name if self.root is None else self.root.name
+            raise DkrError(f"extractor for {where} died without a report") from None
         return result
 
     async def abort(self) -> None:
         if self.sink is not None:
             self.sink.close()
-        if self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
+        if self.proc is not None:
+            self.proc.kill()
             await self.proc.wait()

@@ -284,7 +284,7 @@ async def _ensure_layer(puller, session: V1Session, backend, ancestry: list[str]
 async def _fetch_layer(session: V1Session, layer_id: str, tree: Path, layer_format: str,
                        label: str) -> tuple[dict, Response]:
     """Stream one layer into the extractor; its report once the whole tar is in."""
-    unpacker = LayerUnpacker(tree, layer_format, pool=session.puller.extractor_pool)
+    unpacker = LayerUnpacker(tree, layer_format, session.puller.extractor_pool)
     sink = await unpacker.start()
     try:
         response = await session.layer(layer_id, sink, label)
