@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DkrError
+from .forkserver import ForkServer, adopt_early
 from .plugins import modules_for_children
 
 F_SETPIPE_SZ = 1031
@@ -161,37 +162,22 @@ class ExtractorPool:
 
     Starting Python with the decompressors and plugins costs a fraction of a
     second of CPU; a pull that runs one or two extractors per layer would pay
-    it every time. The server pays it once, ahead of need, and forks a child
-    per layer in milliseconds. It runs in its own process group, so a
-    terminal's Ctrl-C reaches dkr, which stops its children itself.
+    it every time. The server pays it once, ahead of need (the CLI starts it
+    first thing, see ``dkr.forkserver``), and forks a child per job in
+    milliseconds.
     """
 
     def __init__(self):
-        self._server: asyncio.Task | None = None
+        self._server: ForkServer | None = None
         self._asking = asyncio.Lock()
 
     def warm(self) -> None:
         if self._server is None:
-            self._server = asyncio.ensure_future(self._start())
-
-    async def _start(self) -> tuple[asyncio.subprocess.Process, socket.socket]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dkr.extract", "--fork-server", "--parent", str(os.getpid()),
-                stdin=theirs.fileno(), env={**os.environ, **modules_for_children()},
-                process_group=0)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        return proc, ours
+            self._server = adopt_early() or ForkServer({**os.environ, **modules_for_children()})
 
     async def take(self) -> ExtractorChild:
         self.warm()
-        _, server = await asyncio.shield(self._server)
+        server = self._server.sock
         job_r, job_w = os.pipe2(os.O_CLOEXEC)
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -221,15 +207,16 @@ class ExtractorPool:
         return ExtractorChild(int(answer), fds[0], job_w, report_r)
 
     async def close(self) -> None:
-        if self._server is None:
-            return
         server, self._server = self._server, None
-        try:
-            proc, sock = await server
-        except (OSError, asyncio.CancelledError):
+        if server is None:
             return
-        sock.close()                  # EOF: the server exits
-        await proc.wait()
+        server.sock.close()           # EOF: the server exits
+        pidfd = os.pidfd_open(server.proc.pid)
+        try:
+            await _readable(pidfd)
+        finally:
+            os.close(pidfd)
+        server.proc.wait()
 
 
 class LayerUnpacker:

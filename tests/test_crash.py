@@ -272,10 +272,14 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
     (hook / "sitecustomize.py").write_text(SLOW_START)
     proxy.add_fault(f"/blobs/{SLOW.digest}", "slow", times=None, rate=RATE)
     proc = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
-                      "--retries", "2", f"{proxy.host}/crash/between", "it",
+                      "--json", "--retries", "2", f"{proxy.host}/crash/between", "it",
                       env={**os.environ, "PYTHONPATH": str(hook)})
     try:
-        # Wait until the server is past the moment Python sets up its SIGINT handling.
+        # dkr starts the server first thing, then loads itself (a Ctrl-C during
+        # Python's own imports is not ours to handle). Once dkr is pulling, wait
+        # until the server is past the moment Python sets up its SIGINT handling.
+        proc.wait_event(lambda e: e["event"] == "resolved")
+
         def server_starting() -> bool:
             kids = children(proc.pid)
             return len(kids) >= 1 and all(catches_sigint(p) or ignores_sigint(p) for p in kids)
