@@ -38,6 +38,7 @@ from pathlib import Path
 
 from . import staging, tarstream
 from .tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
+from .errors import DkrError
 from .treeops import remove_tree
 
 try:
@@ -577,12 +578,26 @@ def _serve(classify=None) -> dict | None:
         return None
     if "replay" in spec:
         return run_replay(spec["root"], spec["format"], spec["replay"], classify)
+    if "seal" in spec:
+        return run_seal(spec["backend"], spec["seal"])
     spool = spec.get("spool")
     source = dict(max_bytes=spec.get("max_bytes"), spool=spool, size=spec.get("size"),
                   wake_fd=0 if spool else None)
     if "stage" in spec:
         return run_stage(spec["stage"], **source)
     return run(spec["root"], spec["format"], classify=classify, **source)
+
+
+def run_seal(backend_name: str, path: str) -> dict:
+    """The backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
+    Python's GIL while btrfs commits, which would stop dkr's event loop (every
+    download and extractor with it) for as long as a layer takes to flush."""
+    from .plugins import backends
+    backend = backends().get(backend_name)
+    if backend is None:
+        return {"error": f"no storage backend named {backend_name!r} here", "unknown": True}
+    backend.seal_layer(Path(path))
+    return {"sealed": path}
 
 
 def _fork_server() -> None:
@@ -646,7 +661,7 @@ def _report(job) -> int:
         result = job()
         if result is None:
             return 0
-    except (ExtractError, TarError) as e:
+    except (ExtractError, TarError, DkrError) as e:
         result = {"error": str(e)}
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         result = {"error": _describe(e)}

@@ -317,8 +317,7 @@ class Puller:
                     claim.tree.set_result(tmp)
                     self.events.emit("layer-extracted", chain_id=claim.key,
                                      digest=announce.get("digest", claim.key))
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, self._seal, backend, tmp, claim.key, meta, unpacked)
+                    await self._seal(backend, tmp, claim.key, meta, unpacked)
                     sealed = time.monotonic()
                     if parent_committed is not None:
                         await parent_committed
@@ -355,10 +354,16 @@ class Puller:
             log.info("Removing %s left by an interrupted pull.", leftover.name)
             backend.remove(leftover)
 
-    def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
-              unpacked: dict) -> None:
-        backend.seal_layer(tree)
-        self.root.write_json(f"layers/{key}.json", {
+    async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
+                    unpacked: dict) -> None:
+        """Seal and record a layer, off the event loop: both wait for its data to reach disk."""
+        loop = asyncio.get_running_loop()
+        sealed = await self.extractor_pool.run_job({"seal": str(tree), "backend": backend.name})
+        if sealed.get("unknown"):     # a backend only this process knows (registered by hand)
+            await loop.run_in_executor(None, backend.seal_layer, tree)
+        elif "error" in sealed:
+            raise DkrError(sealed["error"])
+        await loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
             **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
             "created": _now()})
 
@@ -425,12 +430,19 @@ class Puller:
         directory = self.root.layer_tmp(key)
         directory.mkdir()
         unpacker = LayerUnpacker(None, layer_format, self.extractor_pool, stage=directory)
-        task = asyncio.ensure_future(self._extract_spooled(blob, layer, unpacker))
+        task = asyncio.ensure_future(self._stage_pass(key, blob, layer, unpacker))
         task.add_done_callback(_retrieved)
         # The blob stays admitted to the spool until the replay is done: what is
         # staged counts against --spool-limit as the blob did.
         return _Stage(directory, unpacker, task, f"layer {layer.digest}",
                       lambda: self.spool.release(blob, keep_partial=True))
+
+    async def _stage_pass(self, key: str, blob: SpooledBlob, layer: LayerPlan,
+                          unpacker: LayerUnpacker) -> dict:
+        staged = await self._extract_spooled(blob, layer, unpacker)
+        self.events.emit("layer-staged", chain_id=key, digest=layer.digest,
+                         seconds=staged["busy_seconds"])
+        return staged
 
     async def _extract_blob(self, blob: SpooledBlob, layer: LayerPlan,
                             unpacker: LayerUnpacker) -> dict:

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -206,6 +205,25 @@ class ExtractorPool:
             raise DkrError("the extractor fork server is gone")
         return ExtractorChild(int(answer), fds[0], job_w, report_r)
 
+    async def start_job(self, job: dict) -> ExtractorChild:
+        """A child on a job that needs no input beyond its JSON line."""
+        child = await self.take()
+        child.send(job)
+        child.close_stdin()
+        return child
+
+    async def run_job(self, job: dict) -> dict:
+        child = await self.start_job(job)
+        try:
+            out = await child.report()
+        finally:
+            child.kill()
+            await child.wait()
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise DkrError(f"a helper process for {job} died without a report") from None
+
     async def close(self) -> None:
         server, self._server = self._server, None
         if server is None:
@@ -264,11 +282,9 @@ class LayerUnpacker:
     async def replay(self, root: Path) -> dict:
         """Pass 2 of a staged layer: apply it to ``root``; returns the child's report."""
         assert self.stage is not None
-        extractor = await self.pool.take()
-        self.proc, self.sink, self.root = extractor, None, root
-        extractor.send({"root": str(root), "format": self.layer_format,
-                        "replay": str(self.stage)})
-        extractor.close_stdin()
+        self.sink, self.root = None, root
+        self.proc = await self.pool.start_job({"root": str(root), "format": self.layer_format,
+                                               "replay": str(self.stage)})
         return await self.finish()
 
     async def finish(self) -> dict:
