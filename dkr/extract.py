@@ -621,7 +621,7 @@ def _fork_server() -> None:
         if len(fds) != 2:
             # Waited for, so that their CPU time adds up in ours, and in dkr's.
             _reap(0)
-            return
+            os._exit(0)               # nothing to flush; dkr waits for this exit
         pid = os.fork()
         if pid == 0:
             server.close()

@@ -6,6 +6,8 @@ about as long to start. Started first, it comes up on another core meanwhile.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 
@@ -14,4 +16,12 @@ def main() -> int:
         from .forkserver import start_early
         start_early()
     from .cli import main as cli_main
-    return cli_main()
+    status = cli_main()
+    # Nothing is left to do: skip tearing down every module one by one.
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:           # a reader that went away: its loss
+        pass
+    os._exit(status)
