@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 4G; the next layer's blob is always let through)")
     pull.add_argument("--stall-timeout", type=int, default=60, metavar="SECONDS",
                       help="give up on a transfer that moved no data this long (default 60)")
+    pull.add_argument("--stage-ahead", choices=("auto", "always", "never"), default="auto",
+                      help="inflate and check btrfs/dir layers while their parent is still "
+                           "being built, to replay them once it is done (auto: with 4 or more "
+                           "cores, where that is faster)")
     pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
     pull.add_argument("--v1", action="store_true",
                       help="use the Docker Registry v1 protocol (REFERENCE is NAMESPACE/REPO[:TAG])")
@@ -123,7 +127,8 @@ def cmd_pull(args) -> int:
         image_root=args.image_root, backend=args.backend, force=args.force,
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
         credentials=args.creds, jobs=args.jobs, retries=args.retries,
-        stall_timeout=args.stall_timeout, spool_limit=args.spool_limit)
+        stall_timeout=args.stall_timeout, spool_limit=args.spool_limit,
+        stage_ahead=args.stage_ahead)
     events, stats = _events(args)
     try:
         if args.batch:

@@ -103,7 +103,8 @@ def test_layers_above_an_unfinished_parent_are_staged_then_replayed(registry, ro
                images.Hardlink("usr/again", "usr/odd")]),
     ])
     images.push_image(registry, "btrfs/staged", "latest", image)
-    run = assert_ok(pull(registry, "btrfs/staged", root, "--json", local="m"))
+    run = assert_ok(pull(registry, "btrfs/staged", root, "--json", "--stage-ahead", "always",
+                         local="m"))
     blobs = [e["digest"] for e in run.events if e["event"] == "layer-start"]
     staged = [e["digest"] for e in run.events if e["event"] == "layer-staged"]
     assert sorted(staged) == sorted(blobs[1:]), run.err

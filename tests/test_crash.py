@@ -71,8 +71,9 @@ def proxy(pushed):
 def start(server, repo, root, local, *extra) -> DkrProcess:
     if "--backend" not in extra:
         extra = ("--backend", "dir", *extra)
+    # Upper layers are staged: a kill also finds stage directories to clean up.
     return DkrProcess("pull", "--insecure", "--image-root", root, "--json", "--retries", "2",
-                      *extra, f"{server.host}/{repo}", local)
+                      "--stage-ahead", "always", *extra, f"{server.host}/{repo}", local)
 
 
 def spool_size(root, layer) -> int:
