@@ -217,15 +217,34 @@ class Extractor:
 
     def _file(self, path: bytes, m: Member, reader) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = self._create(path, lambda p: os.open(p, flags, 0o600))
+        # As root the file is born with its final mode, and usually its owner (0:0):
+        # then an fstat replaces the chown and chmod, the two costliest calls here.
+        mode = m.mode if self.as_root else 0o600
+        fd = self._create(path, lambda p: os.open(p, flags, mode))
         try:
             reader.copy_body(fd)
-            self._own(fd, m, follow=True)
-            os.chmod(fd, m.mode)
+            if self.as_root:
+                self._settle_owner_and_mode(fd, m)
+            else:
+                self._own(fd, m, follow=True)
+                os.chmod(fd, m.mode)
             self._xattrs(fd, m)
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _settle_owner_and_mode(fd: int, m: Member) -> None:
+        """Owner and mode as the member says, touching only what differs.
+
+        (A set-group-ID directory hands its group down; a chown clears set-ID bits.)
+        """
+        st = os.fstat(fd)
+        if st.st_uid != m.uid or st.st_gid != m.gid:
+            os.fchown(fd, m.uid, m.gid)
+            os.chmod(fd, m.mode)
+        elif stat.S_IMODE(st.st_mode) != m.mode:
+            os.chmod(fd, m.mode)
 
     def _dir(self, path: bytes, m: Member, reader) -> None:
         if not self._clear(path, keep_dir=True):

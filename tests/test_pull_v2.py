@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_clean_failure, assert_ok, pull, run_dkr
 
 from dkr.testing import images
-from dkr.testing.images import File, Image, Layer
+from dkr.testing.images import Dir, File, Image, Layer
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
 from dkr.testing.registry import Registry
 from dkr.testing.tokenserver import TokenServer
@@ -45,6 +45,23 @@ def test_sample_expectations_hold(registry, image_root):
         assert len(inodes) == 1, group
     assert (machine / "var/cache/apt/fresh.bin").read_bytes() == b"new cache\n"
     assert snap  # the tree is not empty
+
+
+def test_owner_and_mode_hold_in_a_set_group_id_directory(registry, image_root):
+    """A set-group-ID directory from a lower layer hands its group to new files; the
+    layer above says otherwise, and what it says is what the machine gets."""
+    image = Image([
+        Layer([Dir("shared", mode=0o2775, gid=50)]),
+        Layer([File("shared/root", b"r", mode=0o640), File("shared/su", b"s", mode=0o4750, gid=7),
+               File("shared/team", b"t", mode=0o664, gid=50)]),
+    ])
+    images.push_image(registry, "owners/setgid", "latest", image)
+    assert_ok(pull(registry, "owners/setgid", image_root, "--backend", "dir", local="sg"))
+    shared = image_root / "sg" / "shared"
+    found = {name: (st.st_uid, st.st_gid, st.st_mode & 0o7777)
+             for name in ("root", "su", "team") for st in [os.lstat(shared / name)]}
+    assert found == {"root": (0, 0, 0o640), "su": (0, 7, 0o4750), "team": (0, 50, 0o664)}
+    assert os.lstat(shared).st_mode & 0o7777 == 0o2775
 
 
 def test_index_picks_requested_platform(registry, image_root, tmp_path):
