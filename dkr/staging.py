@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import marshal
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,9 @@ MEMBERS = "members"
 # and deleted before its pages need writing out.
 INLINE_MAX = 64 * 1024
 ALIGN = 4096               # a clone shares whole file-system blocks
+# Each record is length-prefixed: one read and one marshal.loads per member
+# (marshal.load on a file reads it field by field, in Python calls).
+_LENGTH = struct.Struct("<I")
 
 
 def stage(reader: TarReader, directory: Path) -> int:
@@ -58,9 +62,11 @@ def stage(reader: TarReader, directory: Path) -> int:
                         reader.copy_body(pack)
                         body = offset
                         offset += -(-member.size // ALIGN) * ALIGN
-                marshal.dump((_fields(member), body), members)
+                record = marshal.dumps((_fields(member), body))
+                members.write(_LENGTH.pack(len(record)))
+                members.write(record)
                 count += 1
-            marshal.dump(None, members)
+            members.write(_LENGTH.pack(0))
         reader.drain()
         # Written out now, while the layers below are still busy: a clone
         # would otherwise wait for this writeback on the critical path.
@@ -95,13 +101,19 @@ class StagedLayer:
 
     def __iter__(self) -> Iterator[Member]:
         while True:
-            record = marshal.load(self.members)
-            if record is None:
+            (length,) = _LENGTH.unpack(self._read(_LENGTH.size))
+            if not length:
                 return
-            fields, self._body = record
+            fields, self._body = marshal.loads(self._read(length))
             member = Member(*fields)
             self._size = member.size
             yield member
+
+    def _read(self, size: int) -> bytes:
+        data = self.members.read(size)
+        if len(data) != size:
+            raise OSError(errno.EIO, "the stage's member list ends early")
+        return data
 
     def copy_body(self, fd: int) -> None:
         body = self._body
