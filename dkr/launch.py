@@ -14,7 +14,10 @@ import sys
 def main() -> int:
     if sys.argv[1:2] == ["pull"]:
         from .forkserver import start_early
-        start_early()
+        try:
+            start_early()
+        except OSError:
+            pass              # the pull starts one when it needs it, and says what failed
     from .cli import main as cli_main
     status = cli_main()
     # Nothing is left to do: skip tearing down every module one by one.

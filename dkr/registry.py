@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import hashlib
 import logging
 import random
@@ -45,6 +44,7 @@ def retry_after(response: Response) -> float | None:
         return None
     if value.strip().isdigit():
         return min(float(value), RETRY_AFTER_CAP)
+    import email.utils            # rarely needed; it costs every start-up 7 ms
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):

@@ -1,9 +1,11 @@
 """The parent's side of extraction: a pipe into the confined extractor child.
 
-``LayerUnpacker`` starts ``python -m dkr.extract`` on a layer tree and offers
-a ``Sink`` for the blob's bytes: a non-blocking pipe with a large kernel
-buffer. When the pipe is full the remainder waits in one small buffer and the
-transfer pauses until the loop sees the pipe writable again.
+``ExtractorPool`` gets extractor children forked from one warm server
+(``dkr.extract --fork-server``). ``LayerUnpacker`` runs one on a layer tree
+and offers a ``Sink`` for the blob's bytes (a non-blocking pipe with a large
+kernel buffer: when it is full the remainder waits in one small buffer and
+the transfer pauses until the loop sees the pipe writable again) or has it
+follow a spool file; for a staged layer, a second child replays the stage.
 """
 
 from __future__ import annotations
@@ -192,6 +194,10 @@ class ExtractorPool:
                         break
                     except BlockingIOError:
                         await _readable(server.fileno())
+        except OSError as e:          # it died (the next line says why, on stderr)
+            os.close(job_w)
+            os.close(report_r)
+            raise DkrError(f"the extractor fork server is gone ({e.strerror or e})") from None
         except BaseException:
             os.close(job_w)
             os.close(report_r)
