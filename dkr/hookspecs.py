@@ -82,7 +82,11 @@ class StorageBackend(Protocol):
         """
 
     def seal_layer(self, path: Path) -> None:
-        """The layer at ``path`` is complete: make it read-only if the backend can."""
+        """The layer at ``path`` is complete: make it read-only if the backend can.
+
+        Runs in a helper process of dkr's (forked from its extractor server),
+        which finds the backend by ``name``; other layers are built meanwhile.
+        """
 
     def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
         """Make the writable machine tree ``path`` from ``layers`` (base first).

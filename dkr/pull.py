@@ -5,8 +5,10 @@ registry client per host, the spool and the image root; any number of images
 may be pulled through it at once. For each image it resolves a plan, claims
 every layer it lacks (an flock per layer, and an in-process table so that two
 images needing one layer build it once), starts all their downloads at once,
-extracts each layer as soon as its bytes arrive and its parent exists, makes
-it visible by rename, and finally makes the machine.
+extracts each layer as soon as its bytes arrive and its parent exists (or,
+staging ahead, inflates and checks it at once and replays it into the
+parent's snapshot later: see dkr.staging), makes it visible by rename, and
+finally makes the machine.
 """
 
 from __future__ import annotations
