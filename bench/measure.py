@@ -3,8 +3,10 @@
 `ProcWatch` polls /proc every `interval` seconds for the descendants of the
 root pids it is given.  Per process it keeps the kernel's own high-water mark
 (``VmHWM`` in /proc/PID/status), so a process's peak is exact as long as it
-was seen once near its end; the sum over the tree (``VmRSS`` added up) is a
-sample, so brief spikes between polls can be missed.  Processes are put in
+was seen once near its end; the sums over the tree (``VmRSS`` and ``Pss``
+from smaps_rollup, added up) are samples, so brief spikes between polls can
+be missed. ``Pss`` counts a page shared by N processes as 1/N in each: a
+tree of forked processes (dkr's extractors) is not counted N times over.  Processes are put in
 classes by a `classify(pid, cmdline)` callback — for dkr: "main" (the CLI
 process) and "extractor" (``python -m dkr.extract`` children).
 """
@@ -53,6 +55,17 @@ def _status_kb(pid: int) -> tuple[int, int] | None:
     return rss, hwm
 
 
+def _pss_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -64,6 +77,7 @@ def _cmdline(pid: int) -> bytes:
 @dataclass
 class TreeMemory:
     peak_tree_kb: int = 0                     # max over samples of summed VmRSS
+    peak_tree_pss_kb: int = 0                 # max over samples of summed Pss
     peak_kb: dict = field(default_factory=dict)   # class -> max VmHWM of one process
     processes: dict = field(default_factory=dict)  # class -> count seen
 
@@ -74,6 +88,10 @@ class TreeMemory:
     @property
     def tree_mb(self) -> float:
         return self.peak_tree_kb / 1024
+
+    @property
+    def tree_pss_mb(self) -> float:
+        return self.peak_tree_pss_kb / 1024
 
 
 class ProcWatch(threading.Thread):
@@ -106,13 +124,15 @@ class ProcWatch(threading.Thread):
             pid = todo.pop()
             tree.append(pid)
             todo.extend(children.get(pid, ()))
-        total = 0
+        total = total_pss = 0
         for pid in tree:
             st = _status_kb(pid)
             if st is None:
                 continue
             rss, hwm = st
             total += rss
+            pss = _pss_kb(pid)
+            total_pss += rss if pss is None else pss
             cls = self._classes.get(pid)
             if cls is None:
                 cls = self._classes[pid] = self.classify(pid, _cmdline(pid), pid in roots)
@@ -120,6 +140,7 @@ class ProcWatch(threading.Thread):
             if hwm > self.result.peak_kb.get(cls, 0):
                 self.result.peak_kb[cls] = hwm
         self.result.peak_tree_kb = max(self.result.peak_tree_kb, total)
+        self.result.peak_tree_pss_kb = max(self.result.peak_tree_pss_kb, total_pss)
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):

@@ -132,6 +132,7 @@ class Bench:
                    "other_cores_before": None if before is None else round(before, 2),
                    "rss_mb": {k: round(v / 1024, 1) for k, v in out.memory.peak_kb.items()},
                    "tree_rss_mb": round(out.memory.tree_mb, 1),
+                   "tree_pss_mb": round(out.memory.tree_pss_mb, 1),
                    "processes": out.memory.processes}
             if row.kind == "dkr":
                 rec["stats"] = _stats_block(out.stderr)
@@ -145,7 +146,8 @@ class Bench:
                     rec["verify_error"] = f"could not read the trees: {e}"
             state = "ok" if out.ok else f"FAILED: {out.error}"
             log(f"  {label}: {out.seconds:.2f} s, CPU {out.cpu_seconds:.2f} s, others "
-                f"{out.other_cores:.2f} cores, tree RSS {out.memory.tree_mb:.0f} MB, {state}")
+                f"{out.other_cores:.2f} cores, tree RSS {out.memory.tree_mb:.0f} MB "
+                f"(PSS {out.memory.tree_pss_mb:.0f} MB), {state}")
             return rec, snaps
 
     def run_group(self, name: str, bset, rows, runs: int, verify: bool) -> dict:
@@ -188,6 +190,8 @@ class Bench:
                     peak[cls] = max(peak.get(cls, 0), mb)
             res["peak_rss_mb"] = peak
             res["peak_tree_rss_mb"] = max((x["tree_rss_mb"] for x in res["runs"]), default=None)
+            res["peak_tree_pss_mb"] = max((x.get("tree_pss_mb", x["tree_rss_mb"])
+                                           for x in res["runs"]), default=None)
             if ok and res["kind"] == "dkr":
                 med = min((x for x in res["runs"] if x["ok"]),
                           key=lambda x: abs(x["seconds"] - res["median"]))
