@@ -214,7 +214,6 @@ class Puller:
             for claim, layer in zip(claims, plan.layers):
                 if claim.lock is not None and claim.key not in prefetched:
                     prefetched[claim.key] = self._start_download(client, plan.reference, layer)
-            self.extractor_pool.warm()
             # All layers go at once: a stacked one waits for its parent's tree (not its
             # commit) to snapshot it, and commits only after its parent did.
             return await _all_or_nothing([

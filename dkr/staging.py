@@ -44,11 +44,10 @@ ALIGN = 4096               # a clone shares whole file-system blocks
 _LENGTH = struct.Struct("<I")
 
 
-def stage(reader: TarReader, directory: Path) -> int:
-    """Pass 1: write every member of ``reader`` into ``directory``; returns the count."""
+def stage(reader: TarReader, directory: Path) -> None:
+    """Pass 1: write every member of ``reader`` into ``directory``."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     pack = os.open(directory / PACK, flags, 0o600)
-    count = 0
     try:
         with open(directory / MEMBERS, "xb", buffering=1024 * 1024) as members:
             offset = 0
@@ -65,7 +64,6 @@ def stage(reader: TarReader, directory: Path) -> int:
                 record = marshal.dumps((_fields(member), body))
                 members.write(_LENGTH.pack(len(record)))
                 members.write(record)
-                count += 1
             members.write(_LENGTH.pack(0))
         reader.drain()
         # Written out now, while the layers below are still busy: a clone
@@ -73,7 +71,6 @@ def stage(reader: TarReader, directory: Path) -> int:
         os.fdatasync(pack)
     finally:
         os.close(pack)
-    return count
 
 
 def _fields(m: Member) -> tuple:

@@ -94,8 +94,7 @@ class ExtractorChild:
     report. It is not our child: a pidfd lets us wait for it and kill it.
     """
 
-    def __init__(self, pid: int, pidfd: int, control_fd: int, report_fd: int):
-        self.pid = pid
+    def __init__(self, pidfd: int, control_fd: int, report_fd: int):
         self.pidfd = pidfd
         self.control_fd = control_fd
         self.report_fd = report_fd
@@ -126,6 +125,15 @@ class ExtractorChild:
             if not data:
                 return b"".join(chunks)
             chunks.append(data)
+
+    async def verdict(self, what: str) -> dict:
+        """Its one-line JSON report, once it has exited; ``what`` names it if it has none."""
+        out = await self.report()
+        await self.wait()
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise DkrError(f"{what} died without a report") from None
 
     async def wait(self) -> None:
         if not self.exited:
@@ -209,7 +217,7 @@ class ExtractorPool:
             os.close(job_w)
             os.close(report_r)
             raise DkrError("the extractor fork server is gone")
-        return ExtractorChild(int(answer), fds[0], job_w, report_r)
+        return ExtractorChild(fds[0], job_w, report_r)
 
     async def start_job(self, job: dict) -> ExtractorChild:
         """A child on a job that needs no input beyond its JSON line."""
@@ -221,14 +229,11 @@ class ExtractorPool:
     async def run_job(self, job: dict) -> dict:
         child = await self.start_job(job)
         try:
-            out = await child.report()
-        finally:
+            return await child.verdict(f"a helper process for {job}")
+        except BaseException:
             child.kill()
             await child.wait()
-        try:
-            return json.loads(out.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise DkrError(f"a helper process for {job} died without a report") from None
+            raise
 
     async def close(self) -> None:
         server, self._server = self._server, None
@@ -301,14 +306,8 @@ class LayerUnpacker:
                 await self.sink.flush()
             finally:
                 self.sink.close()
-        out = await self.proc.report()
-        await self.proc.wait()
-        try:
-            result = json.loads(out.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            where = self.stage.name if self.root is None else self.root.name
-            raise DkrError(f"extractor for {where} died without a report") from None
-        return result
+        where = self.stage.name if self.root is None else self.root.name
+        return await self.proc.verdict(f"extractor for {where}")
 
     async def abort(self) -> None:
         if self.sink is not None:
