@@ -99,6 +99,7 @@ class ExtractorChild:
         self.control_fd = control_fd
         self.report_fd = report_fd
         self.exited = False
+        self._exit: asyncio.Future | None = None
 
     def send(self, job: dict) -> None:
         line = (json.dumps(job) + "\n").encode()
@@ -137,7 +138,11 @@ class ExtractorChild:
 
     async def wait(self) -> None:
         if not self.exited:
-            await _readable(self.pidfd)
+            # One watch on the pidfd, however many wait: a waiter that is cancelled
+            # (a verdict given up on) must not take the watch from the next (abort).
+            if self._exit is None:
+                self._exit = asyncio.ensure_future(_readable(self.pidfd))
+            await asyncio.shield(self._exit)
             self.exited = True
         self.close()
 
