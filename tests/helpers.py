@@ -64,3 +64,31 @@ def assert_ok(run: Run) -> Run:
     assert run.rc == 0, f"dkr failed ({run.rc}):\n{run.err}"
     assert "Traceback" not in run.err, run.err
     return run
+
+
+def layer_dirs(root: Path) -> list[Path]:
+    """The committed layers of an image root (no temporary trees)."""
+    return sorted(p for p in root.iterdir() if p.name.startswith(".dkr-") and ".tmp-" not in p.name)
+
+
+def write_into_one_of_two(registry, repo: str, root: Path, more_writes=None) -> Path:
+    """Pull the sample image as machines "one" and "two", write into "one", and check
+    that neither the layers nor "two" changed. Returns "one"'s path."""
+    from dkr.testing import images
+    from dkr.testing.oracle import tree_snapshot
+    images.push_image(registry, repo, "latest", images.sample_image())
+    assert_ok(pull(registry, repo, root, local="one"))
+    assert_ok(pull(registry, repo, root, local="two"))
+    layers_before = {p.name: tree_snapshot(p) for p in layer_dirs(root)}
+    two_before = tree_snapshot(root / "two")
+
+    one = root / "one"
+    (one / "etc" / "hostname").write_text("mine\n")
+    (one / "new-file").write_bytes(b"new")
+    os.unlink(one / "usr" / "bin" / "busybox")
+    if more_writes:
+        more_writes(one)
+
+    assert {p.name: tree_snapshot(p) for p in layer_dirs(root)} == layers_before
+    assert tree_snapshot(root / "two") == two_before
+    return one

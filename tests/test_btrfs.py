@@ -8,7 +8,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+from helpers import (assert_clean_failure, assert_ok, layer_dirs, pull, run_dkr,
+                     write_into_one_of_two)
 
 from dkr.testing import images, loopfs
 from dkr.testing.images import Dir, File, Image, Layer
@@ -55,10 +56,6 @@ BASE = [Layer([Dir("etc"), File("etc/base", b"base layer\n")]),
 def family(name: str) -> Image:
     """Images that share the two BASE layers and add one of their own."""
     return Image([*BASE, Layer([Dir("app"), File(f"app/{name}", name.encode() * 3000)])])
-
-
-def layer_dirs(root):
-    return sorted(p for p in root.iterdir() if p.name.startswith(".dkr-") and ".tmp-" not in p.name)
 
 
 def info(path):
@@ -133,21 +130,9 @@ def test_layers_are_readonly_snapshots_of_their_parents(registry, root):
 
 
 def test_writing_in_a_machine_touches_nothing_else(registry, root):
-    images.push_image(registry, "btrfs/write", "latest", images.sample_image())
-    assert_ok(pull(registry, "btrfs/write", root, local="one"))
-    assert_ok(pull(registry, "btrfs/write", root, local="two"))
-    layers_before = {p.name: tree_snapshot(p) for p in layer_dirs(root)}
-    two_before = tree_snapshot(root / "two")
-
-    one = root / "one"
-    (one / "etc" / "hostname").write_text("mine\n")
-    (one / "new-file").write_bytes(b"new")
-    os.unlink(one / "usr" / "bin" / "busybox")
-    os.chmod(one / "tmp", 0o700)
-
+    one = write_into_one_of_two(registry, "btrfs/write", root,
+                                more_writes=lambda one: os.chmod(one / "tmp", 0o700))
     assert (one / "etc" / "hostname").read_text() == "mine\n"
-    assert {p.name: tree_snapshot(p) for p in layer_dirs(root)} == layers_before
-    assert tree_snapshot(root / "two") == two_before
     with pytest.raises(OSError):
         (layer_dirs(root)[0] / "etc" / "hostname").write_text("no")
 

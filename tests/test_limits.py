@@ -149,6 +149,14 @@ def test_wrong_diff_id_commits_nothing_and_poisons_nothing(registry, image_root)
 
 # --- media types and schema versions ---------------------------------------------------------
 
+def assert_manifest_refused(proxy, image_root, doc, content_type, message):
+    """Served as ``content_type``, ``doc`` fails the pull with ``message``, before any blob."""
+    serve_manifest(proxy, body(doc), content_type)
+    run = dkr_pull(proxy, image_root)
+    assert_clean_failure(run, image_root, message, "img")
+    assert blob_gets(proxy) == []
+
+
 @pytest.mark.parametrize("doc, content_type, message", [
     (manifest(), DOCKER_MANIFEST, re.escape(f"body says {OCI_MANIFEST} but Content-Type says "
                                             f"{DOCKER_MANIFEST}")),
@@ -159,10 +167,7 @@ def test_wrong_diff_id_commits_nothing_and_poisons_nothing(registry, image_root)
      re.escape(f"body says {OCI_INDEX} but Content-Type says {OCI_MANIFEST}")),
 ], ids=["oci-as-docker", "manifest-as-index", "untyped-manifest-as-index", "index-as-manifest"])
 def test_media_type_must_match_content_type(proxy, image_root, doc, content_type, message):
-    serve_manifest(proxy, body(doc), content_type)
-    run = dkr_pull(proxy, image_root)
-    assert_clean_failure(run, image_root, message, "img")
-    assert blob_gets(proxy) == []
+    assert_manifest_refused(proxy, image_root, doc, content_type, message)
 
 
 def test_registry_refuses_such_a_push_too(registry):
@@ -182,10 +187,7 @@ def test_registry_refuses_such_a_push_too(registry):
     (manifest(schemaVersion="2"), OCI_MANIFEST, r"\(schemaVersion '2'\) is not supported"),
 ], ids=["unknown-manifest-type", "schema1", "schema3", "schema-as-string"])
 def test_unknown_types_and_versions_refused_by_name(proxy, image_root, doc, content_type, message):
-    serve_manifest(proxy, body(doc), content_type)
-    run = dkr_pull(proxy, image_root)
-    assert_clean_failure(run, image_root, message, "img")
-    assert blob_gets(proxy) == []
+    assert_manifest_refused(proxy, image_root, doc, content_type, message)
 
 
 @pytest.mark.parametrize("where, media_type, message", [

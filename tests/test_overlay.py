@@ -8,7 +8,8 @@ import stat
 from contextlib import ExitStack
 
 import pytest
-from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+from helpers import (assert_clean_failure, assert_ok, pull, run_dkr,
+                     write_into_one_of_two)
 
 from dkr.errors import DkrError
 from dkr.testing import images, loopfs
@@ -51,10 +52,6 @@ def record(root, local):
 
 def layers_of(root, local):
     return [root / f".dkr-{key}" for key in record(root, local)["layers"]]
-
-
-def layer_dirs(root):
-    return sorted(p for p in root.iterdir() if p.name.startswith(".dkr-") and ".tmp-" not in p.name)
 
 
 def is_whiteout(path) -> bool:
@@ -120,19 +117,7 @@ def test_umount_and_mount_again_give_the_same_tree(registry, root):
 
 
 def test_writes_stay_in_the_machine(registry, root):
-    images.push_image(registry, "ovl/write", "latest", images.sample_image())
-    assert_ok(pull(registry, "ovl/write", root, local="one"))
-    assert_ok(pull(registry, "ovl/write", root, local="two"))
-    layers_before = {p.name: tree_snapshot(p) for p in layer_dirs(root)}
-    two_before = tree_snapshot(root / "two")
-
-    one = root / "one"
-    (one / "etc" / "hostname").write_text("mine\n")
-    (one / "new-file").write_bytes(b"new")
-    os.unlink(one / "usr" / "bin" / "busybox")
-
-    assert {p.name: tree_snapshot(p) for p in layer_dirs(root)} == layers_before
-    assert tree_snapshot(root / "two") == two_before
+    write_into_one_of_two(registry, "ovl/write", root)
     [state] = state_dirs(root, "one")
     upper = state / "upper"
     assert (upper / "new-file").read_bytes() == b"new"
