@@ -34,6 +34,7 @@ from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from .store import ImageRoot
+from .tasks import failed, retrieved, to_the_end
 from .treeops import remove_tree
 from .unpack import ExtractorPool, LayerUnpacker
 from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
@@ -261,7 +262,7 @@ class Puller:
                                           result, parent_committed=parent.future if parent else None)
         finally:
             if stage is not None:
-                await _to_the_end(stage.discard())
+                await to_the_end(stage.discard())
 
     # --- layers: claim, build -------------------------------------------------------
     async def claim_layer(self, key: str, backend: StorageBackend, result: PullResult,
@@ -272,8 +273,8 @@ class Puller:
             return LayerClaim(key, shared.future, shared.tree, owner=False)
         loop = asyncio.get_running_loop()
         future, tree = loop.create_future(), loop.create_future()
-        future.add_done_callback(_retrieved)
-        tree.add_done_callback(_retrieved)
+        future.add_done_callback(retrieved)
+        tree.add_done_callback(retrieved)
         claim = LayerClaim(key, future, tree, self._locked(f"layer-{key}", f"building layer {key[:12]}"))
         self._builds[key] = claim
         try:
@@ -409,7 +410,7 @@ class Puller:
         blob, start = self.spool.get(layer.digest, layer.size)
         if start:
             blob.task = asyncio.create_task(self._download(client, ref, blob))
-            blob.task.add_done_callback(_retrieved)   # its error reaches users via blob.done
+            blob.task.add_done_callback(retrieved)   # its error reaches users via blob.done
         return blob
 
     async def _download(self, client: RegistryClient, ref: Reference, blob: SpooledBlob) -> None:
@@ -434,7 +435,7 @@ class Puller:
         directory.mkdir()
         unpacker = LayerUnpacker(None, layer_format, self.extractor_pool, stage=directory)
         task = asyncio.ensure_future(self._stage_pass(key, blob, layer, unpacker))
-        task.add_done_callback(_retrieved)
+        task.add_done_callback(retrieved)
         # The blob stays admitted to the spool until the replay is done: what is
         # staged counts against --spool-limit as the blob did.
         return _Stage(directory, unpacker, task, f"layer {layer.digest}",
@@ -463,10 +464,10 @@ class Puller:
             try:
                 # A failed download also ends the reader; its own error is the one to tell.
                 await asyncio.wait({blob.done, report}, return_when=asyncio.FIRST_COMPLETED)
-                if _failed(blob.done):
+                if failed(blob.done):
                     await blob.done
                 unpacked = await report
-                if _failed(blob.done):
+                if failed(blob.done):
                     await blob.done
                 if "error" in unpacked:
                     raise DkrError(f"{label}: {unpacked['error']}")
@@ -577,20 +578,6 @@ class _Stage:
             release()
 
 
-async def _to_the_end(cleanup: Awaitable) -> None:
-    """Await a clean-up to its end even if we are cancelled meanwhile; then pass that on."""
-    task = asyncio.ensure_future(cleanup)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    task.result()
-    if cancelled:
-        raise asyncio.CancelledError
-
-
 async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> Path:
     """The parent's finished tree; a staged layer that fails meanwhile fails at once.
 
@@ -598,14 +585,10 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> Path:
     """
     if stage is not None and not tree.done():
         await asyncio.wait({tree, stage.task}, return_when=asyncio.FIRST_COMPLETED)
-        if not tree.done() and _failed(stage.task) and \
+        if not tree.done() and failed(stage.task) and \
                 not isinstance(stage.task.exception(), ResumedBlobMismatch):
             await stage.task
     return await tree
-
-
-def _failed(future: asyncio.Future) -> bool:
-    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 async def _all_or_nothing(coroutines) -> list:
@@ -618,9 +601,3 @@ async def _all_or_nothing(coroutines) -> list:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def _retrieved(future: asyncio.Future) -> None:
-    """Nobody may be waiting for a failed layer; its error is reported elsewhere."""
-    if not future.cancelled():
-        future.exception()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import DkrError
 from .reference import digest_hex
+from .tasks import retrieved
 
 log = logging.getLogger("dkr.spool")
 
@@ -79,7 +80,7 @@ class SpooledBlob:
         self.path, self.fd = _open_locked(directory, digest_hex(digest))
         self.sink = SpoolSink(self.fd, self.path)
         self.done = asyncio.get_running_loop().create_future()
-        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.done.add_done_callback(retrieved)
         self.task: asyncio.Task | None = None
         self.users = 0
         self.admitted = False
