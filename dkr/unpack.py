@@ -22,6 +22,7 @@ from typing import Callable
 from .errors import DkrError
 from .forkserver import ForkServer, adopt_early
 from .plugins import modules_for_children
+from .tasks import failed, to_the_end
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
@@ -191,38 +192,49 @@ class ExtractorPool:
 
     async def take(self) -> ExtractorChild:
         self.warm()
-        server = self._server.sock
         job_r, job_w = os.pipe2(os.O_CLOEXEC)
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         try:
             fcntl.fcntl(job_w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass                      # a smaller pipe only costs a few more wakeups
+        exchange = None
         try:
             async with self._asking:  # answers come in the order of the requests
-                socket.send_fds(server, [b"x"], [job_r, report_w])
-                while True:
-                    try:
-                        answer, fds, _, _ = socket.recv_fds(server, 32, 1)
-                        break
-                    except BlockingIOError:
-                        await _readable(server.fileno())
-        except OSError as e:          # it died (the next line says why, on stderr)
-            os.close(job_w)
+                exchange = asyncio.ensure_future(self._exchange(job_r, report_w))
+                # A request sent is answered even if we are cancelled: else the next
+                # take() would read this one's answer, and another child's pidfd.
+                pidfd = await to_the_end(exchange)
+        except BaseException as e:
+            os.close(job_w)           # the child, if there is one, sees EOF and exits
             os.close(report_r)
-            raise DkrError(f"the extractor fork server is gone ({e.strerror or e})") from None
-        except BaseException:
-            os.close(job_w)
-            os.close(report_r)
+            if exchange is None:
+                os.close(job_r)
+                os.close(report_w)
+            elif not failed(exchange):
+                os.close(exchange.result())
+            if isinstance(e, OSError):    # it died (the next line says why, on stderr)
+                raise DkrError(f"the extractor fork server is gone ({e.strerror or e})") from None
             raise
+        return ExtractorChild(pidfd, job_w, report_r)
+
+    async def _exchange(self, job_r: int, report_w: int) -> int:
+        """One request to the server (it takes the child's ends of the pipes); the pidfd."""
+        server = self._server.sock
+        try:
+            socket.send_fds(server, [b"x"], [job_r, report_w])
         finally:
             os.close(job_r)
             os.close(report_w)
+        while True:
+            try:
+                answer, fds, _, _ = socket.recv_fds(server, 32, 1)
+                break
+            except BlockingIOError:
+                await _readable(server.fileno())
         if not answer or not fds:
-            os.close(job_w)
-            os.close(report_r)
             raise DkrError("the extractor fork server is gone")
-        return ExtractorChild(fds[0], job_w, report_r)
+        return fds[0]
 
     async def start_job(self, job: dict) -> ExtractorChild:
         """A child on a job that needs no input beyond its JSON line."""

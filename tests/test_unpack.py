@@ -24,3 +24,27 @@ def test_a_cancelled_wait_leaves_the_next_one_its_watch():
         finally:
             await pool.close()
     asyncio.run(main())
+
+
+def test_a_take_cancelled_after_its_request_leaves_the_next_take_its_own_child():
+    """The fork server answers requests in order; a take() cancelled after sending
+    its request must still read its answer, or the next take() gets another child's
+    pidfd and could neither wait for nor kill its own."""
+    async def main() -> None:
+        pool = ExtractorPool()
+        try:
+            first = asyncio.ensure_future(pool.take())
+            for _ in range(3):                  # its request goes out; the server is still starting
+                await asyncio.sleep(0)
+            first.cancel()
+            child = await asyncio.wait_for(pool.take(), 20)
+            try:
+                child.kill()                    # it waits for a job: only a kill ends it
+                async with asyncio.timeout(20): # its stdout ends only when it is gone
+                    assert await child.report() == b""
+                    await child.wait()
+            finally:
+                child.close()                   # (whoever it is then sees EOF and exits)
+        finally:
+            await pool.close()
+    asyncio.run(main())
