@@ -12,6 +12,8 @@ import base64
 import hashlib
 import os
 import queue
+import re
+import struct
 import threading
 from urllib.parse import unquote_to_bytes
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ CHUNK = 1024 * 1024
 # legitimate adds megabytes. More than this is refused instead of inflating a
 # bomb of trailing zeros for minutes.
 MAX_TRAILING = 4 * 1024 * 1024
+_ZERO_BLOCK = bytes(BLOCK)
 
 REGULAR, HARDLINK, SYMLINK, CHAR, BLOCKDEV, DIRECTORY, FIFO = (
     "file", "hardlink", "symlink", "char", "block", "dir", "fifo")
@@ -34,7 +37,7 @@ class TarError(Exception):
     """The stream is not a tar archive we can read safely."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Member:
     path: bytes
     kind: str
@@ -49,26 +52,56 @@ class Member:
     xattrs: dict[str, bytes] = field(default_factory=dict)
 
 
+# name mode uid gid size mtime chksum typeflag linkname magic+version uname gname
+# devmajor devminor prefix: one unpack per header instead of a slice per field.
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+# mode, uid, gid, size, mtime and checksum as (nearly) every writer formats them:
+# zero-padded octal, each ended by a NUL or a space. One match reads all six.
+_PLAIN_NUMBERS = re.compile(rb"([0-7]{7})[\0 ]([0-7]{7})[\0 ]([0-7]{7})[\0 ]"
+                            rb"([0-7]{11})[\0 ]([0-7]{11})[\0 ]([0-7]{6})[\0 ][\0 ]")
+_NUMBER_FIELDS = ((100, 108, "mode"), (108, 116, "uid"), (116, 124, "gid"),
+                  (124, 136, "size"), (136, 148, "mtime"))
+_OCTAL = (8,) * 6
+
+
 def _number(field_: bytes, what: str) -> int:
-    if field_[:1] and field_[0] & 0x80:          # GNU base-256
-        value = int.from_bytes(field_, "big", signed=False) & ~(0x80 << (8 * (len(field_) - 1)))
-        return value
-    text = field_.split(b"\0", 1)[0]
-    try:
-        return int(text, 8)                      # int() skips the spaces itself
-    except ValueError:
-        if not text.strip(b" "):
-            return 0
-        raise TarError(f"bad {what} field {text[:20]!r} in tar header") from None
+    """An octal field (space or NUL padded) or GNU base-256; never negative.
+
+    int() alone would also take a sign or underscores: a size of -512 would
+    rewind the reader onto the same header, for ever.
+    """
+    if field_[0] & 0x80:                           # GNU base-256
+        return int.from_bytes(field_, "big", signed=False) & ~(0x80 << (8 * (len(field_) - 1)))
+    text = field_.split(b"\0", 1)[0].strip(b" ")
+    if text.isdigit():
+        try:
+            return int(text, 8)
+        except ValueError:                         # an 8 or a 9
+            pass
+    elif not text:
+        return 0
+    raise TarError(f"bad {what} field {field_[:20]!r} in tar header")
+
+
+def _header_numbers(block: bytes) -> list[int]:
+    """Mode, uid, gid, size and mtime of a header, once its checksum is right."""
+    plain = _PLAIN_NUMBERS.match(block, 100)
+    if plain:
+        *numbers, stored = map(int, plain.groups(), _OCTAL)
+    else:
+        numbers, stored = None, _number(block[148:156], "checksum")
+    if not _checksum_ok(block, stored):
+        raise TarError("tar header checksum mismatch (corrupt or not a tar stream)")
+    return numbers or [_number(block[start:end], what) for start, end, what in _NUMBER_FIELDS]
 
 
 def _cstr(field_: bytes) -> bytes:
     return field_.split(b"\0", 1)[0]
 
 
-def _checksum_ok(block: bytes) -> bool:
-    stored = _number(block[148:156], "checksum")
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+def _checksum_ok(block: bytes, stored: int) -> bool:
+    # The checksum field itself counts as eight spaces.
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
     if stored == unsigned:
         return True
     signed = sum((b - 256 if b > 127 else b) for b in block[:148] + b" " * 8 + block[156:])
@@ -238,13 +271,13 @@ class TarReader:
                 if self.total == 0:
                     raise TarError("empty layer stream") from None
                 raise
-            if block == bytes(BLOCK):
+            if block == _ZERO_BLOCK:
                 self._end_of_archive()
                 return
-            if not _checksum_ok(block):
-                raise TarError("tar header checksum mismatch (corrupt or not a tar stream)")
-            typeflag = block[156:157]
-            self._pending = _number(block[124:136], "size")
+            numbers = _header_numbers(block)
+            fields = _HEADER.unpack(block)
+            typeflag = fields[7]
+            self._pending = numbers[3]
             if typeflag in (b"x", b"g"):
                 records = _parse_pax(self.read_body())
                 if typeflag == b"g":
@@ -258,7 +291,9 @@ class TarReader:
             if typeflag == b"K":
                 long_link = _cstr(self.read_body())
                 continue
-            member = self._member(block, typeflag, {**self._globals, **pax}, long_name, long_link)
+            if self._globals:
+                pax = {**self._globals, **pax}
+            member = self._member(fields, numbers, pax, long_name, long_link)
             long_name = long_link = None
             pax = {}
             yield member
@@ -275,46 +310,47 @@ class TarReader:
                 if len(self._buf) - self._pos == 0:
                     return
                 raise TarError("unexpected end of archive (truncated layer?)")
-        if self._buf[self._pos:self._pos + BLOCK] != bytes(BLOCK):
+        if self._buf[self._pos:self._pos + BLOCK] != _ZERO_BLOCK:
             raise TarError("a lone zero block in the middle of the tar archive "
                            "(members hidden after an end marker?)")
         self._pos += BLOCK
 
-    def _member(self, block: bytes, typeflag: bytes, pax: dict[bytes, bytes],
+    def _member(self, fields: tuple, numbers: list[int], pax: dict[bytes, bytes],
                 long_name: bytes | None, long_link: bytes | None) -> Member:
+        name, _, _, _, _, _, _, typeflag, linkname, magic, _, _, devmajor, devminor, prefix = fields
+        mode, uid, gid, _, mtime = numbers
         kind = _TYPES.get(typeflag)
         if kind is None:
             raise TarError(f"unsupported tar entry type {typeflag!r}")
-        if pax and any(k.startswith(b"GNU.sparse") for k in pax):
-            raise TarError("sparse files in layers are not supported")
-        name = _cstr(block[0:100])
-        if block[257:263] == b"ustar\0":
-            prefix = _cstr(block[345:500])
-            if prefix:
-                name = prefix + b"/" + name
-        name = pax.get(b"path", long_name or name)
-        linkname = pax.get(b"linkpath", long_link or _cstr(block[157:257]))
+        name = long_name or _cstr(name)
+        if long_name is None and magic[:6] == b"ustar\0" and prefix[0]:
+            name = _cstr(prefix) + b"/" + name
+        linkname = long_link or _cstr(linkname)
+        mtime_ns = mtime * 1_000_000_000
+        xattrs = {}
         if pax:
-            pax_size = _pax_number(pax, b"size")
-            if pax_size is not None:
-                self._pending = pax_size
-        mtime_ns = _number(block[136:148], "mtime") * 10**9
+            name, linkname, uid, gid, mtime_ns, xattrs = self._pax_overrides(
+                pax, name, linkname, uid, gid, mtime_ns)
+        # Links and devices carry no body we use.
+        size = self._pending if kind is REGULAR or kind is DIRECTORY else 0
+        device = kind is CHAR or kind is BLOCKDEV
+        return Member(name, kind, mode & 0o7777, uid, gid, size, mtime_ns,
+                      linkname, _number(devmajor, "devmajor") if device else 0,
+                      _number(devminor, "devminor") if device else 0, xattrs)
+
+    def _pax_overrides(self, pax: dict[bytes, bytes], name: bytes, linkname: bytes,
+                       uid: int, gid: int, mtime_ns: int) -> tuple:
+        if any(k.startswith(b"GNU.sparse") for k in pax):
+            raise TarError("sparse files in layers are not supported")
+        pax_size = _pax_number(pax, b"size")
+        if pax_size is not None:
+            self._pending = pax_size
         if b"mtime" in pax:
             mtime_ns = _pax_time_ns(pax[b"mtime"])
-        if kind != REGULAR and kind != DIRECTORY:
-            size = 0                       # links and devices carry no body we use
-        else:
-            size = self._pending
-        uid, gid = (_pax_number(pax, b"uid"), _pax_number(pax, b"gid")) if pax else (None, None)
-        device = kind == CHAR or kind == BLOCKDEV
-        return Member(
-            path=name, kind=kind, mode=_number(block[100:108], "mode") & 0o7777,
-            uid=_number(block[108:116], "uid") if uid is None else uid,
-            gid=_number(block[116:124], "gid") if gid is None else gid,
-            size=size, mtime_ns=mtime_ns, linkname=linkname,
-            devmajor=_number(block[329:337], "devmajor") if device else 0,
-            devminor=_number(block[337:345], "devminor") if device else 0,
-            xattrs=_xattrs(pax) if pax else {})
+        pax_uid, pax_gid = _pax_number(pax, b"uid"), _pax_number(pax, b"gid")
+        return (pax.get(b"path", name), pax.get(b"linkpath", linkname),
+                uid if pax_uid is None else pax_uid, gid if pax_gid is None else pax_gid,
+                mtime_ns, _xattrs(pax))
 
 
 def _pax_time_ns(value: bytes) -> int:

@@ -258,6 +258,15 @@ def _gzip_trailing_garbage(ctx: Ctx) -> list:
     return [BlobLayer(full.blob + b"this is not a gzip member", full.tar)]
 
 
+def _header_negative_size(ctx: Ctx) -> list:
+    """A ustar size of -512 (checksum fixed up): read naively, it rewinds onto its own header."""
+    tar = bytearray(Layer([File("a", b"x" * 100), File("c", b"z")]).tar)
+    tar[124:136] = b"-0000001000\0"
+    tar[148:156] = b" " * 8
+    tar[148:156] = b"%06o\0 " % sum(tar[:512])
+    return [BlobLayer(gz(bytes(tar)), bytes(tar))]
+
+
 def _not_a_tar(ctx: Ctx) -> list:
     data = b"hello, I am not a tar archive\n" * 100
     return [BlobLayer(gz(data), data)]
@@ -376,6 +385,8 @@ CASES: dict[str, Case] = {
     "pax-negative-size": Case(lambda c: [Layer([
         File("a", b"x" * 1024), raw("b", data=b"y" * 512, pax={"size": "-1024"}),
         File("c", b"z")])], must="fail", pattern=r"bad pax size", backends=PARSER_ONLY),
+    "header-negative-size": Case(_header_negative_size, must="fail", pattern=r"bad size field",
+                                 backends=PARSER_ONLY),
     "lone-zero-block-hides-members": Case(_lone_zero_block, must="fail",
                                           pattern=r"lone zero block", backends=PARSER_ONLY),
     "garbage-after-end": Case(_garbage_after_end, must="ok", check=check_garbage_after_end,
