@@ -119,6 +119,8 @@ def open_decompressed(raw: io.BufferedReader):
 
 def normalize(path: bytes) -> bytes:
     """Member path relative to the layer root; ``..`` may not climb above it."""
+    if path[:1] not in (b"", b".", b"/") and b"/." not in path and b"//" not in path:
+        return path.rstrip(b"/")      # no empty, "." or ".." part: nothing to resolve
     parts: list[bytes] = []
     for part in path.split(b"/"):
         if part in (b"", b"."):
@@ -152,6 +154,8 @@ class Extractor:
         self.skipped_devices = 0
         self.recorded_owners = 0
         self.skipped_xattrs = 0
+        self._handlers = {REGULAR: self._file, DIRECTORY: self._dir, SYMLINK: self._symlink,
+                          HARDLINK: self._hardlink}
 
     # --- members -------------------------------------------------------------
     def apply(self, member: Member, reader: tarstream.TarReader) -> None:
@@ -168,9 +172,7 @@ class Extractor:
             raise ExtractError(f"member {member.path!r} would replace the layer root")
         self.entries += 1
         self.added.add(path)
-        handler = {REGULAR: self._file, DIRECTORY: self._dir, SYMLINK: self._symlink,
-                   HARDLINK: self._hardlink}.get(member.kind, self._special)
-        handler(path, member, reader)
+        self._handlers.get(member.kind, self._special)(path, member, reader)
 
     def _make_parents(self, path: bytes) -> None:
         parent = _parent(path)

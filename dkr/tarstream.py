@@ -222,14 +222,18 @@ class TarReader:
         """Write the current member's body to ``fd`` (None: skip it)."""
         remaining, padding = self._pending, (-self._pending) % BLOCK
         self._pending = 0
+        start = self._pos
+        if start + remaining + padding <= len(self._buf):     # all of it is here already
+            self._pos = start + remaining + padding
+            if fd is not None and remaining:
+                _write_all(fd, memoryview(self._buf)[start:start + remaining])
+            return
         while remaining:
             if self._pos >= len(self._buf) and not self._more():
                 raise TarError("unexpected end of archive inside a file")
             take = min(remaining, len(self._buf) - self._pos)
             if fd is not None:
-                view = memoryview(self._buf)[self._pos:self._pos + take]
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, memoryview(self._buf)[self._pos:self._pos + take])
             self._pos += take
             remaining -= take
         if padding:
@@ -351,6 +355,11 @@ class TarReader:
         return (pax.get(b"path", name), pax.get(b"linkpath", linkname),
                 uid if pax_uid is None else pax_uid, gid if pax_gid is None else pax_gid,
                 mtime_ns, _xattrs(pax))
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _pax_time_ns(value: bytes) -> int:
