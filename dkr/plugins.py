@@ -6,6 +6,7 @@ import functools
 import importlib
 import json
 import os
+import sys
 import types
 from pathlib import Path
 
@@ -30,9 +31,57 @@ def manager() -> pluggy.PluginManager:
     if handed_down:
         for name, module in json.loads(handed_down):
             pm.register(importlib.import_module(module), name)
-    else:
-        pm.load_setuptools_entrypoints("dkr")
+        return pm
+    for name, target in entry_points("dkr"):
+        if pm.get_plugin(name) is None and not pm.is_blocked(name):
+            pm.register(_load(target), name)
     return pm
+
+
+def entry_points(group: str) -> list[tuple[str, str]]:
+    """``(name, "module[:attribute]")`` of every installed distribution's entry
+    points in ``group``, in ``sys.path`` order.
+
+    This reads the ``entry_points.txt`` files itself, as importlib.metadata
+    would find them (``*.dist-info`` and ``*.egg-info`` directories): loading
+    importlib.metadata and parsing every distribution's metadata cost each
+    ``dkr`` command ~25 ms before its first request.
+    """
+    found = []
+    for entry in sys.path:
+        try:
+            names = sorted(os.listdir(entry or "."))
+        except OSError:               # gone, or a zip file
+            continue
+        for name in names:
+            if name.endswith((".dist-info", ".egg-info")):
+                found += _group_in(os.path.join(entry or ".", name, "entry_points.txt"), group)
+    return found
+
+
+def _group_in(path: str, group: str) -> list[tuple[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    section, found = None, []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif section == group and "=" in line and not line.startswith(("#", ";")):
+            name, _, target = line.partition("=")
+            found.append((name.strip(), target.split("[", 1)[0].strip()))
+    return found
+
+
+def _load(target: str) -> object:
+    module, _, attribute = target.partition(":")
+    plugin = importlib.import_module(module.strip())
+    for part in filter(None, attribute.strip().split(".")):
+        plugin = getattr(plugin, part)
+    return plugin
 
 
 def modules_for_children() -> dict[str, str]:

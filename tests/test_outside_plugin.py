@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,31 @@ def test_gone_plugin_is_a_clear_error(registry, image_root):
     assert (image_root / "old").is_dir()
     unknown = run_dkr("pull", "--image-root", image_root, "--backend", "vanished", "x/y")
     assert_clean_failure(unknown, image_root, r"unknown backend 'vanished' \(have: .*dir")
+
+
+def test_entry_points_match_importlib_metadata(copy_plugin):
+    """dkr's quick reader of entry_points.txt finds what importlib.metadata finds."""
+    import importlib.metadata
+
+    from dkr.plugins import entry_points
+    expected = {(ep.name, ep.value) for ep in importlib.metadata.entry_points(group="dkr")}
+    assert ("copy", "dkr_copy_backend") in expected
+    assert set(entry_points("dkr")) == expected
+
+
+def test_entry_points_file_format(tmp_path, monkeypatch):
+    info = tmp_path / "some_dist-1.0.dist-info"
+    info.mkdir()
+    (info / "entry_points.txt").write_text(
+        "[console_scripts]\nnot-ours = x:y\n\n"
+        "[dkr]\n# a comment\nfancy = fancy_pkg.hooks:Plugin.instance [extra]\n"
+        "plain=plain_pkg\n\n[other]\nalso-not = z\n")
+    (tmp_path / "broken.egg-info").mkdir()           # no entry_points.txt: skipped
+    (tmp_path / "entry_points.txt").write_text("[dkr]\nstray = nope\n")  # not in a dist
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "missing"), str(tmp_path)])
+
+    from dkr.plugins import entry_points
+    assert entry_points("dkr") == [("fancy", "fancy_pkg.hooks:Plugin.instance"),
+                                   ("plain", "plain_pkg")]
+    from dkr.plugins import _load
+    assert _load("os:path.join") is os.path.join and _load("os.path") is os.path
