@@ -257,12 +257,12 @@ class ExtractorPool:
         if server is None:
             return
         server.sock.close()           # EOF: the server exits
-        pidfd = os.pidfd_open(server.proc.pid)
+        pidfd = os.pidfd_open(server.pid)
         try:
             await _readable(pidfd)
         finally:
             os.close(pidfd)
-        server.proc.wait()
+        server.wait()
 
 
 class LayerUnpacker:

@@ -48,3 +48,34 @@ def test_a_take_cancelled_after_its_request_leaves_the_next_take_its_own_child()
         finally:
             await pool.close()
     asyncio.run(main())
+
+
+def test_the_fork_server_keeps_only_its_socket_and_the_standard_streams():
+    """Spawned without subprocess, it must still not inherit descriptors that our
+    own parent left open to us (a pipe held open there keeps its reader waiting)."""
+    import os
+    import stat
+
+    from dkr.forkserver import ForkServer
+
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    server = ForkServer()
+    try:
+        fds = {}
+        for _ in range(200):                    # until the interpreter is up
+            try:
+                fds = {int(n): os.stat(f"/proc/{server.pid}/fd/{n}")
+                       for n in os.listdir(f"/proc/{server.pid}/fd")}
+            except FileNotFoundError:
+                continue
+            if len(fds) >= 3:
+                break
+        assert stat.S_ISSOCK(fds[0].st_mode)
+        ours = os.fstat(write_end)
+        assert not any((st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino) for st in fds.values())
+    finally:
+        server.sock.close()                     # EOF: it exits
+        server.wait()
+        os.close(read_end)
+        os.close(write_end)
