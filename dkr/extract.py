@@ -599,8 +599,8 @@ def _serve(classify=None) -> dict | None:
         return None
     if "replay" in spec:
         return run_replay(spec["root"], spec["format"], spec["replay"], classify)
-    if "seal" in spec:
-        return run_seal(spec["backend"], spec["seal"])
+    if "backend_call" in spec:
+        return run_backend_call(spec["backend"], spec["backend_call"], spec["args"])
     spool = spec.get("spool")
     source = dict(max_bytes=spec.get("max_bytes"), spool=spool, size=spec.get("size"),
                   wake_fd=0 if spool else None)
@@ -609,16 +609,25 @@ def _serve(classify=None) -> dict | None:
     return run(spec["root"], spec["format"], classify=classify, **source)
 
 
-def run_seal(backend_name: str, path: str) -> dict:
-    """The backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
-    Python's GIL while btrfs commits, which would stop dkr's event loop (every
-    download and extractor with it) for as long as a layer takes to flush."""
+# What a helper may run for dkr, and how its JSON arguments become Paths.
+BACKEND_CALLS = {
+    "create_layer": lambda path, parent: (Path(path), parent and Path(parent)),
+    "seal_layer": lambda path: (Path(path),),
+    "create_machine": lambda path, layers: (Path(path), [Path(p) for p in layers]),
+}
+
+
+def run_backend_call(backend_name: str, call: str, args: list) -> dict:
+    """A backend's ``create_layer``, ``seal_layer`` or ``create_machine``, here
+    rather than in dkr: btrfsutil holds Python's GIL while btrfs flushes a
+    layer (a snapshot waits for its parent's data, a seal commits), which
+    would stop dkr's event loop, and every download with it, meanwhile."""
     from .plugins import backends
     backend = backends().get(backend_name)
-    if backend is None:
-        return {"error": f"no storage backend named {backend_name!r} here", "unknown": True}
-    backend.seal_layer(Path(path))
-    return {"sealed": path}
+    if backend is None or call not in BACKEND_CALLS:
+        return {"error": f"no storage backend {backend_name!r} with {call!r} here", "unknown": True}
+    getattr(backend, call)(*BACKEND_CALLS[call](*args))
+    return {"done": call}
 
 
 def _fork_server() -> None:

@@ -3,7 +3,7 @@
 Plugins are ordinary pluggy plugins registered through the ``dkr``
 entry-point group; dkr's own backends and whiteout resolver (the
 ``dkr_plugins`` package) are registered exactly that way. A plugin module
-implements any of the hooks below with ``@dkr.hookimpl``::
+implements any of the hooks below with ``@hookimpl`` (from ``dkr.hookspecs``)::
 
     # setup.cfg of an outside plugin
     [options.entry_points]
@@ -78,21 +78,24 @@ class StorageBackend(Protocol):
 
         ``parent`` is the finished tree of the layer below (None for a base
         layer). A ``stacked`` backend makes ``path`` a writable copy or
-        snapshot of it; a ``diff`` backend makes an empty directory.
+        snapshot of it; a ``diff`` backend makes an empty directory. With a
+        parent, this runs in a helper process (see ``seal_layer``).
         """
 
     def seal_layer(self, path: Path) -> None:
         """The layer at ``path`` is complete: make it read-only if the backend can.
 
         Runs in a helper process of dkr's (forked from its extractor server),
-        which finds the backend by ``name``; other layers are built meanwhile.
+        which finds the backend by ``name``; other layers are built and
+        downloads go on meanwhile, however long the file system takes.
         """
 
     def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
         """Make the writable machine tree ``path`` from ``layers`` (base first).
 
         ``path`` is a temporary name; dkr renames it to ``IMAGE_ROOT/LOCAL``
-        afterwards, so nothing may be mounted on it yet.
+        afterwards, so nothing may be mounted on it yet. Runs in a helper
+        process (see ``seal_layer``).
         """
 
     def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:

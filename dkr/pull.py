@@ -14,13 +14,14 @@ finally makes the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 from .auth import Credentials, docker_config_credentials
 from .errors import DkrError
@@ -84,14 +85,46 @@ def exchange_paths(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err), str(b))
 
 
+class LayerTree:
+    """A layer's complete tree, wherever it is: under its temp name while it is
+    sealed (child layers are copied from it then), under its final name after.
+
+    Its rename waits until no copy of it is being made, and a copy started
+    later uses the new name: a snapshot runs in a helper process, and the
+    parent may be committed meanwhile.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._copies = 0
+        self._no_copies = asyncio.Event()
+        self._no_copies.set()
+
+    @contextlib.asynccontextmanager
+    async def copying(self):
+        self._copies += 1
+        self._no_copies.clear()
+        try:
+            yield self.path
+        finally:
+            self._copies -= 1
+            if not self._copies:
+                self._no_copies.set()
+
+    async def rename(self, final: Path) -> None:
+        while self._copies:
+            await self._no_copies.wait()
+        os.rename(self.path, final)
+        self.path = final
+
+
 @dataclass
 class LayerClaim:
     """A layer an image needs, and where it stands.
 
-    ``tree`` gives a path to the layer's complete tree as soon as it is
-    extracted and checked (its temp name while it is being sealed): a child
-    layer may be snapshotted from it then. ``future`` gives the final path once
-    the layer is committed. ``lock`` is held while we build it.
+    ``tree`` gives the layer's LayerTree as soon as it is extracted and
+    checked: a child layer may be copied from it then. ``future`` gives the
+    final path once the layer is committed. ``lock`` is held while we build it.
     """
 
     key: str
@@ -287,13 +320,13 @@ class Puller:
                 self.events.emit("skipped", chain_id=key, digest=digest or key)
                 result.layers_reused += 1
                 future.set_result(final)
-                tree.set_result(final)
+                tree.set_result(LayerTree(final))
         except BaseException as e:
             self._abandon(claim, e)
             raise
         return claim
 
-    async def build_layer(self, claim: LayerClaim, parent: Path | None,
+    async def build_layer(self, claim: LayerClaim, parent: LayerTree | None,
                           backend: StorageBackend, fetch: Callable[[Path], Awaitable[dict]],
                           meta: dict, announce: dict, result: PullResult,
                           parent_committed: asyncio.Future | None = None) -> Path:
@@ -302,10 +335,11 @@ class Puller:
         ``fetch(tree)`` fills the prepared temp tree and returns the extractor's
         report (with ``tar_bytes``) once every check has passed. A resumed
         download that turns out wrong is thrown away and the layer starts over
-        once, from an empty tree. Sealing (which flushes the layer to disk) and
-        recording run on a worker thread while child layers already start from
-        the finished tree; the rename waits for the parent's, so a layer never
-        becomes visible before the layer below it.
+        once, from an empty tree. Copying the parent and sealing (both may wait
+        for data to reach disk) run in helper processes, recording on a worker
+        thread, while child layers already start from the finished tree; the
+        rename waits for the parent's, so a layer never becomes visible before
+        the layer below it.
         """
         final = self.root.layer_path(claim.key)
         try:
@@ -313,19 +347,24 @@ class Puller:
             for last_try in (False, True):
                 tmp = self.root.layer_tmp(claim.key)
                 began = time.monotonic()
-                backend.create_layer(tmp, parent)
+                if parent is None:    # an empty tree: quick, and no need to wait for a helper
+                    backend.create_layer(tmp, None)
+                else:
+                    async with parent.copying() as source:
+                        await self._backend_call(backend, "create_layer", tmp, source)
                 try:
                     prepared = time.monotonic()
                     unpacked = await fetch(tmp)
                     extracted = time.monotonic()
-                    claim.tree.set_result(tmp)
+                    tree = LayerTree(tmp)
+                    claim.tree.set_result(tree)
                     self.events.emit("layer-extracted", chain_id=claim.key,
                                      digest=announce.get("digest", claim.key))
                     await self._seal(backend, tmp, claim.key, meta, unpacked)
                     sealed = time.monotonic()
                     if parent_committed is not None:
                         await parent_committed
-                    os.rename(tmp, final)
+                    await tree.rename(final)
                     break
                 except ResumedBlobMismatch as e:
                     backend.remove(tmp)
@@ -361,15 +400,23 @@ class Puller:
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
         """Seal and record a layer, off the event loop: both wait for its data to reach disk."""
-        loop = asyncio.get_running_loop()
-        sealed = await self.extractor_pool.run_job({"seal": str(tree), "backend": backend.name})
-        if sealed.get("unknown"):     # a backend only this process knows (registered by hand)
-            await loop.run_in_executor(None, backend.seal_layer, tree)
-        elif "error" in sealed:
-            raise DkrError(sealed["error"])
-        await loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
-            **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
-            "created": _now()})
+        await self._backend_call(backend, "seal_layer", tree)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.root.write_json, f"layers/{key}.json", {
+                **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
+                "created": _now()})
+
+    async def _backend_call(self, backend: StorageBackend, call: str, path: Path,
+                            *more) -> None:
+        """``backend.<call>(path, *more)`` in a helper process (see extract.run_backend_call)."""
+        args = [str(path), *(_as_json(a) for a in more)]
+        done = await self.extractor_pool.run_job(
+            {"backend_call": call, "backend": backend.name, "args": args})
+        if done.get("unknown"):       # a backend only this process knows (registered by hand)
+            await asyncio.get_running_loop().run_in_executor(
+                None, getattr(backend, call), path, *more)
+        elif "error" in done:
+            raise DkrError(done["error"])
 
     async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
                            fetch: Callable[[Path], Awaitable[dict]], meta: dict,
@@ -379,7 +426,8 @@ class Puller:
         if claim.lock is None:
             return await claim.future
         self._remove_leftovers(key, backend)
-        return await self.build_layer(claim, parent, backend, fetch, meta, announce, result)
+        return await self.build_layer(claim, parent and LayerTree(parent), backend, fetch, meta,
+                                      announce, result)
 
     def _abandon(self, claim: LayerClaim, error: BaseException | None = None) -> None:
         """Release what a claim holds; a layer never built fails its waiters."""
@@ -493,7 +541,7 @@ class Puller:
                 backend.remove(leftover)
             tmp = self.root.machine_tmp(local)
             try:
-                backend.create_machine(tmp, layers)
+                await self._backend_call(backend, "create_machine", tmp, layers)
                 if os.path.lexists(machine):
                     old_backend = self._machine_backend(local, backend)
                     old_backend.deactivate_machine(machine)
@@ -537,6 +585,12 @@ def _stage_ahead(when: str) -> bool:
     return when == "always"
 
 
+def _as_json(arg: Path | Sequence[Path] | None) -> str | list[str] | None:
+    if arg is None or isinstance(arg, Path):
+        return arg and str(arg)
+    return [str(p) for p in arg]
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -578,7 +632,7 @@ class _Stage:
             release()
 
 
-async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> Path:
+async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
     """The parent's finished tree; a staged layer that fails meanwhile fails at once.
 
     (Unless it is a resumed download gone wrong: the build starts that over.)

@@ -108,3 +108,22 @@ def test_bad_spool_limit(image_root):
     from helpers import assert_clean_failure
     run = run_dkr("pull", "--image-root", image_root, "--spool-limit", "lots", "x/y")
     assert_clean_failure(run, image_root, r"invalid size 'lots'")
+
+
+def test_an_image_that_comes_late_builds_on_the_committed_base(shared_base, proxy, image_root,
+                                                                tmp_path):
+    """Its manifest arrives after the other image's base layers were committed, under
+    their final names: its own layer must be copied from the base where it is now."""
+    proxy.add_fault("/batch/app1/manifests/", "stall_after", times=1, bytes=0, seconds=2)
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{proxy.host}/batch/app0 early\n{proxy.host}/batch/app1 late\n")
+    run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                            "--json", "--batch", listing))
+    events = [(e["event"], e.get("reference", ""), e.get("chain_id")) for e in run.events]
+    late = events.index(("resolved", f"{proxy.host}/batch/app1:latest", None))
+    base_done = [i for i, (event, _, _) in enumerate(events) if event == "layer-done"][:2]
+    assert len(base_done) == 2 and max(base_done) < late, events       # the case at hand
+    assert (image_root / "late" / "app1").read_bytes() == b"app 1"
+    assert (image_root / "late" / "base" / "7").read_bytes() == bytes([7]) * 5000
+    built = Counter(e["chain_id"] for e in run.events if e["event"] == "layer-done")
+    assert len(built) == 2 + 2 and set(built.values()) == {1}

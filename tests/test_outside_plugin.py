@@ -115,3 +115,45 @@ def test_entry_points_file_format(tmp_path, monkeypatch):
                                    ("plain", "plain_pkg")]
     from dkr.plugins import _load
     assert _load("os:path.join") is os.path.join and _load("os.path") is os.path
+
+
+def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
+    """A backend only this process knows (registered on dkr's plugin manager by a
+    program using the API): the helper processes cannot find it, so its calls
+    run here instead."""
+    import types
+
+    from dkr import api, plugins
+    from dkr.hookspecs import hookimpl
+    from dkr_plugins.dir import DirBackend
+
+    calls = []
+
+    class Recording(DirBackend):
+        name = "handmade"
+
+        def create_layer(self, path, parent):
+            calls.append(("create_layer", os.getpid()))
+            super().create_layer(path, parent)
+
+        def seal_layer(self, path):
+            calls.append(("seal_layer", os.getpid()))
+            super().seal_layer(path)
+
+        def create_machine(self, path, layers):
+            calls.append(("create_machine", os.getpid()))
+            super().create_machine(path, layers)
+
+    plugin = types.SimpleNamespace(dkr_storage_backends=hookimpl(lambda: [Recording()]))
+    plugins.manager().register(plugin, "handmade-test")
+    try:
+        images.push_image(registry, "byhand/img", "latest", images.sample_image())
+        api.pull(f"{registry.host}/byhand/img", "byhand", options=api.PullOptions(
+            image_root=image_root, backend="handmade", insecure=True))
+    finally:
+        plugins.manager().unregister(name="handmade-test")
+    layers = len(images.sample_image().layers)
+    assert sorted(set(calls)) == [("create_layer", os.getpid()), ("create_machine", os.getpid()),
+                                  ("seal_layer", os.getpid())]
+    assert [c for c, _ in calls].count("seal_layer") == layers
+    assert (image_root / "byhand").is_dir()
