@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def remove_tree(path: Path | str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
+        import shutil                 # here: with bz2 and lzma it costs every start ~5 ms
         shutil.rmtree(path, onerror=_make_writable_and_retry)
     else:
         os.unlink(path)

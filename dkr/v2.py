@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform as _platform
+import os
 from dataclasses import dataclass
 
 from .errors import DkrError
@@ -61,7 +61,7 @@ _VARIANT = {"armv7l": "v7", "armv6l": "v6"}
 
 
 def host_platform() -> Platform:
-    machine = _platform.machine()
+    machine = os.uname().machine     # what platform.machine() says, without its import
     return Platform("linux", _ARCH.get(machine, machine), _VARIANT.get(machine))
 
 
