@@ -1,0 +1,120 @@
+"""The tar reader on damaged and crafted archives: it ends, and it fails only with TarError.
+
+Mutations of real ustar, GNU and pax archives (written by Python's tarfile),
+most with their header checksums fixed up so that the damage reaches the
+field parsers: numbers with signs, base-256 values, huge sizes, stray type
+flags, cut blocks. A reader that loops (a size of -512 once rewound it onto
+its own header) or raises anything but TarError fails here.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import signal
+import tarfile
+
+import pytest
+
+from dkr import tarstream
+
+NUMBERS = [b"-0000001000\0", b"77777777777\0", b"\x80" + bytes(10) + b"\x01", b"\xff" * 12,
+           b"0" * 12, b" " * 12, b"0_00000644\0 "]
+TYPE_FLAGS = [b"x", b"g", b"L", b"K", b"1", b"2", b"5", b"S", b"\0", b"7"]
+
+
+def _archive(fmt: int) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for i in range(6):
+            name = ("d/" * 40 if i == 3 else f"dir{i % 2}/") + f"f{i}"
+            if i == 3 and fmt != tarfile.USTAR_FORMAT:
+                name += "x" * 120                      # a GNU long name or a pax path
+            info = tarfile.TarInfo(name)
+            data = bytes([i]) * (i * 700)
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            if i == 4 and fmt == tarfile.PAX_FORMAT:
+                info.pax_headers = {"SCHILY.xattr.user.a": "v"}
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "dir0/f0"
+        tar.addfile(link)
+    return out.getvalue()
+
+
+def _fix_checksums(data: bytearray) -> None:
+    for offset in range(0, len(data) - 511, 512):
+        if data[offset + 257:offset + 262] == b"ustar":
+            data[offset + 148:offset + 156] = b" " * 8
+            data[offset + 148:offset + 156] = b"%06o\0 " % sum(data[offset:offset + 512])
+
+
+FIELDS = [(100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8)]
+
+
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    headers = [o for o in range(0, len(out) - 511, 512) if out[o + 257:o + 262] == b"ustar"]
+    for _ in range(rng.randint(1, 6)):
+        pos = rng.randrange(len(out))
+        pick = rng.random()
+        if pick < 0.3:
+            out[pos] = rng.randrange(256)
+        elif pick < 0.7:                               # a number field of some header
+            start, size = rng.choice(FIELDS)
+            start += rng.choice(headers)
+            value = rng.choice(NUMBERS)
+            out[start:start + size] = value[:size] if rng.random() < 0.5 else value[-size:]
+        elif pick < 0.85:
+            out[rng.choice(headers) + 156] = rng.choice(TYPE_FLAGS)[0]
+        else:
+            del out[pos:pos + rng.randrange(1, 600)]
+        headers = [o for o in headers if o + 512 <= len(out)] or [0]
+    if rng.random() < 0.8:
+        _fix_checksums(out)
+    return bytes(out)
+
+
+class _Chunks:
+    """A stream that hands out odd-sized pieces, as a pipe may."""
+
+    def __init__(self, data: bytes, rng: random.Random):
+        self._data, self._rng = io.BytesIO(data), rng
+
+    def read(self, size: int = -1) -> bytes:
+        return self._data.read(self._rng.choice([1, 7, 512, 4096, 1 << 20]))
+
+
+class _Endless(Exception):
+    pass
+
+
+def _raise_endless(*_):
+    raise _Endless
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+def test_damaged_archives_end_with_a_tar_error_or_members(fmt):
+    rng = random.Random(fmt)
+    original = _archive(fmt)
+    assert len(list(tarstream.TarReader(_Chunks(original, rng)))) == 7
+    previous = signal.signal(signal.SIGALRM, _raise_endless)
+    try:
+        for case in range(3000):
+            damaged = _mutate(rng, original)
+            signal.setitimer(signal.ITIMER_REAL, 5.0)
+            try:
+                reader = tarstream.TarReader(_Chunks(damaged, rng), max_bytes=1 << 26)
+                for _ in reader:
+                    if rng.random() < 0.5:
+                        reader.copy_body(None)
+                reader.drain()
+            except tarstream.TarError:
+                pass
+            except _Endless:
+                pytest.fail(f"case {case}: the reader did not end: {damaged[:1024]!r}")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
