@@ -611,17 +611,14 @@ def _serve(classify=None) -> dict | None:
 
 # What a helper may run for dkr, and how its JSON arguments become Paths.
 BACKEND_CALLS = {
-    "create_layer": lambda path, parent: (Path(path), parent and Path(parent)),
     "seal_layer": lambda path: (Path(path),),
-    "create_machine": lambda path, layers: (Path(path), [Path(p) for p in layers]),
 }
 
 
 def run_backend_call(backend_name: str, call: str, args: list) -> dict:
-    """A backend's ``create_layer``, ``seal_layer`` or ``create_machine``, here
-    rather than in dkr: btrfsutil holds Python's GIL while btrfs flushes a
-    layer (a snapshot waits for its parent's data, a seal commits), which
-    would stop dkr's event loop, and every download with it, meanwhile."""
+    """A backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
+    Python's GIL while btrfs commits a read-only flag (and flushes the
+    layer), which would stop dkr's event loop, and every download with it."""
     from .plugins import backends
     backend = backends().get(backend_name)
     if backend is None or call not in BACKEND_CALLS:
@@ -630,7 +627,7 @@ def run_backend_call(backend_name: str, call: str, args: list) -> dict:
     return {"done": call}
 
 
-def _fork_server() -> None:
+def _fork_server(dkr_pid: int | None) -> None:
     """``--fork-server``: load everything once, then fork one extractor per request.
 
     Starting Python and loading the decompressors and plugins costs ~0.15 s
@@ -638,10 +635,16 @@ def _fork_server() -> None:
     to dkr: each request carries two descriptors, the job's stdin and stdout,
     and is answered with the child's pid and a pidfd (which lets dkr wait for
     and kill a process that is not its own child). EOF ends the server.
+
+    The server has a process group of its own (a Ctrl-C while it starts up
+    is dkr's to handle); each child joins dkr's, as a child of dkr's would:
+    a kill of dkr's group then also takes what a backend call started (a
+    ``cp`` copying a machine, say), not only the helper that started it.
     """
     classify = _load_classifier()
     server = socket.socket(fileno=0)
     me = os.getpid()
+    dkr_group = os.getpgid(dkr_pid) if dkr_pid else None
     while True:
         _reap(os.WNOHANG)
         try:
@@ -660,6 +663,8 @@ def _fork_server() -> None:
             for fd in fds:
                 os.close(fd)
             _die_with_parent(me)
+            if dkr_group is not None:
+                _join_group(dkr_group)
             os._exit(_report(lambda: _serve(classify)))
         for fd in fds:
             os.close(fd)
@@ -672,6 +677,13 @@ def _fork_server() -> None:
             return
         finally:
             os.close(pidfd)
+
+
+def _join_group(group: int) -> None:
+    try:
+        os.setpgid(0, group)
+    except OSError:                   # dkr is gone: so are we, by the death signal
+        pass
 
 
 def _reap(options: int) -> None:
@@ -721,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT to the whole process group must not leave a half-written member behind.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.fork_server:
-        _fork_server()
+        _fork_server(args.parent)
         return 0
     if args.serve:
         return _report(_serve)

@@ -78,8 +78,7 @@ class StorageBackend(Protocol):
 
         ``parent`` is the finished tree of the layer below (None for a base
         layer). A ``stacked`` backend makes ``path`` a writable copy or
-        snapshot of it; a ``diff`` backend makes an empty directory. With a
-        parent, this runs in a helper process (see ``seal_layer``).
+        snapshot of it; a ``diff`` backend makes an empty directory.
         """
 
     def seal_layer(self, path: Path) -> None:
@@ -94,8 +93,7 @@ class StorageBackend(Protocol):
         """Make the writable machine tree ``path`` from ``layers`` (base first).
 
         ``path`` is a temporary name; dkr renames it to ``IMAGE_ROOT/LOCAL``
-        afterwards, so nothing may be mounted on it yet. Runs in a helper
-        process (see ``seal_layer``).
+        afterwards, so nothing may be mounted on it yet.
         """
 
     def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:

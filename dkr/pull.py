@@ -14,14 +14,13 @@ finally makes the machine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable
 
 from .auth import Credentials, docker_config_credentials
 from .errors import DkrError
@@ -89,31 +88,14 @@ class LayerTree:
     """A layer's complete tree, wherever it is: under its temp name while it is
     sealed (child layers are copied from it then), under its final name after.
 
-    Its rename waits until no copy of it is being made, and a copy started
-    later uses the new name: a snapshot runs in a helper process, and the
-    parent may be committed meanwhile.
+    A child copied after its parent was committed (in a batch, an image that
+    comes late to a shared base) must not look for the temp name.
     """
 
     def __init__(self, path: Path):
         self.path = path
-        self._copies = 0
-        self._no_copies = asyncio.Event()
-        self._no_copies.set()
 
-    @contextlib.asynccontextmanager
-    async def copying(self):
-        self._copies += 1
-        self._no_copies.clear()
-        try:
-            yield self.path
-        finally:
-            self._copies -= 1
-            if not self._copies:
-                self._no_copies.set()
-
-    async def rename(self, final: Path) -> None:
-        while self._copies:
-            await self._no_copies.wait()
+    def rename(self, final: Path) -> None:
         os.rename(self.path, final)
         self.path = final
 
@@ -335,8 +317,8 @@ class Puller:
         ``fetch(tree)`` fills the prepared temp tree and returns the extractor's
         report (with ``tar_bytes``) once every check has passed. A resumed
         download that turns out wrong is thrown away and the layer starts over
-        once, from an empty tree. Copying the parent and sealing (both may wait
-        for data to reach disk) run in helper processes, recording on a worker
+        once, from an empty tree. Sealing (which may wait for the layer's data
+        to reach disk) runs in a helper process and recording on a worker
         thread, while child layers already start from the finished tree; the
         rename waits for the parent's, so a layer never becomes visible before
         the layer below it.
@@ -347,11 +329,7 @@ class Puller:
             for last_try in (False, True):
                 tmp = self.root.layer_tmp(claim.key)
                 began = time.monotonic()
-                if parent is None:    # an empty tree: quick, and no need to wait for a helper
-                    backend.create_layer(tmp, None)
-                else:
-                    async with parent.copying() as source:
-                        await self._backend_call(backend, "create_layer", tmp, source)
+                backend.create_layer(tmp, parent and parent.path)
                 try:
                     prepared = time.monotonic()
                     unpacked = await fetch(tmp)
@@ -364,7 +342,7 @@ class Puller:
                     sealed = time.monotonic()
                     if parent_committed is not None:
                         await parent_committed
-                    await tree.rename(final)
+                    tree.rename(final)
                     break
                 except ResumedBlobMismatch as e:
                     backend.remove(tmp)
@@ -406,15 +384,12 @@ class Puller:
                 **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
                 "created": _now()})
 
-    async def _backend_call(self, backend: StorageBackend, call: str, path: Path,
-                            *more) -> None:
-        """``backend.<call>(path, *more)`` in a helper process (see extract.run_backend_call)."""
-        args = [str(path), *(_as_json(a) for a in more)]
+    async def _backend_call(self, backend: StorageBackend, call: str, path: Path) -> None:
+        """``backend.<call>(path)`` in a helper process (see extract.run_backend_call)."""
         done = await self.extractor_pool.run_job(
-            {"backend_call": call, "backend": backend.name, "args": args})
+            {"backend_call": call, "backend": backend.name, "args": [str(path)]})
         if done.get("unknown"):       # a backend only this process knows (registered by hand)
-            await asyncio.get_running_loop().run_in_executor(
-                None, getattr(backend, call), path, *more)
+            await asyncio.get_running_loop().run_in_executor(None, getattr(backend, call), path)
         elif "error" in done:
             raise DkrError(done["error"])
 
@@ -541,7 +516,7 @@ class Puller:
                 backend.remove(leftover)
             tmp = self.root.machine_tmp(local)
             try:
-                await self._backend_call(backend, "create_machine", tmp, layers)
+                backend.create_machine(tmp, layers)
                 if os.path.lexists(machine):
                     old_backend = self._machine_backend(local, backend)
                     old_backend.deactivate_machine(machine)
@@ -583,12 +558,6 @@ def _stage_ahead(when: str) -> bool:
     if when == "auto":
         return (os.cpu_count() or 1) >= STAGE_AHEAD_MIN_CORES
     return when == "always"
-
-
-def _as_json(arg: Path | Sequence[Path] | None) -> str | list[str] | None:
-    if arg is None or isinstance(arg, Path):
-        return arg and str(arg)
-    return [str(p) for p in arg]
 
 
 def _now() -> str:
