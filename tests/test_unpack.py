@@ -79,3 +79,32 @@ def test_the_fork_server_keeps_only_its_socket_and_the_standard_streams():
         server.wait()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_forked_children_join_our_process_group_and_the_server_keeps_its_own():
+    """A kill of dkr's process group must reach what a child started (a backend's
+    helper program, say); the server itself keeps a group of its own, so that a
+    Ctrl-C while it starts up is dkr's alone to handle."""
+    import os
+    import re
+
+    async def main() -> None:
+        pool = ExtractorPool()
+        child = None
+        try:
+            child = await pool.take()
+            with open(f"/proc/self/fdinfo/{child.pidfd}") as f:
+                pid = int(re.search(r"^Pid:\s+(\d+)", f.read(), re.M).group(1))
+            for _ in range(500):                # it joins right after the fork
+                if os.getpgid(pid) == os.getpgrp():
+                    break
+                await asyncio.sleep(0.01)
+            assert os.getpgid(pid) == os.getpgrp()
+            assert os.getpgid(pool._server.pid) == pool._server.pid != os.getpgrp()
+        finally:
+            if child is not None:               # it waits for a job: only a kill ends it
+                child.kill()
+                await child.wait()
+                child.close()
+            await pool.close()
+    asyncio.run(main())
