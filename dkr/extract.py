@@ -627,7 +627,7 @@ def run_backend_call(backend_name: str, call: str, args: list) -> dict:
     return {"done": call}
 
 
-def _fork_server(dkr_pid: int | None) -> None:
+def _fork_server(dkr_pid: int | None, classify) -> None:
     """``--fork-server``: load everything once, then fork one extractor per request.
 
     Starting Python and loading the decompressors and plugins costs ~0.15 s
@@ -641,7 +641,6 @@ def _fork_server(dkr_pid: int | None) -> None:
     a kill of dkr's group then also takes what a backend call started (a
     ``cp`` copying a machine, say), not only the helper that started it.
     """
-    classify = _load_classifier()
     server = socket.socket(fileno=0)
     me = os.getpid()
     dkr_group = os.getpgid(dkr_pid) if dkr_pid else None
@@ -733,7 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT to the whole process group must not leave a half-written member behind.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if args.fork_server:
-        _fork_server(args.parent)
+        try:
+            classify = _load_classifier()
+        except DkrError:
+            return 1                  # dkr loads the same plugins, and says what is wrong
+        _fork_server(args.parent, classify)
         return 0
     if args.serve:
         return _report(_serve)

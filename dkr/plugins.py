@@ -34,7 +34,7 @@ def manager() -> pluggy.PluginManager:
         return pm
     for name, target in entry_points("dkr"):
         if pm.get_plugin(name) is None and not pm.is_blocked(name):
-            pm.register(_load(target), name)
+            pm.register(_load(name, target), name)
     return pm
 
 
@@ -76,11 +76,17 @@ def _group_in(path: str, group: str) -> list[tuple[str, str]]:
     return found
 
 
-def _load(target: str) -> object:
+def _load(name: str, target: str) -> object:
+    """The object an entry point names; a plugin that fails to load is the user's
+    to fix (or remove), so it gets an error line, not a traceback."""
     module, _, attribute = target.partition(":")
-    plugin = importlib.import_module(module.strip())
-    for part in filter(None, attribute.strip().split(".")):
-        plugin = getattr(plugin, part)
+    try:
+        plugin = importlib.import_module(module.strip())
+        for part in filter(None, attribute.strip().split(".")):
+            plugin = getattr(plugin, part)
+    except Exception as e:  # noqa: BLE001 - whatever a broken plugin raises
+        raise DkrError(f"plugin {name!r} ({target}) cannot be loaded: "
+                       f"{type(e).__name__}: {e}") from None
     return plugin
 
 

@@ -114,7 +114,7 @@ def test_entry_points_file_format(tmp_path, monkeypatch):
     assert entry_points("dkr") == [("fancy", "fancy_pkg.hooks:Plugin.instance"),
                                    ("plain", "plain_pkg")]
     from dkr.plugins import _load
-    assert _load("os:path.join") is os.path.join and _load("os.path") is os.path
+    assert _load("x", "os:path.join") is os.path.join and _load("x", "os.path") is os.path
 
 
 def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
@@ -160,3 +160,20 @@ def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
                                   ("seal_layer", os.getpid())]
     assert [c for c, _ in calls].count("seal_layer") == layers
     assert (image_root / "byhand").is_dir()
+
+
+def test_a_plugin_that_fails_to_load_gets_one_error_line(registry, image_root, tmp_path):
+    """An installed plugin that raises on import: dkr says which, in one line, with
+    no traceback from dkr or from its extractors' server (which loads it too)."""
+    images.push_image(registry, "outside/broken", "latest", images.sample_image())
+    site = tmp_path / "site"
+    (site / "zz_broken-0.1.dist-info").mkdir(parents=True)
+    (site / "zz_broken-0.1.dist-info" / "entry_points.txt").write_text(
+        "[dkr]\nbroken = zz_broken_plugin\n")
+    (site / "zz_broken_plugin.py").write_text("raise RuntimeError('this plugin is broken')\n")
+    run = run_dkr("pull", "--insecure", "--image-root", image_root,
+                  f"{registry.host}/outside/broken", env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.rc == 1
+    assert run.err.splitlines() == ["dkr: error: plugin 'broken' (zz_broken_plugin) cannot be "
+                                    "loaded: RuntimeError: this plugin is broken"], run.err
+    assert [p.name for p in image_root.iterdir()] in ([], [".dkr"])
