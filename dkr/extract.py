@@ -638,8 +638,8 @@ def _fork_server(dkr_pid: int | None, classify) -> None:
 
     The server has a process group of its own (a Ctrl-C while it starts up
     is dkr's to handle); each child joins dkr's, as a child of dkr's would:
-    a kill of dkr's group then also takes what a backend call started (a
-    ``cp`` copying a machine, say), not only the helper that started it.
+    a kill of dkr's group then also takes whatever a backend's
+    ``seal_layer`` started, not only the helper that called it.
     """
     server = socket.socket(fileno=0)
     me = os.getpid()
