@@ -599,8 +599,8 @@ def _serve(classify=None) -> dict | None:
         return None
     if "replay" in spec:
         return run_replay(spec["root"], spec["format"], spec["replay"], classify)
-    if "backend_call" in spec:
-        return run_backend_call(spec["backend"], spec["backend_call"], spec["args"])
+    if "seal" in spec:
+        return run_seal(spec["backend"], spec["seal"])
     spool = spec.get("spool")
     source = dict(max_bytes=spec.get("max_bytes"), spool=spool, size=spec.get("size"),
                   wake_fd=0 if spool else None)
@@ -609,22 +609,16 @@ def _serve(classify=None) -> dict | None:
     return run(spec["root"], spec["format"], classify=classify, **source)
 
 
-# What a helper may run for dkr, and how its JSON arguments become Paths.
-BACKEND_CALLS = {
-    "seal_layer": lambda path: (Path(path),),
-}
-
-
-def run_backend_call(backend_name: str, call: str, args: list) -> dict:
-    """A backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
+def run_seal(backend_name: str, path: str) -> dict:
+    """The backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
     Python's GIL while btrfs commits a read-only flag (and flushes the
     layer), which would stop dkr's event loop, and every download with it."""
     from .plugins import backends
     backend = backends().get(backend_name)
-    if backend is None or call not in BACKEND_CALLS:
-        return {"error": f"no storage backend {backend_name!r} with {call!r} here", "unknown": True}
-    getattr(backend, call)(*BACKEND_CALLS[call](*args))
-    return {"done": call}
+    if backend is None:
+        return {"error": f"no storage backend named {backend_name!r} here", "unknown": True}
+    backend.seal_layer(Path(path))
+    return {"sealed": path}
 
 
 def _fork_server(dkr_pid: int | None, classify) -> None:

@@ -30,7 +30,7 @@ def manager() -> pluggy.PluginManager:
     handed_down = os.environ.get(MODULES_ENV)
     if handed_down:
         for name, module in json.loads(handed_down):
-            pm.register(importlib.import_module(module), name)
+            pm.register(_load(name, module), name)
         return pm
     for name, target in entry_points("dkr"):
         if pm.get_plugin(name) is None and not pm.is_blocked(name):

@@ -378,20 +378,15 @@ class Puller:
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
         """Seal and record a layer, off the event loop: both wait for its data to reach disk."""
-        await self._backend_call(backend, "seal_layer", tree)
-        await asyncio.get_running_loop().run_in_executor(
-            None, self.root.write_json, f"layers/{key}.json", {
-                **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
-                "created": _now()})
-
-    async def _backend_call(self, backend: StorageBackend, call: str, path: Path) -> None:
-        """``backend.<call>(path)`` in a helper process (see extract.run_backend_call)."""
-        done = await self.extractor_pool.run_job(
-            {"backend_call": call, "backend": backend.name, "args": [str(path)]})
-        if done.get("unknown"):       # a backend only this process knows (registered by hand)
-            await asyncio.get_running_loop().run_in_executor(None, getattr(backend, call), path)
-        elif "error" in done:
-            raise DkrError(done["error"])
+        loop = asyncio.get_running_loop()
+        sealed = await self.extractor_pool.run_job({"seal": str(tree), "backend": backend.name})
+        if sealed.get("unknown"):     # a backend only this process knows (registered by hand)
+            await loop.run_in_executor(None, backend.seal_layer, tree)
+        elif "error" in sealed:
+            raise DkrError(sealed["error"])
+        await loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
+            **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
+            "created": _now()})
 
     async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
                            fetch: Callable[[Path], Awaitable[dict]], meta: dict,

@@ -30,7 +30,7 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
-from .tarstream import REGULAR, Member, TarReader
+from .tarstream import REGULAR, Member, TarReader, write_all
 
 PACK = "pack"
 MEMBERS = "members"
@@ -115,9 +115,7 @@ class StagedLayer:
     def copy_body(self, fd: int) -> None:
         body = self._body
         if isinstance(body, bytes):
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, memoryview(body))
         elif body is not None:
             _copy_range(self.pack, body, fd, self._size)
 

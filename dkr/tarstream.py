@@ -226,14 +226,14 @@ class TarReader:
         if start + remaining + padding <= len(self._buf):     # all of it is here already
             self._pos = start + remaining + padding
             if fd is not None and remaining:
-                _write_all(fd, memoryview(self._buf)[start:start + remaining])
+                write_all(fd, memoryview(self._buf)[start:start + remaining])
             return
         while remaining:
             if self._pos >= len(self._buf) and not self._more():
                 raise TarError("unexpected end of archive inside a file")
             take = min(remaining, len(self._buf) - self._pos)
             if fd is not None:
-                _write_all(fd, memoryview(self._buf)[self._pos:self._pos + take])
+                write_all(fd, memoryview(self._buf)[self._pos:self._pos + take])
             self._pos += take
             remaining -= take
         if padding:
@@ -357,7 +357,8 @@ class TarReader:
                 mtime_ns, _xattrs(pax))
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """All of ``view`` to ``fd`` (a write to a file may take only part)."""
     while view:
         view = view[os.write(fd, view):]
 
