@@ -210,6 +210,9 @@ def test_failed_download_prints_no_traceback(proxy, image_root):
 
 def test_corrupt_blob_fails_then_a_clean_pull_succeeds(proxy, image_root):
     proxy.add_fault(f"/blobs/{A}", "corrupt", offset=300_000)
+    # A arrives slowly, so that B is whole (and its spool deleted) when A fails: a B
+    # still downloading would rightly keep its partial file for the next pull.
+    proxy.add_fault(f"/blobs/{A}", "slow", rate=400_000)
     run = dkr_pull(proxy, image_root)
     assert_clean_failure(run, image_root, rf"layer {A}: content does not match its digest", "img")
     assert visible_layers(image_root) == []
