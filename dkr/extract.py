@@ -12,6 +12,12 @@ a parser bug cannot reach the host. Without root it first enters a user
 namespace to be allowed the chroot. It ends by printing one JSON line:
 ``{"diff_id": ..., "tar_bytes": ..., "entries": ...}`` or ``{"error": ...}``.
 
+A spool job may come before its tree exists (a btrfs snapshot of the parent
+can take a tenth of a second, mostly waiting for the disk): without ``root``
+the child starts inflating at once, up to ``READ_AHEAD_CHUNKS`` ahead, and
+takes the tree from a second line, ``{"root": DIR}``. Only then do wake-ups
+for the spool file follow on stdin.
+
 A stacked layer whose parent is not complete yet is extracted in two jobs
 (see ``dkr.staging``): ``{"stage": DIR, ...}`` inflates, hashes and writes
 the blob's members into DIR, and later ``{"root": ..., "replay": DIR}``
@@ -31,6 +37,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 import zlib
 
@@ -59,6 +66,9 @@ PR_SET_PDEATHSIG = 1
 # owner, mode and type a file should have had: "UID:GID:MODE:TYPE".
 OVERRIDE_STAT_XATTR = "user.containers.override_stat"
 _STAT_KINDS = {tarstream.DIRECTORY: "dir", tarstream.FIFO: "pipe", tarstream.REGULAR: "file"}
+# Inflated chunks (1 MiB each) a job started before its tree may hold: most of
+# a typical layer, so its inflating is done by the time the tree is.
+READ_AHEAD_CHUNKS = 16
 
 
 class ExtractError(Exception):
@@ -71,12 +81,15 @@ class GrowingFile(io.RawIOBase):
     The parent writes a byte to the wake-up pipe whenever data arrives and
     closes it when the download ends (or fails); ``size`` is the blob's size
     from its descriptor, so the end of the blob is known without the parent.
+    Until ``wake_ups`` is set the pipe is not ours to read (it still carries
+    the job): at the end of the file, wait for that first.
     """
 
-    def __init__(self, path: str, size: int, wake_fd: int):
+    def __init__(self, path: str, size: int, wake_fd: int, wake_ups: threading.Event):
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = size
         self.wake_fd = wake_fd
+        self.wake_ups = wake_ups
         self.pos = 0
         self.writer_gone = False
         self.waited = 0.0             # seconds spent waiting for the download
@@ -97,6 +110,10 @@ class GrowingFile(io.RawIOBase):
 
     def _wait(self) -> None:
         began = time.monotonic()
+        if not self.wake_ups.is_set():
+            self.wake_ups.wait()
+            self.waited += time.monotonic() - began
+            return
         select.select([self.wake_fd], [], [], 1.0)   # also re-checks once a second
         self.waited += time.monotonic() - began
         try:
@@ -445,6 +462,10 @@ def _no_symlink_on_the_way(path: bytes) -> bool:
 def _enter_root(root: str, as_root: bool) -> None:
     if not as_root:
         _enter_user_namespace()
+    _chroot(root)
+
+
+def _chroot(root: str) -> None:
     os.chdir(root)
     os.chroot(".")
     os.chdir("/")
@@ -487,18 +508,23 @@ def _load_classifier():
     return classify
 
 
-def _open_input(spool: str | None, size: int | None, wake_fd: int | None) -> io.BufferedReader:
+def _open_input(spool: str | None, size: int | None, wake_fd: int | None,
+                wake_ups: threading.Event | None = None) -> io.BufferedReader:
     if spool is None:
         raw = io.FileIO(0, "rb", closefd=False)
     else:
-        os.set_blocking(wake_fd, False)
-        raw = GrowingFile(spool, size, wake_fd)
+        if wake_ups is None:
+            wake_ups = threading.Event()
+            wake_ups.set()
+        raw = GrowingFile(spool, size, wake_fd, wake_ups)
     return io.BufferedReader(raw, buffer_size=tarstream.CHUNK)
 
 
-def _tar_reader(stdin: io.BufferedReader, max_bytes: int | None) -> tarstream.TarReader:
+def _tar_reader(stdin: io.BufferedReader, max_bytes: int | None,
+                depth: int = 4) -> tarstream.TarReader:
     # Its read-ahead thread starts here: after any unshare(), which a threaded process may not do.
-    return tarstream.TarReader(tarstream.ReadAhead(open_decompressed(stdin)), max_bytes=max_bytes)
+    return tarstream.TarReader(tarstream.ReadAhead(lambda: open_decompressed(stdin), depth),
+                               max_bytes=max_bytes)
 
 
 def _busy_since(began: float, raw: io.RawIOBase) -> float:
@@ -529,14 +555,41 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
     classify = classify or _load_classifier()   # plugins load before the chroot hides them
     stdin = _open_input(spool, size, wake_fd)   # opened before the chroot hides it, too
     _enter_root(root, as_root)
-    os.umask(0)
     reader = _tar_reader(stdin, max_bytes)
+    return _extract(reader, layer_format, classify, as_root, began, stdin.raw)
+
+
+def run_ahead(layer_format: str, max_bytes: int | None, spool: str, size: int,
+              classify=None) -> dict | None:
+    """Inflate a spooled blob before its tree exists; the next line on stdin names the tree."""
+    as_root = os.geteuid() == 0
+    classify = classify or _load_classifier()
+    if not as_root:
+        _enter_user_namespace()                 # before the read-ahead thread starts
+    wake_ups = threading.Event()                # stdin carries the job until then
+    stdin = _open_input(spool, size, 0, wake_ups)
+    reader = _tar_reader(stdin, max_bytes, READ_AHEAD_CHUNKS)
+    spec = _read_command()
+    if spec is None:
+        return None                             # not needed after all
+    began = time.monotonic()
+    waited = stdin.raw.waited                   # waiting for the tree is not work
+    os.set_blocking(0, False)
+    wake_ups.set()
+    _chroot(spec["root"])
+    return _extract(reader, layer_format, classify, as_root, began - waited, stdin.raw)
+
+
+def _extract(reader: tarstream.TarReader, layer_format: str, classify, as_root: bool,
+             began: float, raw: io.RawIOBase) -> dict:
+    """Apply every member to the tree we are chrooted into; the report."""
+    os.umask(0)
     extractor = Extractor(layer_format, classify, as_root)
     _apply_all(extractor, reader, reader)
     reader.drain()
     extractor.resolve_whiteouts()
     extractor.finish_dirs()
-    return {**_checked(reader), **_applied(extractor), "busy_seconds": _busy_since(began, stdin.raw)}
+    return {**_checked(reader), **_applied(extractor), "busy_seconds": _busy_since(began, raw)}
 
 
 def run_stage(directory: str, max_bytes: int | None, spool: str | None = None,
@@ -602,6 +655,10 @@ def _serve(classify=None) -> dict | None:
     if "seal" in spec:
         return run_seal(spec["backend"], spec["seal"])
     spool = spec.get("spool")
+    if spool and "root" not in spec and "stage" not in spec:
+        return run_ahead(spec["format"], spec.get("max_bytes"), spool, spec["size"], classify)
+    if spool:
+        os.set_blocking(0, False)               # from now on stdin carries wake-ups
     source = dict(max_bytes=spec.get("max_bytes"), spool=spool, size=spec.get("size"),
                   wake_fd=0 if spool else None)
     if "stage" in spec:

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from .auth import Credentials, docker_config_credentials
 from .errors import DkrError
@@ -265,15 +265,10 @@ class Puller:
         if stacked and not parent.tree.done() and self._stage_ahead:
             stage = self._stage(claim.key, take_blob(), layer, backend.layer_format)
 
-        async def fetch(tree: Path) -> dict:
-            if stage is not None and not stage.used:
-                return await stage.replay(tree)
-            unpacker = LayerUnpacker(tree, backend.layer_format, self.extractor_pool)
-            return await self._extract_blob(take_blob(), layer, unpacker)
-
+        fill = _SpooledFill(self, layer, backend.layer_format, take_blob, stage)
         try:
             parent_tree = await _parent_tree(parent.tree, stage) if stacked else None
-            return await self.build_layer(claim, parent_tree, backend, fetch, meta, announce,
+            return await self.build_layer(claim, parent_tree, backend, fill, meta, announce,
                                           result, parent_committed=parent.future if parent else None)
         finally:
             if stage is not None:
@@ -309,17 +304,16 @@ class Puller:
         return claim
 
     async def build_layer(self, claim: LayerClaim, parent: LayerTree | None,
-                          backend: StorageBackend, fetch: Callable[[Path], Awaitable[dict]],
+                          backend: StorageBackend, fill: LayerFill,
                           meta: dict, announce: dict, result: PullResult,
                           parent_committed: asyncio.Future | None = None) -> Path:
-        """Build a claimed layer from ``fetch`` and make it visible by rename.
+        """Build a claimed layer with ``fill`` and make it visible by rename.
 
-        ``fetch(tree)`` fills the prepared temp tree and returns the extractor's
-        report (with ``tar_bytes``) once every check has passed. A resumed
-        download that turns out wrong is thrown away and the layer starts over
-        once, from an empty tree. Sealing (which may wait for the layer's data
-        to reach disk) runs in a helper process and recording on a worker
-        thread, while child layers already start from the finished tree; the
+        ``fill`` starts before the temp tree is made (a snapshot may take a
+        while) and fills it once it is. A resumed download that turns out
+        wrong is thrown away and the layer starts over once, from an empty
+        tree. Sealing (which may wait for the layer's data to reach disk)
+        runs in a helper process and recording on a worker thread, while child layers already start from the finished tree; the
         rename waits for the parent's, so a layer never becomes visible before
         the layer below it.
         """
@@ -328,11 +322,16 @@ class Puller:
             self.events.emit("layer-start", **announce)
             for last_try in (False, True):
                 tmp = self.root.layer_tmp(claim.key)
+                await fill.start()
                 began = time.monotonic()
-                backend.create_layer(tmp, parent and parent.path)
+                try:
+                    backend.create_layer(tmp, parent and parent.path)
+                except BaseException:
+                    await to_the_end(fill.close())
+                    raise
                 try:
                     prepared = time.monotonic()
-                    unpacked = await fetch(tmp)
+                    unpacked = await fill.fill(tmp)
                     extracted = time.monotonic()
                     tree = LayerTree(tmp)
                     claim.tree.set_result(tree)
@@ -396,8 +395,8 @@ class Puller:
         if claim.lock is None:
             return await claim.future
         self._remove_leftovers(key, backend)
-        return await self.build_layer(claim, parent and LayerTree(parent), backend, fetch, meta,
-                                      announce, result)
+        return await self.build_layer(claim, parent and LayerTree(parent), backend,
+                                      TreeFill(fetch), meta, announce, result)
 
     def _abandon(self, claim: LayerClaim, error: BaseException | None = None) -> None:
         """Release what a claim holds; a layer never built fails its waiters."""
@@ -466,34 +465,34 @@ class Puller:
                          seconds=staged["busy_seconds"])
         return staged
 
-    async def _extract_blob(self, blob: SpooledBlob, layer: LayerPlan,
-                            unpacker: LayerUnpacker) -> dict:
-        try:
-            return await self._extract_spooled(blob, layer, unpacker)
-        finally:
-            self.spool.release(blob, keep_partial=True)
-
     async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan,
                                unpacker: LayerUnpacker) -> dict:
-        label = f"layer {layer.digest}"
         async with self._extractors:
-            blob.add_reader(await unpacker.start_following(blob.path, blob.size))
-            report = asyncio.ensure_future(unpacker.finish())
-            try:
-                # A failed download also ends the reader; its own error is the one to tell.
-                await asyncio.wait({blob.done, report}, return_when=asyncio.FIRST_COMPLETED)
-                if failed(blob.done):
-                    await blob.done
-                unpacked = await report
-                if failed(blob.done):
-                    await blob.done
-                if "error" in unpacked:
-                    raise DkrError(f"{label}: {unpacked['error']}")
-                await blob.done              # the digest is checked when the last byte is in
-            except BaseException:
-                report.cancel()
-                await unpacker.abort()
-                raise
+            wake_fd = await unpacker.start_following(blob.path, blob.size)
+            return await self._followed(blob, layer, unpacker, wake_fd)
+
+    async def _followed(self, blob: SpooledBlob, layer: LayerPlan, unpacker: LayerUnpacker,
+                        wake_fd: int) -> dict:
+        """The checked report of ``unpacker``, which follows ``blob``'s spool file;
+        ``wake_fd`` wakes it when the file grows."""
+        label = f"layer {layer.digest}"
+        blob.add_reader(wake_fd)
+        report = asyncio.ensure_future(unpacker.finish())
+        try:
+            # A failed download also ends the reader; its own error is the one to tell.
+            await asyncio.wait({blob.done, report}, return_when=asyncio.FIRST_COMPLETED)
+            if failed(blob.done):
+                await blob.done
+            unpacked = await report
+            if failed(blob.done):
+                await blob.done
+            if "error" in unpacked:
+                raise DkrError(f"{label}: {unpacked['error']}")
+            await blob.done              # the digest is checked when the last byte is in
+        except BaseException:
+            report.cancel()
+            await unpacker.abort()
+            raise
         if unpacked["diff_id"] != layer.diff_id:
             raise DkrError(f"{label}: unpacked content has DiffID {unpacked['diff_id']}, "
                            f"the config says {layer.diff_id}")
@@ -557,6 +556,95 @@ def _stage_ahead(when: str) -> bool:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class LayerFill(Protocol):
+    """How ``Puller.build_layer`` fills a layer's tree."""
+
+    async def start(self) -> None:
+        """Begin what needs no tree yet: making it (a snapshot) can take a while."""
+
+    async def fill(self, tree: Path) -> dict:
+        """Fill ``tree``; the extractor's report (with ``tar_bytes``) once every
+        check has passed. Takes over what ``start`` began."""
+
+    async def close(self) -> None:
+        """Let go of what ``start`` began, when the tree never came."""
+
+
+class TreeFill:
+    """A LayerFill that needs its tree from the start: ``fetch(tree)`` does it all."""
+
+    def __init__(self, fetch: Callable[[Path], Awaitable[dict]]):
+        self.fetch = fetch
+
+    async def start(self) -> None:
+        pass
+
+    async def fill(self, tree: Path) -> dict:
+        return await self.fetch(tree)
+
+    async def close(self) -> None:
+        pass
+
+
+class _SpooledFill:
+    """A v2 layer from its spooled blob: the extractor inflates while the tree is made.
+
+    A staged layer (see dkr.staging) is replayed instead; if that has to start
+    over, the blob is downloaded again.
+    """
+
+    def __init__(self, puller: Puller, layer: LayerPlan, layer_format: str,
+                 take_blob: Callable[[], SpooledBlob], stage: "_Stage | None"):
+        self.puller = puller
+        self.layer = layer
+        self.layer_format = layer_format
+        self.take_blob = take_blob
+        self.stage = stage
+        self._ahead: tuple[SpooledBlob, LayerUnpacker] | None = None
+
+    def _staged(self) -> bool:
+        return self.stage is not None and not self.stage.used
+
+    async def start(self) -> None:
+        if self._staged():
+            return
+        await self.puller._extractors.acquire()
+        try:
+            blob = self.take_blob()
+        except BaseException:
+            self.puller._extractors.release()
+            raise
+        unpacker = LayerUnpacker(None, self.layer_format, self.puller.extractor_pool)
+        self._ahead = (blob, unpacker)
+        try:
+            await unpacker.start_ahead(blob.path, blob.size)
+        except BaseException:
+            await to_the_end(self.close())
+            raise
+
+    async def fill(self, tree: Path) -> dict:
+        if self._staged():
+            return await self.stage.replay(tree)
+        assert self._ahead is not None, "fill() without start()"
+        (blob, unpacker), self._ahead = self._ahead, None
+        try:
+            return await self.puller._followed(blob, self.layer, unpacker, unpacker.into(tree))
+        finally:
+            self._release(blob)
+
+    async def close(self) -> None:
+        if self._ahead is not None:
+            (blob, unpacker), self._ahead = self._ahead, None
+            try:
+                await unpacker.abort()
+            finally:
+                self._release(blob)
+
+    def _release(self, blob: SpooledBlob) -> None:
+        self.puller.spool.release(blob, keep_partial=True)
+        self.puller._extractors.release()
 
 
 @dataclass

@@ -145,8 +145,9 @@ class ReadAhead:
     does with two processes), while memory stays bounded by ``depth`` chunks.
     """
 
-    def __init__(self, stream, depth: int = 4):
-        self.stream = stream
+    def __init__(self, open_stream, depth: int = 4):
+        # Opened on the read-ahead thread: sniffing the format may already wait for bytes.
+        self._open_stream = open_stream
         self.hash = hashlib.sha256()
         self._chunks: queue.Queue = queue.Queue(depth)
         self._error: BaseException | None = None
@@ -156,8 +157,9 @@ class ReadAhead:
 
     def _fill(self) -> None:
         try:
+            stream = self._open_stream()
             while True:
-                chunk = self.stream.read(CHUNK)
+                chunk = stream.read(CHUNK)
                 if not chunk:
                     break
                 self.hash.update(chunk)

@@ -90,7 +90,7 @@ class ExtractorChild:
     """One extractor process, forked for us by the fork server.
 
     Its stdin is a pipe we hold the (non-blocking) write end of: first the job
-    as one JSON line, then either the blob's bytes or, for a spool file,
+    as one JSON line (two for a job started before its tree), then either the blob's bytes or, for a spool file,
     wake-ups whenever the file grew. Its stdout is a pipe for the one-line
     report. It is not our child: a pidfd lets us wait for it and kill it.
     """
@@ -105,7 +105,7 @@ class ExtractorChild:
     def send(self, job: dict) -> None:
         line = (json.dumps(job) + "\n").encode()
         view = memoryview(line)
-        while view:                   # an empty pipe: this never waits
+        while view:                   # a pipe with room for many lines: this never waits
             view = view[os.write(self.control_fd, view):]
         os.set_blocking(self.control_fd, False)
 
@@ -306,6 +306,24 @@ class LayerUnpacker:
         when no more will come; the caller owns it from then on.
         """
         return await self._begin(spool=str(spool), size=size)
+
+    async def start_ahead(self, spool: Path, size: int) -> None:
+        """Start inflating a spool file before the tree exists; ``into`` names it later."""
+        self.proc = await self.pool.take()
+        self.proc.send({"format": self.layer_format, "max_bytes": self.max_bytes,
+                        "spool": str(spool), "size": size})
+
+    def into(self, root: Path) -> int:
+        """The tree of a ``start_ahead`` job is there; returns the wake-up fd, as
+        ``start_following`` does."""
+        assert self.proc is not None
+        self.root = root
+        try:
+            self.proc.send({"root": str(root)})
+        except BrokenPipeError:
+            pass                      # it died: its verdict says why
+        control_fd, self.proc.control_fd = self.proc.control_fd, -1
+        return control_fd
 
     async def replay(self, root: Path) -> dict:
         """Pass 2 of a staged layer: apply it to ``root``; returns the child's report."""

@@ -108,3 +108,150 @@ def test_forked_children_join_our_process_group_and_the_server_keeps_its_own():
                 child.close()
             await pool.close()
     asyncio.run(main())
+
+
+def _pid_of(pidfd: int) -> int:
+    import re
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        return int(re.search(r"^Pid:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def _read_to_the_end(pid: int, path: str) -> bool:
+    """Whether process ``pid`` has ``path`` open and has read all of it."""
+    import os
+    import re
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    pos = int(re.search(r"^pos:\s+(\d+)", f.read(), re.M).group(1))
+                if pos == os.stat(path).st_size:
+                    return True
+    except OSError:                             # it exited, the fd went meanwhile, or not ours
+        pass
+    return False
+
+
+def _gzipped_tar(members: dict[str, bytes]) -> bytes:
+    import gzip
+    import io
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(out.getvalue())
+
+
+def test_a_job_started_before_its_tree_reads_its_blob_then_fills_the_tree_it_is_given(tmp_path):
+    """The extractor of a layer whose tree is still being made (a btrfs snapshot
+    of its parent) inflates the spooled blob meanwhile, and extracts it once the
+    second line names the tree."""
+    import hashlib
+    import gzip
+    import os
+
+    from dkr.unpack import LayerUnpacker
+
+    members = {f"dir/file{i}": os.urandom(5000) for i in range(50)}
+    blob = _gzipped_tar(members)
+    spool = tmp_path / "blob"
+    spool.write_bytes(blob)
+    tree = tmp_path / "tree"
+
+    async def main() -> dict:
+        pool = ExtractorPool()
+        unpacker = LayerUnpacker(None, "stacked", pool)
+        try:
+            await unpacker.start_ahead(spool, len(blob))
+            pid = _pid_of(unpacker.proc.pidfd)
+            for _ in range(2000):
+                if _read_to_the_end(pid, str(spool)):
+                    break
+                await asyncio.sleep(0.01)
+            assert _read_to_the_end(pid, str(spool)), "the blob was not read before the tree came"
+            tree.mkdir()
+            os.close(unpacker.into(tree))       # the whole blob is there: no wake-ups to come
+            return await asyncio.wait_for(unpacker.finish(), 60)
+        finally:
+            await unpacker.abort()
+            await pool.close()
+
+    report = asyncio.run(main())
+    assert "error" not in report, report
+    assert report["diff_id"] == "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest()
+    assert {str(p.relative_to(tree)): p.read_bytes() for p in tree.rglob("file*")} == members
+
+
+def test_a_job_never_told_its_tree_ends_quietly(tmp_path):
+    """A layer that fails before its tree exists closes the job's stdin: the child
+    exits with no report, having written nothing."""
+    import os
+
+    from dkr.unpack import LayerUnpacker
+
+    blob = _gzipped_tar({"a": b"x" * 100})
+    spool = tmp_path / "blob"
+    spool.write_bytes(blob)
+
+    async def main() -> bytes:
+        pool = ExtractorPool()
+        unpacker = LayerUnpacker(None, "stacked", pool)
+        try:
+            await unpacker.start_ahead(spool, len(blob))
+            unpacker.proc.close_stdin()
+            async with asyncio.timeout(60):
+                out = await unpacker.proc.report()
+                await unpacker.proc.wait()
+            return out
+        finally:
+            await unpacker.abort()
+            await pool.close()
+
+    assert asyncio.run(main()) == b""
+    assert sorted(os.listdir(tmp_path)) == ["blob"]
+
+
+def test_a_pull_inflates_each_layer_while_its_tree_is_made(registry, image_root):
+    """The backend's create_layer (a snapshot, on btrfs) runs while the layer's
+    extractor already reads the spooled blob: here it waits to see that happen."""
+    import os
+    import types
+
+    from dkr import api, plugins
+    from dkr.hookspecs import hookimpl
+    from dkr.testing import images
+    from dkr_plugins.dir import DirBackend
+
+    partial = image_root / ".dkr" / "partial"
+    seen = []
+
+    def spool_read_by_another_process() -> bool:
+        spools = [str(p) for p in partial.iterdir()] if partial.is_dir() else []
+        return any(_read_to_the_end(int(pid), path) for pid in os.listdir("/proc")
+                   if pid.isdigit() and int(pid) != os.getpid() for path in spools)
+
+    class Watching(DirBackend):
+        name = "watching"
+
+        def create_layer(self, path, parent):
+            import time
+            deadline = time.monotonic() + 30
+            while not spool_read_by_another_process() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(spool_read_by_another_process())
+            super().create_layer(path, parent)
+
+    plugin = types.SimpleNamespace(dkr_storage_backends=hookimpl(lambda: [Watching()]))
+    plugins.manager().register(plugin, "watching-test")
+    try:
+        images.push_image(registry, "ahead/img", "latest", images.sample_image())
+        api.pull(f"{registry.host}/ahead/img", "ahead", options=api.PullOptions(
+            image_root=image_root, backend="watching", insecure=True))
+    finally:
+        plugins.manager().unregister(name="watching-test")
+        plugins.manager.cache_clear()
+    assert seen == [True] * len(images.sample_image().layers)
+    assert (image_root / "ahead").is_dir()
