@@ -118,3 +118,15 @@ def test_damaged_archives_end_with_a_tar_error_or_members(fmt):
                 signal.setitimer(signal.ITIMER_REAL, 0)
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_header_byte_sum_is_exact_for_any_block():
+    """Checksums are summed through Adler-32 halves: exact only while no half can
+    reach 65521, so all-0xff blocks (the largest sums) are among the cases."""
+    import random
+
+    from dkr.tarstream import _byte_sum
+    rng = random.Random(7)
+    blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
+    blocks += [bytes(rng.getrandbits(8) for _ in range(512)) for _ in range(300)]
+    assert [_byte_sum(b) for b in blocks] == [sum(b) for b in blocks]
