@@ -27,6 +27,9 @@ from .tasks import retrieved
 log = logging.getLogger("dkr.spool")
 
 HASH_CHUNK = 4 * 1024 * 1024
+# libcurl hands over 16 KiB at a time; written (and announced) one by one,
+# that is a write and a wake-up per 16 KiB. Gathered, both happen per 256 KiB.
+SPOOL_WRITE = 256 * 1024
 
 
 def _open_locked(directory: Path, name: str) -> tuple[Path, int]:
@@ -42,16 +45,30 @@ def _open_locked(directory: Path, name: str) -> tuple[Path, int]:
 
 
 class SpoolSink:
-    """A Sink that appends to the spool file and wakes the readers following it."""
+    """A Sink that appends to the spool file and wakes the readers following it.
+
+    Bytes are gathered up to SPOOL_WRITE before they are written; ``flush``
+    writes the rest (the download's end, or its failure, calls it).
+    """
 
     def __init__(self, fd: int, path: Path):
         self.fd = fd
         self.path = path
         self.readers: list[int] = []        # write ends of the readers' wake-up pipes
+        self._gathered = bytearray()
 
     def write(self, data: bytes) -> bool:
         if self.fd < 0:
             raise OSError(errno.EBADF, "the spool file was closed (download abandoned)")
+        self._gathered += data
+        if len(self._gathered) >= SPOOL_WRITE:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self._gathered or self.fd < 0:
+            return
+        data, self._gathered = self._gathered, bytearray()
         view = memoryview(data)
         try:
             while view:
@@ -65,7 +82,6 @@ class SpoolSink:
                 pass                        # a full pipe already says "more data"
             except BrokenPipeError:
                 pass                        # that reader is gone; the others go on
-        return True
 
     def on_drain(self, callback) -> None:   # never full: the file system takes it all
         callback()
@@ -116,6 +132,10 @@ class SpooledBlob:
 
     def finish_readers(self) -> None:
         """No more bytes will come (done or failed): readers see EOF on their pipes."""
+        try:
+            self.sink.flush()
+        except OSError as e:               # the download reports its own failure first
+            log.warning("%s: %s", e.filename, e.strerror)
         for wake in self.sink.readers:
             os.close(wake)
         self.sink.readers.clear()
@@ -230,6 +250,10 @@ async def download(client, name: str, blob: SpooledBlob, what: str) -> None:
                                     what=what)
         if response.status not in (200, 206):
             raise DkrError(f"{what}: registry answered {response.status}")
+        try:
+            blob.sink.flush()
+        except OSError as e:
+            raise DkrError(f"{what}: cannot write to {e.filename}: {e.strerror}") from None
     if "sha256:" + hasher.hexdigest() == blob.digest:
         return
     blob.discard_content()
