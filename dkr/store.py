@@ -61,7 +61,9 @@ class ImageRoot:
 
     def leftovers(self, prefix: str) -> list[Path]:
         """Temp entries a crashed run left for one layer or machine."""
-        return sorted(self.path.glob(f"{prefix}.tmp-*"))
+        # Not Path.glob: it compiles a pattern per prefix, ~1 ms each, per layer.
+        start = f"{prefix}.tmp-"
+        return sorted(self.path / name for name in os.listdir(self.path) if name.startswith(start))
 
     # --- metadata ----------------------------------------------------------
     def write_json(self, relative: str, value: object) -> None:
