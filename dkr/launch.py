@@ -6,7 +6,6 @@ about as long to start. Started first, it comes up on another core meanwhile.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -21,6 +20,7 @@ def main() -> int:
     from .cli import main as cli_main
     status = cli_main()
     # Nothing is left to do: skip tearing down every module one by one.
+    import logging            # (loaded by now; imported here so the server starts ~20 ms sooner)
     logging.shutdown()
     try:
         sys.stdout.flush()

@@ -9,7 +9,6 @@ else a real copy, so that writing in it can never reach a layer.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ from dkr.treeops import remove_tree
 
 
 def _cp(args: list[str], what: str) -> None:
+    import subprocess     # here: every start of dkr and of its extractors' server loads this module
     proc = subprocess.run(["cp", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()

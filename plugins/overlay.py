@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -239,6 +238,7 @@ class OverlayBackend:
         return path.parent / ".dkr" / "overlay" / _machine_name(path) / state_id
 
     def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
+        import secrets    # here: every start of the extractors' server loads this module
         state_id = secrets.token_hex(8)
         try:
             path.mkdir(mode=0o755)
