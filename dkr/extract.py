@@ -67,8 +67,11 @@ PR_SET_PDEATHSIG = 1
 OVERRIDE_STAT_XATTR = "user.containers.override_stat"
 _STAT_KINDS = {tarstream.DIRECTORY: "dir", tarstream.FIFO: "pipe", tarstream.REGULAR: "file"}
 # Inflated chunks (1 MiB each) a job started before its tree may hold: most of
-# a typical layer, so its inflating is done by the time the tree is.
+# a typical layer, so its inflating is done by the time the tree is. Once
+# the tree is there, a job holds what a direct one does: extractors run side
+# by side (one per core on overlay), and their memory must not grow with it.
 READ_AHEAD_CHUNKS = 16
+CHUNKS_AHEAD = 4
 
 
 class ExtractError(Exception):
@@ -521,7 +524,7 @@ def _open_input(spool: str | None, size: int | None, wake_fd: int | None,
 
 
 def _tar_reader(stdin: io.BufferedReader, max_bytes: int | None,
-                depth: int = 4) -> tarstream.TarReader:
+                depth: int = CHUNKS_AHEAD) -> tarstream.TarReader:
     # Its read-ahead thread starts here: after any unshare(), which a threaded process may not do.
     return tarstream.TarReader(tarstream.ReadAhead(lambda: open_decompressed(stdin), depth),
                                max_bytes=max_bytes)
@@ -576,6 +579,7 @@ def run_ahead(layer_format: str, max_bytes: int | None, spool: str, size: int,
     waited = stdin.raw.waited                   # waiting for the tree is not work
     os.set_blocking(0, False)
     wake_ups.set()
+    reader.stream.keep_ahead(CHUNKS_AHEAD)
     _chroot(spec["root"])
     return _extract(reader, layer_format, classify, as_root, began - waited, stdin.raw)
 

@@ -188,6 +188,11 @@ class ReadAhead:
             return b""
         return chunk
 
+    def keep_ahead(self, depth: int) -> None:
+        """From now on hold at most ``depth`` chunks (what is held already stays)."""
+        with self._chunks.mutex:
+            self._chunks.maxsize = depth
+
 
 class TarReader:
     """Yields Members; the caller must consume each member's body (copy or skip)."""

@@ -130,3 +130,28 @@ def test_the_header_byte_sum_is_exact_for_any_block():
     blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
     blocks += [bytes(rng.getrandbits(8) for _ in range(512)) for _ in range(300)]
     assert [_byte_sum(b) for b in blocks] == [sum(b) for b in blocks]
+
+
+def test_read_ahead_holds_what_it_is_told_to():
+    """A job started before its tree reads far ahead; once the tree is there it
+    holds no more than a direct job (extractors run one per core)."""
+    import io
+    import time
+
+    from dkr.tarstream import CHUNK, ReadAhead
+
+    def held_settles_at(ahead: ReadAhead, count: int) -> int:
+        for _ in range(500):
+            if ahead._chunks.qsize() >= count:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)                        # room for one more, if it would take it
+        return ahead._chunks.qsize()
+
+    ahead = ReadAhead(lambda: io.BytesIO(bytes(30 * CHUNK)), depth=16)
+    assert held_settles_at(ahead, 16) == 16
+    ahead.keep_ahead(4)
+    for _ in range(13):
+        assert len(ahead.read()) == CHUNK
+    assert held_settles_at(ahead, 4) == 4
+    assert sum(len(chunk) for chunk in iter(ahead.read, b"")) == 17 * CHUNK
