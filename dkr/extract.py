@@ -575,8 +575,8 @@ def run_ahead(layer_format: str, max_bytes: int | None, spool: str, size: int,
     spec = _read_command()
     if spec is None:
         return None                             # not needed after all
-    began = time.monotonic()
-    waited = stdin.raw.waited                   # waiting for the tree is not work
+    began = time.monotonic()                    # the work is counted from the tree's arrival:
+    waited = stdin.raw.waited                   # waits for bytes before it are not in that time
     os.set_blocking(0, False)
     wake_ups.set()
     reader.stream.keep_ahead(CHUNKS_AHEAD)
