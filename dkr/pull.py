@@ -313,9 +313,10 @@ class Puller:
         while) and fills it once it is. A resumed download that turns out
         wrong is thrown away and the layer starts over once, from an empty
         tree. Sealing (which may wait for the layer's data to reach disk)
-        runs in a helper process and recording on a worker thread, while child layers already start from the finished tree; the
-        rename waits for the parent's, so a layer never becomes visible before
-        the layer below it.
+        runs in a helper process and recording on a worker thread, while
+        child layers already start from the finished tree; the rename waits
+        for the parent's, so a layer never becomes visible before the layer
+        below it.
         """
         final = self.root.layer_path(claim.key)
         try:

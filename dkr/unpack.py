@@ -90,8 +90,8 @@ class ExtractorChild:
     """One extractor process, forked for us by the fork server.
 
     Its stdin is a pipe we hold the (non-blocking) write end of: first the job
-    as one JSON line (two for a job started before its tree), then either the blob's bytes or, for a spool file,
-    wake-ups whenever the file grew. Its stdout is a pipe for the one-line
+    as one JSON line (two for a job started before its tree), then either the
+    blob's bytes or, for a spool file, wake-ups whenever the file grew. Its stdout is a pipe for the one-line
     report. It is not our child: a pidfd lets us wait for it and kill it.
     """
 
