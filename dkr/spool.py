@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import DkrError
 from .reference import digest_hex
 from .tasks import retrieved
+from .treeops import write_all
 
 log = logging.getLogger("dkr.spool")
 
@@ -69,10 +70,8 @@ class SpoolSink:
         if not self._gathered or self.fd < 0:
             return
         data, self._gathered = self._gathered, bytearray()
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self.fd, view):]
+            write_all(self.fd, memoryview(data))
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(self.path)) from None
         for wake in self.readers:

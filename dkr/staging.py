@@ -30,7 +30,8 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
-from .tarstream import REGULAR, Member, TarReader, write_all
+from .tarstream import REGULAR, Member, TarReader
+from .treeops import write_all
 
 PACK = "pack"
 MEMBERS = "members"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import queue
 import re
 import struct
@@ -18,6 +17,8 @@ import threading
 from urllib.parse import unquote_to_bytes
 from zlib import adler32
 from dataclasses import dataclass, field
+
+from .treeops import write_all
 
 BLOCK = 512
 CHUNK = 1024 * 1024
@@ -370,12 +371,6 @@ class TarReader:
         return (pax.get(b"path", name), pax.get(b"linkpath", linkname),
                 uid if pax_uid is None else pax_uid, gid if pax_gid is None else pax_gid,
                 mtime_ns, _xattrs(pax))
-
-
-def write_all(fd: int, view: memoryview) -> None:
-    """All of ``view`` to ``fd`` (a write to a file may take only part)."""
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _pax_time_ns(value: bytes) -> int:

@@ -7,6 +7,12 @@ import stat
 from pathlib import Path
 
 
+def write_all(fd: int, view: memoryview) -> None:
+    """All of ``view`` to ``fd`` (a write to a file or pipe may take only part)."""
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _make_writable_and_retry(func, path, exc_info) -> None:
     # Without root, a read-only directory cannot lose its entries: open it up, try again.
     parent = os.path.dirname(path)

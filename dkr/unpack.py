@@ -23,6 +23,7 @@ from .errors import DkrError
 from .forkserver import ForkServer, adopt_early
 from .plugins import modules_for_children
 from .tasks import failed, to_the_end
+from .treeops import write_all
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
@@ -104,9 +105,8 @@ class ExtractorChild:
 
     def send(self, job: dict) -> None:
         line = (json.dumps(job) + "\n").encode()
-        view = memoryview(line)
-        while view:                   # a pipe with room for many lines: this never waits
-            view = view[os.write(self.control_fd, view):]
+        # A pipe with room for many lines: this never waits.
+        write_all(self.control_fd, memoryview(line))
         os.set_blocking(self.control_fd, False)
 
     def close_stdin(self) -> None:
