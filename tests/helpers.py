@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 import sys
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +94,20 @@ def write_into_one_of_two(registry, repo: str, root: Path, more_writes=None) -> 
     assert {p.name: tree_snapshot(p) for p in layer_dirs(root)} == layers_before
     assert tree_snapshot(root / "two") == two_before
     return one
+
+
+@contextmanager
+def backend_registered_by_hand(backend, name: str):
+    """``backend`` on dkr's plugin manager, registered as a program using the API
+    would: only this process knows it."""
+    from dkr import plugins
+    from dkr.hookspecs import hookimpl
+    plugin = types.SimpleNamespace(dkr_storage_backends=hookimpl(lambda: [backend]))
+    plugins.manager().register(plugin, name)
+    try:
+        yield
+    finally:
+        plugins.manager().unregister(name=name)
+        # It may have loaded an installed plugin that goes away with its test module:
+        # later pulls in this process must not hand it to their servers.
+        plugins.manager.cache_clear()

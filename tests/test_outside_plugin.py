@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+from helpers import assert_clean_failure, assert_ok, backend_registered_by_hand, pull, run_dkr
 
 from dkr.testing import images
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
@@ -121,10 +121,7 @@ def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
     """A backend only this process knows (registered on dkr's plugin manager by a
     program using the API): the helper processes cannot find it, so its calls
     run here instead."""
-    import types
-
-    from dkr import api, plugins
-    from dkr.hookspecs import hookimpl
+    from dkr import api
     from dkr_plugins.dir import DirBackend
 
     calls = []
@@ -144,17 +141,10 @@ def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
             calls.append(("create_machine", os.getpid()))
             super().create_machine(path, layers)
 
-    plugin = types.SimpleNamespace(dkr_storage_backends=hookimpl(lambda: [Recording()]))
-    plugins.manager().register(plugin, "handmade-test")
-    try:
+    with backend_registered_by_hand(Recording(), "handmade-test"):
         images.push_image(registry, "byhand/img", "latest", images.sample_image())
         api.pull(f"{registry.host}/byhand/img", "byhand", options=api.PullOptions(
             image_root=image_root, backend="handmade", insecure=True))
-    finally:
-        plugins.manager().unregister(name="handmade-test")
-        # It may have loaded this module's installed plugin, which goes away at the
-        # module's end: later pulls in this process must not hand it to their servers.
-        plugins.manager.cache_clear()
     layers = len(images.sample_image().layers)
     assert sorted(set(calls)) == [("create_layer", os.getpid()), ("create_machine", os.getpid()),
                                   ("seal_layer", os.getpid())]

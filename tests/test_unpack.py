@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import backend_registered_by_hand
+
+from dkr.testing import images
 from dkr.unpack import ExtractorPool
 
 
@@ -132,31 +135,17 @@ def _read_to_the_end(pid: int, path: str) -> bool:
     return False
 
 
-def _gzipped_tar(members: dict[str, bytes]) -> bytes:
-    import gzip
-    import io
-    import tarfile
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(out.getvalue())
-
-
 def test_a_job_started_before_its_tree_reads_its_blob_then_fills_the_tree_it_is_given(tmp_path):
     """The extractor of a layer whose tree is still being made (a btrfs snapshot
     of its parent) inflates the spooled blob meanwhile, and extracts it once the
     second line names the tree."""
-    import hashlib
-    import gzip
     import os
 
     from dkr.unpack import LayerUnpacker
 
     members = {f"dir/file{i}": os.urandom(5000) for i in range(50)}
-    blob = _gzipped_tar(members)
+    layer = images.Layer([images.File(name, data) for name, data in members.items()])
+    blob = layer.blob
     spool = tmp_path / "blob"
     spool.write_bytes(blob)
     tree = tmp_path / "tree"
@@ -181,7 +170,7 @@ def test_a_job_started_before_its_tree_reads_its_blob_then_fills_the_tree_it_is_
 
     report = asyncio.run(main())
     assert "error" not in report, report
-    assert report["diff_id"] == "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest()
+    assert report["diff_id"] == layer.diff_id
     assert {str(p.relative_to(tree)): p.read_bytes() for p in tree.rglob("file*")} == members
 
 
@@ -192,7 +181,7 @@ def test_a_job_never_told_its_tree_ends_quietly(tmp_path):
 
     from dkr.unpack import LayerUnpacker
 
-    blob = _gzipped_tar({"a": b"x" * 100})
+    blob = images.Layer([images.File("a", b"x" * 100)]).blob
     spool = tmp_path / "blob"
     spool.write_bytes(blob)
 
@@ -218,11 +207,8 @@ def test_a_pull_inflates_each_layer_while_its_tree_is_made(registry, image_root)
     """The backend's create_layer (a snapshot, on btrfs) runs while the layer's
     extractor already reads the spooled blob: here it waits to see that happen."""
     import os
-    import types
 
-    from dkr import api, plugins
-    from dkr.hookspecs import hookimpl
-    from dkr.testing import images
+    from dkr import api
     from dkr_plugins.dir import DirBackend
 
     partial = image_root / ".dkr" / "partial"
@@ -244,14 +230,9 @@ def test_a_pull_inflates_each_layer_while_its_tree_is_made(registry, image_root)
             seen.append(spool_read_by_another_process())
             super().create_layer(path, parent)
 
-    plugin = types.SimpleNamespace(dkr_storage_backends=hookimpl(lambda: [Watching()]))
-    plugins.manager().register(plugin, "watching-test")
-    try:
+    with backend_registered_by_hand(Watching(), "watching-test"):
         images.push_image(registry, "ahead/img", "latest", images.sample_image())
         api.pull(f"{registry.host}/ahead/img", "ahead", options=api.PullOptions(
             image_root=image_root, backend="watching", insecure=True))
-    finally:
-        plugins.manager().unregister(name="watching-test")
-        plugins.manager.cache_clear()
     assert seen == [True] * len(images.sample_image().layers)
     assert (image_root / "ahead").is_dir()
