@@ -196,7 +196,14 @@ class ReadAhead:
 
 
 class TarReader:
-    """Yields Members; the caller must consume each member's body (copy or skip)."""
+    """Yields Members; the caller must consume each member's body (copy or skip).
+
+    ``fast_path``, if set, is offered the read buffer before each header that
+    carries no pax, long-name or long-link context: ``fast_path(buffer, pos)``
+    may apply whole members straight from it and returns where the next one
+    starts (``pos`` when it takes none). Each member is either taken whole by
+    it or yielded here, never both.
+    """
 
     def __init__(self, stream, *, max_bytes: int | None = None):
         self.stream = stream
@@ -210,6 +217,7 @@ class TarReader:
         self._pos = 0
         self._pending = 0             # unread body + padding of the current member
         self._globals: dict[bytes, bytes] = {}
+        self.fast_path = None
 
     # --- raw bytes ----------------------------------------------------------
     def _more(self) -> bool:
@@ -285,6 +293,9 @@ class TarReader:
         while True:
             if self._pending:
                 self.copy_body(None)
+            if (self.fast_path is not None and long_name is None and long_link is None
+                    and not pax and not self._globals):
+                self._pos = self.fast_path(self._buf, self._pos)
             try:
                 block = self._read(BLOCK)
             except TarError:
