@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 from urllib.parse import urlencode, urlsplit
@@ -24,8 +24,7 @@ DEFAULT_TOKEN_LIFETIME = 60
 REFRESH_MARGIN = 10
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(NamedTuple):
     username: str
     password: str
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import DkrError
 from .reference import Reference, validate_digest
@@ -44,8 +44,7 @@ CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json",
 MAX_LAYERS = 2048          # the seed's cap, checked before any download
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(NamedTuple):
     os: str
     architecture: str
     variant: str | None = None
@@ -72,8 +71,7 @@ def parse_platform(text: str) -> Platform:
     return Platform(*parts)
 
 
-@dataclass(frozen=True)
-class LayerPlan:
+class LayerPlan(NamedTuple):
     digest: str          # of the blob as stored (compressed)
     size: int
     media_type: str
@@ -81,8 +79,7 @@ class LayerPlan:
     chain_id: str
 
 
-@dataclass(frozen=True)
-class ImagePlan:
+class ImagePlan(NamedTuple):
     reference: Reference
     manifest_digest: str
     manifest: bytes
