@@ -26,6 +26,10 @@ applies them to the layer tree, confined like a direct extraction.
 
 from __future__ import annotations
 
+if __name__ == "__main__":                # the fork server (or a job) starting: see dkr.launch
+    from dkr.launch import loading_modules
+    loading_modules()
+
 import argparse
 import ctypes
 import errno
@@ -46,6 +50,7 @@ from pathlib import Path
 from . import _tarcore, staging, tarstream
 from .tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
 from .errors import DkrError
+from .launch import modules_loaded
 from .treeops import remove_tree
 
 try:
@@ -799,8 +804,10 @@ def main(argv: list[str] | None = None) -> int:
             classify = _load_classifier()
         except DkrError:
             return 1                  # dkr loads the same plugins, and says what is wrong
+        modules_loaded()              # (children then share these pages, untouched by it)
         _fork_server(args.parent, classify)
         return 0
+    modules_loaded()
     if args.serve:
         return _report(_serve)
     return _report(lambda: run(args.root, args.format, args.max_bytes))
