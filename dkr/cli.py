@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +18,39 @@ from .v2 import parse_platform
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, sized to the terminal once per process.
+
+    argparse makes a formatter for every argument it is given, and each
+    asked ``shutil`` for the terminal's size: importing it (with bz2 and
+    lzma) cost every start of dkr ~4 ms before its first request.
+    """
+
+    def __init__(self, prog: str):
+        super().__init__(prog, width=_terminal_columns() - 2)
+
+
+@functools.cache
+def _terminal_columns() -> int:
+    """What ``shutil.get_terminal_size().columns`` says: $COLUMNS, the terminal, or 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors, too, are one ``dkr: error:`` line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"dkr: error: {message} (see '{self.prog} --help')\n")

@@ -1,0 +1,27 @@
+"""The command line's own surface: help text and usage errors."""
+
+from __future__ import annotations
+
+import os
+
+from helpers import run_dkr
+
+
+def test_help_wraps_to_the_width_columns_gives():
+    widest = {}
+    for columns in (50, 130):
+        run = run_dkr("pull", "--help", env={**os.environ, "COLUMNS": str(columns)})
+        assert run.rc == 0, run.err
+        assert "--spool-limit" in run.out
+        # (The usage block may overrun: argparse does not split one option's part.)
+        options = run.out.split("\n\n", 1)[1]
+        widest[columns] = max(len(line) for line in options.splitlines())
+    assert widest[50] <= 50
+    assert widest[130] > 60
+
+
+def test_a_usage_error_is_one_line_and_status_2():
+    run = run_dkr("pull", "--jobs")
+    assert run.rc == 2
+    assert run.err.splitlines() == [
+        "dkr: error: argument --jobs: expected one argument (see 'dkr pull --help')"]
