@@ -10,11 +10,12 @@
  *
  * It only ever takes the easy case and hands everything else back to
  * dkr.tarstream / dkr.extract, which stay the definition of what a member
- * means: anything unusual (another type, pax or GNU extensions, a number not
- * in plain octal, a checksum that does not add up, a path needing
- * normalising, a whiteout, a name already taken or a missing parent, a body
- * not wholly in the buffer) stops the run *before* that member, untouched,
- * and Python applies it as if this module did not exist.
+ * means: anything unusual (another type, GNU extensions, pax records other
+ * than a lone path, a number not in plain octal, a checksum that does not add
+ * up, a path needing normalising, a whiteout, a name already taken or a
+ * missing parent, a body not wholly in the buffer) stops the run *before*
+ * that member, untouched, and Python applies it as if this module did not
+ * exist.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -43,11 +44,21 @@ plain_octal(const unsigned char *field, int digits, unsigned long long *out)
     return 1;
 }
 
+/* A header whose numbers are all plain octal and whose checksum adds up. */
+typedef struct {
+    unsigned long long mode, uid, gid, size, mtime;
+    char type;
+} Header;
+
+/* A pax header may give a path of up to this many bytes; longer ones take
+ * the Python path. */
+#define MAX_PAX_PATH 4096
+
 typedef struct {
     unsigned int mode, uid, gid;
     unsigned long long size;
     long long mtime;
-    char path[256 + 1 + 100 + 1];
+    char path[MAX_PAX_PATH + 1];
     size_t path_len;
 } PlainFile;
 
@@ -61,6 +72,19 @@ checksum_ok(const unsigned char *h, unsigned long long stored)
     for (int i = 156; i < BLOCK; i++)
         sum += h[i];
     return sum == stored;
+}
+
+static int
+plain_header(const unsigned char *h, Header *hd)
+{
+    unsigned long long stored;
+    if (!plain_octal(h + 100, 7, &hd->mode) || !plain_octal(h + 108, 7, &hd->uid) ||
+        !plain_octal(h + 116, 7, &hd->gid) || !plain_octal(h + 124, 11, &hd->size) ||
+        !plain_octal(h + 136, 11, &hd->mtime) || !plain_octal(h + 148, 6, &stored) ||
+        (h[155] != 0 && h[155] != ' '))
+        return 0;
+    hd->type = (char)h[156];
+    return checksum_ok(h, stored);
 }
 
 /* No empty, "." or ".." component and no leading or trailing "/": the path
@@ -83,21 +107,34 @@ already_normal(const char *p, size_t n)
     return 1;
 }
 
-/* Fill `f` from the header at `h` if it is a plain regular file; else 0. */
+/* A pax body that is exactly one record, "LENGTH path=VALUE\n", and nothing
+ * else (what tar writers emit for a long name): copies VALUE into `f`. */
 static int
-parse_plain(const unsigned char *h, PlainFile *f)
+pax_path_only(const unsigned char *body, unsigned long long size, PlainFile *f)
 {
-    unsigned long long mode, uid, gid, size, mtime, stored;
-    char type = h[156];
-    if (type != '0' && type != 0 && type != '7')
+    static const char key[] = "path=";
+    unsigned long long length = 0, i = 0;
+    while (i < size && i < 20 && body[i] >= '0' && body[i] <= '9')
+        length = length * 10 + (body[i++] - '0');
+    if (i == 0 || i >= size || body[i] != ' ' || length != size || body[size - 1] != '\n')
         return 0;
-    if (!plain_octal(h + 100, 7, &mode) || !plain_octal(h + 108, 7, &uid) ||
-        !plain_octal(h + 116, 7, &gid) || !plain_octal(h + 124, 11, &size) ||
-        !plain_octal(h + 136, 11, &mtime) || !plain_octal(h + 148, 6, &stored) ||
-        (h[155] != 0 && h[155] != ' '))
+    i++;
+    if (size - i < sizeof key || memcmp(body + i, key, sizeof key - 1) != 0)
         return 0;
-    if (!checksum_ok(h, stored))
+    i += sizeof key - 1;
+    size_t len = (size_t)(size - 1 - i);
+    if (len > MAX_PAX_PATH || memchr(body + i, 0, len) != NULL)
         return 0;
+    memcpy(f->path, body + i, len);
+    f->path[len] = 0;
+    f->path_len = len;
+    return 1;
+}
+
+/* The name a ustar (or older) header gives, into `f`. */
+static void
+header_path(const unsigned char *h, PlainFile *f)
+{
     size_t name_len = strnlen((const char *)h, 100);
     size_t prefix_len = 0;
     if (memcmp(h + 257, "ustar\0", 6) == 0)
@@ -111,14 +148,48 @@ parse_plain(const unsigned char *h, PlainFile *f)
     memcpy(f->path + f->path_len, h, name_len);
     f->path_len += name_len;
     f->path[f->path_len] = 0;
+}
+
+static unsigned long long
+padded(unsigned long long size)
+{
+    return (size + BLOCK - 1) / BLOCK * BLOCK;
+}
+
+/* If the member at `buf[pos]` (a pax header giving only its path, then a
+ * regular file's header, or the file's header alone) is a plain regular file
+ * whose body is in the buffer, fill `f` and return where its body starts;
+ * else -1. */
+static Py_ssize_t
+parse_plain(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos, PlainFile *f)
+{
+    Header hd;
+    int named_by_pax = 0;
+    if (len - pos < BLOCK || !plain_header(buf + pos, &hd))
+        return -1;
+    if (hd.type == 'x') {
+        if (hd.size > MAX_PAX_PATH + 32 || (unsigned long long)(len - pos) < BLOCK + padded(hd.size) + BLOCK ||
+            !pax_path_only(buf + pos + BLOCK, hd.size, f))
+            return -1;
+        pos += BLOCK + (Py_ssize_t)padded(hd.size);
+        named_by_pax = 1;
+        if (!plain_header(buf + pos, &hd))
+            return -1;
+    }
+    if (hd.type != '0' && hd.type != 0 && hd.type != '7')
+        return -1;
+    if (!named_by_pax)
+        header_path(buf + pos, f);
     if (!already_normal(f->path, f->path_len))
-        return 0;
-    f->mode = (unsigned int)(mode & 07777);
-    f->uid = (unsigned int)uid;
-    f->gid = (unsigned int)gid;
-    f->size = size;
-    f->mtime = (long long)mtime;
-    return 1;
+        return -1;
+    if (padded(hd.size) > (unsigned long long)(len - pos - BLOCK))
+        return -1;                                  /* the body is not all here yet */
+    f->mode = (unsigned int)(hd.mode & 07777);
+    f->uid = (unsigned int)hd.uid;
+    f->gid = (unsigned int)hd.gid;
+    f->size = hd.size;
+    f->mtime = (long long)hd.mtime;
+    return pos + BLOCK;
 }
 
 /* Write, own, stamp and close a new file; the GIL is not held.
@@ -193,10 +264,8 @@ create_plain_files(PyObject *Py_UNUSED(module), PyObject *args)
     const unsigned char *buf = view.buf;
     Py_ssize_t created = 0;
     PlainFile f;
-    while (pos >= 0 && view.len - pos >= BLOCK && parse_plain(buf + pos, &f)) {
-        unsigned long long padded = (f.size + BLOCK - 1) / BLOCK * BLOCK;
-        if (padded > (unsigned long long)(view.len - pos - BLOCK))
-            break;                                  /* the body is not all here yet */
+    Py_ssize_t body;
+    while (pos >= 0 && (body = parse_plain(buf, view.len, pos, &f)) >= 0) {
         int plain = not_a_whiteout(classify, &f);
         if (plain < 0)
             goto error;
@@ -205,7 +274,7 @@ create_plain_files(PyObject *Py_UNUSED(module), PyObject *args)
         int fd, err;
         Py_BEGIN_ALLOW_THREADS
         fd = open(f.path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, f.mode);
-        err = fd < 0 ? 0 : fill_file(fd, &f, (const char *)buf + pos + BLOCK);
+        err = fd < 0 ? 0 : fill_file(fd, &f, (const char *)buf + body);
         Py_END_ALLOW_THREADS
         if (fd < 0)
             break;              /* taken, or no parent: dkr.extract clears the way */
@@ -220,7 +289,7 @@ create_plain_files(PyObject *Py_UNUSED(module), PyObject *args)
             goto error;
         }
         Py_DECREF(path);
-        pos += BLOCK + (Py_ssize_t)padded;
+        pos = body + (Py_ssize_t)padded(f.size);
         created++;
     }
     PyBuffer_Release(&view);

@@ -64,6 +64,17 @@ def _pax_header_of(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+class _GnuTarInfo(tarfile.TarInfo):
+    def tobuf(self, format=None, encoding="utf-8", errors="surrogateescape"):
+        return super().tobuf(tarfile.GNU_FORMAT, encoding, errors)
+
+
+def _gnu_long_name(name: str) -> tarfile.TarInfo:
+    info = _GnuTarInfo(name)
+    info.size = 1
+    return info
+
+
 def _bad_checksum(tar: bytes, at: int) -> bytes:
     out = bytearray(tar)
     out[at] ^= 1                        # in the name: parsing would go on undisturbed
@@ -76,7 +87,11 @@ DECLINED = {
     "a whiteout": lambda: [images.Whiteout("a")],
     "an opaque marker": lambda: [images.Opaque("d")],
     "a pax header": lambda: [images.Raw(_pax_header_of(images.File("b", b"1").tarinfo()), b"1")],
-    "a long name": lambda: [images.File("n" * 120, b"1")],
+    "a GNU long name": lambda: [images.Raw(_gnu_long_name("n" * 120), b"1")],
+    "a pax path and more": lambda: [images.File("n" * 120, b"1", mtime=1.5)],
+    "a pax path with ..": lambda: [images.File("d/" + "n" * 120 + "/../b", b"1")],
+    "a pax-named whiteout": lambda: [images.Whiteout("d/" + "n" * 120)],
+    "a pax-named directory": lambda: [images.Dir("n" * 120)],
     "a name with ./": lambda: [images.File("./b", b"1")],
     "a name with ..": lambda: [images.File("d/../b", b"1")],
     "a name with //": lambda: [images.File("d//b", b"1")],
@@ -100,6 +115,20 @@ def test_it_stops_before_a_member_it_does_not_take(in_tmp, classify, case):
     assert sorted(os.listdir()) == ["a", "d", "taken"]
     assert os.listdir("d") == []
     assert os.path.getsize("taken") == 0
+
+
+def test_a_long_name_in_a_pax_header_of_its_own_is_taken(in_tmp, classify):
+    """What tar writers do for names over 100 bytes: a pax header with only "path"."""
+    os.makedirs("d/" + "e" * 90)
+    long_name = "d/" + "e" * 90 + "/" + "f" * 60
+    tar = images.Layer([images.File(long_name, b"long", mode=0o640), images.File("z", b"z")]).tar
+    assert tar[156:157] == b"x"                      # (the layer starts with a pax header)
+    added: set[bytes] = set()
+    pos, created = _tarcore.create_plain_files(tar, 0, classify, added)
+    assert (pos, created) == (len(tar) - 1024, 2)
+    assert added == {long_name.encode(), b"z"}
+    assert open(long_name, "rb").read() == b"long"
+    assert stat.S_IMODE(os.lstat(long_name).st_mode) == 0o640
 
 
 def test_it_stops_at_a_checksum_that_does_not_add_up_and_at_a_short_body(in_tmp, classify):
