@@ -92,8 +92,9 @@ class ExtractorChild:
 
     Its stdin is a pipe we hold the (non-blocking) write end of: first the job
     as one JSON line (two for a job started before its tree), then either the
-    blob's bytes or, for a spool file, wake-ups whenever the file grew. Its stdout is a pipe for the one-line
-    report. It is not our child: a pidfd lets us wait for it and kill it.
+    blob's bytes or, for a spool file, wake-ups whenever the file grew. Its
+    stdout is a pipe for the one-line report. It is not our child: a pidfd
+    lets us wait for it and kill it.
     """
 
     def __init__(self, pidfd: int, control_fd: int, report_fd: int):
@@ -108,6 +109,11 @@ class ExtractorChild:
         # A pipe with room for many lines: this never waits.
         write_all(self.control_fd, memoryview(line))
         os.set_blocking(self.control_fd, False)
+
+    def hand_over_stdin(self) -> int:
+        """Its stdin, which the caller owns (and closes) from now on."""
+        control_fd, self.control_fd = self.control_fd, -1
+        return control_fd
 
     def close_stdin(self) -> None:
         if self.control_fd >= 0:
@@ -291,8 +297,7 @@ class LayerUnpacker:
             job["stage"] = str(self.stage)
         extractor.send({"root": str(self.root), "format": self.layer_format,
                         "max_bytes": self.max_bytes, **job})
-        control_fd, extractor.control_fd = extractor.control_fd, -1
-        return control_fd
+        return extractor.hand_over_stdin()
 
     async def start(self) -> PipeSink:
         """Extract from a pipe: the returned Sink takes the blob's bytes."""
@@ -322,8 +327,7 @@ class LayerUnpacker:
             self.proc.send({"root": str(root)})
         except BrokenPipeError:
             pass                      # it died: its verdict says why
-        control_fd, self.proc.control_fd = self.proc.control_fd, -1
-        return control_fd
+        return self.proc.hand_over_stdin()
 
     async def replay(self, root: Path) -> dict:
         """Pass 2 of a staged layer: apply it to ``root``; returns the child's report."""
