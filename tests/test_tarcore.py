@@ -183,15 +183,16 @@ def test_with_and_without_it_a_layer_makes_the_same_tree(in_tmp, classify):
     stream whose read chunks end inside members."""
     entries = [images.Dir("etc", mode=0o2750, gid=5)]
     for i in range(400):
-        entries.append(images.File(f"etc/f{i}", os.urandom(i * 37 % 9000), mode=0o640 | (i % 3) << 10,
-                                   uid=i % 3, gid=i % 5, mtime=1_600_000_000 + i))
+        entries.append(images.File(f"etc/f{i}", os.urandom(i * 37 % 9000),
+                                   mode=0o640 | (i % 3) << 10, uid=i % 3, gid=i % 5,
+                                   mtime=1_600_000_000 + i))
     entries += [images.File("etc/f1", b"again"),               # replaces a file: name taken
                 images.Hardlink("etc/link", "etc/f2"),
                 images.Whiteout("etc/f3"),
                 images.File("deep/er/file", b"parents made by Python"),
                 images.File("etc/big", os.urandom(3 * tarstream.CHUNK // 2)),
                 images.Symlink("etc/f4", "f5"),                  # a symlink replaces a file
-                images.File("etc/x" * 30, b"long"),
+                images.File("etc/" + "x" * 150, b"long"),
                 images.File("etc/tail", b"after it all")]
     tar = images.Layer(entries).tar
     (in_tmp / "fast").mkdir()
@@ -201,6 +202,15 @@ def test_with_and_without_it_a_layer_makes_the_same_tree(in_tmp, classify):
     os.chdir(in_tmp / "slow")
     slow_entries = _extract_here(tar, classify, fast=False)
     assert fast_entries == slow_entries
-    fast, slow = tree_snapshot(in_tmp / "fast", mtimes=True), tree_snapshot(in_tmp / "slow", mtimes=True)
+    fast = _stamped_by_the_layer(tree_snapshot(in_tmp / "fast", mtimes=True))
+    slow = _stamped_by_the_layer(tree_snapshot(in_tmp / "slow", mtimes=True))
     assert diff_trees(fast, slow, "fast", "slow") == []
     assert len(fast) > 400
+
+
+def _stamped_by_the_layer(snapshot: dict) -> dict:
+    """The root and the parents a layer does not name get the time of extraction:
+    two extractions a second apart differ there, whichever path made them."""
+    unnamed = {".", "deep", "deep/er"}
+    return {path: entry._replace(mtime=None) if path in unnamed else entry
+            for path, entry in snapshot.items()}
