@@ -51,8 +51,9 @@ typedef struct {
 } Header;
 
 /* A pax header may give a path of up to this many bytes; longer ones take
- * the Python path. */
+ * the Python path. Its record adds "LENGTH path=" and a newline. */
 #define MAX_PAX_PATH 4096
+#define MAX_PAX_RECORD (MAX_PAX_PATH + 32)
 
 typedef struct {
     unsigned int mode, uid, gid;
@@ -168,9 +169,10 @@ parse_plain(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos, PlainFile 
     if (len - pos < BLOCK || !plain_header(buf + pos, &hd))
         return -1;
     if (hd.type == 'x') {
-        if (hd.size > MAX_PAX_PATH + 32 || (unsigned long long)(len - pos) < BLOCK + padded(hd.size) + BLOCK ||
+        if (hd.size > MAX_PAX_RECORD ||
+            (unsigned long long)(len - pos) < BLOCK + padded(hd.size) + BLOCK ||
             !pax_path_only(buf + pos + BLOCK, hd.size, f))
-            return -1;
+            return -1;                              /* (the file's header must be here too) */
         pos += BLOCK + (Py_ssize_t)padded(hd.size);
         named_by_pax = 1;
         if (!plain_header(buf + pos, &hd))
