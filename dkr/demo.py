@@ -25,8 +25,7 @@ def run_demo(image_root, backend: str = "auto") -> int:
     except ImportError as e:   # pragma: no cover - shipped with the package
         raise DkrError(f"demo support is missing: {e}") from None
     try:
-        registry = Registry()
-        registry.start()
+        registry = Registry()           # (started by its constructor)
     except (RegistryError, OSError) as e:
         raise DkrError(f"cannot start a local registry (is docker-registry installed?): {e}") from None
     try:

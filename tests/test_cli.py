@@ -25,3 +25,23 @@ def test_a_usage_error_is_one_line_and_status_2():
     assert run.rc == 2
     assert run.err.splitlines() == [
         "dkr: error: argument --jobs: expected one argument (see 'dkr pull --help')"]
+
+
+def _registry_servers() -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"docker-registry\0serve\0"):
+                    found.add(int(pid))
+        except OSError:
+            pass                          # gone meanwhile
+    return found
+
+
+def test_the_demo_pulls_its_sample_and_leaves_no_registry_running(tmp_path):
+    before = _registry_servers()
+    run = run_dkr("demo", "--image-root", tmp_path, "--backend", "dir")
+    assert run.rc == 0, run.err
+    assert (tmp_path / "sample" / "etc").is_dir()
+    assert _registry_servers() - before == set()

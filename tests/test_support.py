@@ -336,6 +336,17 @@ def test_tls_registry(tmp_path):
     assert ca.cert_path.exists() and all(p.exists() for p in ca.issue("other"))
 
 
+def test_a_registry_started_twice_runs_one_server(tmp_path):
+    registry = Registry(workdir=tmp_path)
+    first = registry.proc
+    try:
+        assert registry.start() is registry
+        assert registry.proc is first and first.poll() is None
+    finally:
+        registry.stop()
+    assert first.poll() is not None
+
+
 def test_registry_start_failure_is_clear(tmp_path):
     reg = Registry(start=False)
     reg.cert_path = reg.key_path = tmp_path / "missing.pem"     # TLS files that do not exist

@@ -413,6 +413,10 @@ class Registry:
         return f"{self.scheme}://{self.host}"
 
     def start(self, timeout: float = 20.0):
+        """Start the server (the constructor does, unless told not to); once is enough:
+        a second call must not leave the first server running untracked."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         if shutil.which(REGISTRY_BIN) is None:
             raise RegistryError(f"{REGISTRY_BIN} not found (Debian package docker-registry)")
         # free_port() can race with another process; retry with a new port.
