@@ -468,6 +468,7 @@ class Puller:
 
     async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan,
                                unpacker: LayerUnpacker) -> dict:
+        await blob.entered()           # (not holding a slot meanwhile: see _SpooledFill.start)
         async with self._extractors:
             wake_fd = await unpacker.start_following(blob.path, blob.size)
             return await self._followed(blob, layer, unpacker, wake_fd)
@@ -611,11 +612,16 @@ class _SpooledFill:
     async def start(self) -> None:
         if self._staged():
             return
-        await self.puller._extractors.acquire()
+        blob = self.take_blob()
         try:
-            blob = self.take_blob()
+            # An extractor slot is taken only by a blob that has its room in the spool:
+            # slots held by blobs waiting for room that the others cannot give up
+            # before they get a slot would wait for one another for ever.
+            self.puller.spool.hurry(blob)
+            await blob.entered()
+            await self.puller._extractors.acquire()
         except BaseException:
-            self.puller._extractors.release()
+            self.puller.spool.release(blob, keep_partial=True)
             raise
         unpacker = LayerUnpacker(None, self.layer_format, self.puller.extractor_pool)
         self._ahead = (blob, unpacker)

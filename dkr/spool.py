@@ -94,11 +94,19 @@ class SpooledBlob:
         self.size = size
         self.path, self.fd = _open_locked(directory, digest_hex(digest))
         self.sink = SpoolSink(self.fd, self.path)
-        self.done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
         self.done.add_done_callback(retrieved)
         self.task: asyncio.Task | None = None
         self.users = 0
         self.admitted = False
+        self.urgent = False               # a layer waits for it: admit it past the limit
+        self._entered = loop.create_future()
+
+    async def entered(self) -> None:
+        """Until the download has its room in the spool, or is over."""
+        if not (self._entered.done() or self.done.done()):
+            await asyncio.wait({self._entered, self.done}, return_when=asyncio.FIRST_COMPLETED)
 
     def resume_point(self) -> tuple[int, "hashlib._Hash"]:
         """How much of an earlier attempt is already here, with its hash so far."""
@@ -156,10 +164,11 @@ class Spool:
     """All spooled blobs of one image root; each digest is downloaded once.
 
     ``limit`` bounds the bytes spooled at once: a download starts only when its
-    blob fits beside the others (or when nothing else is spooled, so the next
-    layer can always proceed). Downloads are admitted in the order they were
-    asked for, which is layer order, so the layer extracted next is never
-    starved by ones behind it.
+    blob fits beside the others, or when nothing else is spooled. Downloads
+    are admitted in the order they were asked for, which is layer order, so
+    the layer extracted next is never starved by ones behind it. A blob that
+    a layer is ready to extract is admitted at once (``hurry``): the blobs
+    that fill the spool may be waiting for that very layer.
     """
 
     def __init__(self, directory: Path, limit: int | None = None):
@@ -182,9 +191,19 @@ class Spool:
                 self._queue.remove(blob)
             self.in_use += blob.size
             blob.admitted = True
+            blob._entered.set_result(None)
             self._admission.notify_all()
 
+    def hurry(self, blob: SpooledBlob) -> None:
+        """A layer is ready to extract ``blob``: let it in past the limit."""
+        if not blob.urgent:
+            blob.urgent = True
+            if self._admission is not None:
+                asyncio.ensure_future(self._wake())
+
     def _fits(self, blob: SpooledBlob) -> bool:
+        if blob.urgent:
+            return True
         if self._queue[0] is not blob:
             return False
         return self.limit is None or self.in_use == 0 or self.in_use + blob.size <= self.limit

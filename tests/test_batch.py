@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -101,6 +102,30 @@ def test_spool_limit_keeps_downloads_behind_extraction(shared_base, registry, im
     for earlier, later in zip(downloads, downloads[1:]):
         assert order.index(("layer-extracted", earlier)) < order.index(("download-done", later)), \
             order
+    assert list((image_root / ".dkr" / "partial").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def apps_apart(registry):
+    """More images than extractor slots, two layers each, none shared."""
+    count = (os.cpu_count() or 2) + 1
+    for n in range(count):
+        images.push_image(registry, f"apart/app{n}", "latest", Image([
+            Layer([File(f"a{n}/{i}", bytes([n, i]) * 4000) for i in range(20)]),
+            Layer([File(f"b{n}", f"app {n}".encode())])]))
+    return count
+
+
+def test_a_tight_spool_limit_does_not_stall_a_batch(apps_apart, registry, image_root, tmp_path):
+    """Blobs wait for room in the spool, layers for an extractor slot: no layer
+    may hold a slot while its blob waits for room that the others hold."""
+    listing = tmp_path / "images.txt"
+    listing.write_text("".join(f"{registry.host}/apart/app{n} m{n}\n" for n in range(apps_apart)))
+    assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                      "--spool-limit", "1", "--batch", listing, timeout=60))
+    for n in range(apps_apart):
+        assert (image_root / f"m{n}" / f"b{n}").read_bytes() == f"app {n}".encode()
+        assert (image_root / f"m{n}" / f"a{n}" / "7").read_bytes() == bytes([n, 7]) * 4000
     assert list((image_root / ".dkr" / "partial").iterdir()) == []
 
 
