@@ -92,8 +92,6 @@ def _backend(name: str | None, what: str) -> StorageBackend:
     return found
 
 
-def _layer_paths(root: ImageRoot, info: dict) -> list[Path]:
-    return [root.layer_path(key) for key in info.get("layers", [])]
 
 
 @contextmanager
@@ -248,7 +246,7 @@ def _deactivate_all(root: ImageRoot, plan: list) -> None:
             for prev_local, prev_backend, prev_info in reversed(done):
                 try:
                     prev_backend.activate_machine(root.machine_path(prev_local),
-                                                  _layer_paths(root, prev_info))
+                                                  root.machine_layers(prev_info))
                 except (DkrError, OSError) as e:
                     log.warning("Could not mount %s again: %s", prev_local, e)
             raise
@@ -291,7 +289,7 @@ def cmd_mount(args) -> int:
                 raise DkrError(f"machine directory {machine} is missing")
             was = _is_mount_point(machine)
             with _wrap_os_error(f"cannot mount machine {local}"):
-                backend.activate_machine(machine, _layer_paths(root, info))
+                backend.activate_machine(machine, root.machine_layers(info))
             if was:
                 log.info("Machine %s is already mounted.", local)
             elif _is_mount_point(machine):

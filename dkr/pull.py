@@ -513,14 +513,7 @@ class Puller:
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
-                if os.path.lexists(machine):
-                    old_backend = self._machine_backend(local, backend)
-                    old_backend.deactivate_machine(machine)
-                    exchange_paths(tmp, machine)      # never a moment without a machine
-                    old_backend.remove(tmp)
-                else:
-                    os.rename(tmp, machine)
-                backend.activate_machine(machine, layers)
+                self._put_in_place(local, tmp, layers, backend)
             except BaseException:
                 if os.path.lexists(tmp):
                     backend.remove(tmp)
@@ -529,6 +522,42 @@ class Puller:
                 **record, "local": local, "backend": backend.name, "created": _now()})
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began)
+
+    def _put_in_place(self, local: str, tmp: Path, layers: list[Path],
+                      backend: StorageBackend) -> None:
+        """Move the new machine ``tmp`` to ``IMAGE_ROOT/LOCAL`` and activate it there.
+
+        A machine already there is swapped out, and removed only once the new
+        one is active. If activating fails, the new machine goes back to
+        ``tmp`` (the caller removes it) and an old one is back as it was.
+        """
+        machine = self.root.machine_path(local)
+        old = None
+        if os.path.lexists(machine):
+            old = self._machine_backend(local, backend)
+            old_layers = self.root.machine_layers(self.root.machine_info(local) or {})
+            old.deactivate_machine(machine)
+            exchange_paths(tmp, machine)      # never a moment without a machine
+        else:
+            os.rename(tmp, machine)
+        try:
+            backend.activate_machine(machine, layers)
+        except BaseException:
+            try:
+                backend.deactivate_machine(machine)    # in case it got that far
+            except Exception:
+                pass
+            if old is None:
+                os.rename(machine, tmp)
+            else:
+                exchange_paths(tmp, machine)
+                try:
+                    old.activate_machine(machine, old_layers)
+                except Exception as e:     # the first failure is the one to report
+                    log.warning("Machine %s is back, but not active: %s", local, e)
+            raise
+        if old is not None:
+            old.remove(tmp)
 
     def _machine_backend(self, local: str, default: StorageBackend) -> StorageBackend:
         """The backend that made an existing machine (it knows how to take it down)."""

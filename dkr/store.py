@@ -32,7 +32,9 @@ MACHINE_TMP_PREFIX = ".dkr-local-"
 
 class ImageRoot:
     def __init__(self, path: Path | str):
-        self.path = Path(path)
+        # Absolute: backends may change directory (an overlay mount does) and
+        # must still find every layer.
+        self.path = Path(os.path.abspath(path))
         self.meta = self.path / ".dkr"
 
     def prepare(self) -> None:
@@ -79,11 +81,12 @@ class ImageRoot:
     def read_json(self, relative: str) -> dict | None:
         try:
             with open(self.meta / relative) as f:
-                return json.load(f)
+                value = json.load(f)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
             raise DkrError(f"unreadable metadata {self.meta / relative}: {e}") from None
+        return value
 
     def save_blob(self, digest: str, data: bytes) -> None:
         path = self.meta / "blobs" / "sha256" / digest_hex(digest)
@@ -103,6 +106,10 @@ class ImageRoot:
 
     def machine_info(self, local: str) -> dict | None:
         return self.read_json(f"machines/{local}.json")
+
+    def machine_layers(self, info: dict) -> list[Path]:
+        """The layers a machine record names, base first."""
+        return [self.layer_path(key) for key in info.get("layers", [])]
 
     def machines(self) -> list[dict]:
         found = []

@@ -189,6 +189,12 @@ def unmount(target: Path) -> None:
 
 # --- the backend -------------------------------------------------------------------
 
+def _check_stack(layers: Sequence[Path]) -> None:
+    if len(layers) > MAX_STACK:
+        raise DkrError(f"the image has {len(layers)} layers; an overlay mount stacks "
+                       f"at most {MAX_STACK} (use --backend btrfs or dir)")
+
+
 def _machine_name(path: Path) -> str:
     """LOCAL from ``IMAGE_ROOT/LOCAL`` or ``IMAGE_ROOT/.dkr-local-LOCAL.tmp-XXXX``."""
     name = path.name
@@ -238,6 +244,7 @@ class OverlayBackend:
         return path.parent / ".dkr" / "overlay" / _machine_name(path) / state_id
 
     def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
+        _check_stack(layers)
         import secrets    # here: every start of the extractors' server loads this module
         state_id = secrets.token_hex(8)
         try:
@@ -262,9 +269,7 @@ class OverlayBackend:
         if mounted is not None:
             raise DkrError(f"{path} has a {mounted} file system mounted on it, not an overlay")
         state = self._state(path)
-        if len(layers) > MAX_STACK:
-            raise DkrError(f"the image has {len(layers)} layers; an overlay mount stacks "
-                           f"at most {MAX_STACK} (use --backend btrfs or dir)")
+        _check_stack(layers)
         for layer in layers:
             if not layer.is_dir():
                 raise DkrError(f"machine {path.name} needs layer {layer.name}, which is missing "

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from contextlib import ExitStack
 
 import pytest
-from helpers import (assert_clean_failure, assert_ok, pull, run_dkr,
-                     write_into_one_of_two)
+from helpers import (assert_clean_failure, assert_ok, backend_registered_by_hand, pull,
+                     run_dkr, temp_entries, write_into_one_of_two)
 
 from dkr.errors import DkrError
 from dkr.testing import images, loopfs
@@ -143,6 +145,58 @@ def test_force_and_remove_clean_up_the_upper_dir(registry, root):
     assert not (root / ".dkr" / "machines" / "box.json").exists()
 
 
+def test_a_machine_that_cannot_be_mounted_leaves_the_old_one_as_it_was(registry, root):
+    """Activating the new machine fails (here: a backend whose mounts the kernel
+    refuses): the old machine, its writes and its record stay; nothing new stays."""
+    from dkr import api
+
+    class Refused(overlay.OverlayBackend):
+        name = "overlay-refused"
+
+        def activate_machine(self, path, layers):
+            raise DkrError(f"cannot mount machine {path.name}: refused")
+
+    images.push_image(registry, "ovl/keep", "v1", Image([Layer([File("version", b"1")])]))
+    images.push_image(registry, "ovl/keep", "v2", Image([Layer([File("version", b"2")])]))
+    assert_ok(pull(registry, "ovl/keep:v1", root, local="box"))
+    (root / "box" / "mine").write_text("keep me")
+    before = record(root, "box")
+    options = api.PullOptions(image_root=root, backend="overlay-refused", insecure=True,
+                              force=True)
+    with backend_registered_by_hand(Refused(), "refused-test"):
+        for local in ("box", "fresh"):
+            with pytest.raises(DkrError, match="refused"):
+                api.pull(f"{registry.host}/ovl/keep:v2", local, options=options)
+    assert overlay.mount_type(root / "box") == "overlay"
+    assert (root / "box" / "version").read_bytes() == b"1"
+    assert (root / "box" / "mine").read_text() == "keep me"
+    assert record(root, "box") == before and len(state_dirs(root, "box")) == 1
+    assert not os.path.lexists(root / "fresh") and state_dirs(root, "fresh") == []
+    assert not (root / ".dkr" / "machines" / "fresh.json").exists()
+    assert temp_entries(root) == []
+
+
+def test_too_many_layers_fail_before_the_machine_is_touched(registry, root):
+    images.push_image(registry, "ovl/tall", "v1", Image([Layer([File("version", b"1")])]))
+    tall = Image([Layer([File(f"f{i}", b"x")]) for i in range(overlay.MAX_STACK + 1)])
+    images.push_image(registry, "ovl/tall", "v2", tall)
+    assert_ok(pull(registry, "ovl/tall:v1", root, local="tall"))
+    failed = pull(registry, "ovl/tall:v2", root, "--force", local="tall")
+    assert_clean_failure(failed, root, r"stacks at most 500")
+    assert (root / "tall" / "version").read_bytes() == b"1"
+    assert overlay.mount_type(root / "tall") == "overlay"
+
+
+def test_a_relative_image_root_works(registry, root):
+    images.push_image(registry, "ovl/here", "latest", Image([Layer([File("f", b"here")])]))
+    run = subprocess.run([sys.executable, "-m", "dkr", "pull", "--insecure", "--image-root",
+                          root.name, f"{registry.host}/ovl/here", "here"], cwd=root.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert overlay.mount_type(root / "here") == "overlay"
+    assert (root / "here" / "f").read_bytes() == b"here"
+
+
 def test_busy_machine_is_not_removed(registry, root):
     images.push_image(registry, "ovl/busy", "latest", Image([Layer([File("f", b"data")])]))
     assert_ok(pull(registry, "ovl/busy", root, local="busy"))
@@ -181,7 +235,10 @@ def test_too_many_layers_is_a_clear_error(root):
     for i in range(overlay.MAX_STACK + 1):
         layers.append(root / f".dkr-{i:064x}")
         layers[-1].mkdir()
-    backend.create_machine(machine, layers)
+    with pytest.raises(DkrError, match=r"has 501 layers; an overlay mount stacks at most 500"):
+        backend.create_machine(machine, layers)
+    assert not os.path.lexists(machine)
+    backend.create_machine(machine, layers[:-1])
     with pytest.raises(DkrError, match=r"has 501 layers; an overlay mount stacks at most 500"):
         backend.activate_machine(machine, layers)
     # Without lowerdir+ (before Linux 6.8) one page of options is the limit.
