@@ -86,6 +86,8 @@ class ImageRoot:
             return None
         except (OSError, ValueError) as e:
             raise DkrError(f"unreadable metadata {self.meta / relative}: {e}") from None
+        if not isinstance(value, dict):
+            raise DkrError(f"unreadable metadata {self.meta / relative}: not a JSON object")
         return value
 
     def save_blob(self, digest: str, data: bytes) -> None:

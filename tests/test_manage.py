@@ -115,6 +115,16 @@ def test_unknown_machine_is_an_error(populated):
     assert (populated / "first" / "etc" / "base").exists()
 
 
+def test_a_record_that_is_not_an_object_is_a_clear_error(image_root):
+    records = image_root / ".dkr" / "machines"
+    records.mkdir(parents=True)
+    (records / "odd.json").write_text("[1]")
+    for command in (["list"], ["inspect", "odd"], ["remove", "odd"], ["gc"], ["mount", "odd"]):
+        failed = dkr(image_root, *command)
+        assert_clean_failure(failed, image_root, r"unreadable metadata .*odd\.json: not a JSON object")
+    assert (records / "odd.json").read_text() == "[1]"
+
+
 def test_mount_needs_a_name(image_root):
     assert_clean_failure(dkr(image_root, "mount"), image_root, r"give LOCAL or --all")
     assert_clean_failure(dkr(image_root, "umount", "--all", "x"), image_root, r"not both")
