@@ -152,7 +152,7 @@ class Authenticator:
 
     async def _fetch_token(self, scope: str) -> str:
         realm = self._challenge.get("realm", "")
-        if urlsplit(realm).scheme not in ("http", "https"):
+        if _scheme(realm) not in ("http", "https"):
             raise DkrError(f"{self.registry}: token realm {realm!r} is not an http(s) URL")
         query = {"scope": scope}
         if "service" in self._challenge:
@@ -176,3 +176,10 @@ class Authenticator:
         margin = min(REFRESH_MARGIN, lifetime / 2)
         self._tokens[scope] = (token, time.monotonic() + lifetime - margin)
         return token
+
+
+def _scheme(url: str) -> str | None:
+    try:
+        return urlsplit(url).scheme
+    except ValueError:                     # e.g. an unclosed IPv6 bracket
+        return None

@@ -16,6 +16,10 @@ from .events import Events, JsonRenderer, StatsRenderer, log_renderer
 from .v2 import parse_platform
 
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
+# Upper bounds: libcurl takes these as C longs, and nothing sensible needs more.
+MAX_JOBS = 1024
+MAX_RETRIES = 1000
+MAX_STALL = 7 * 24 * 3600
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -148,10 +152,11 @@ def _events(args) -> tuple[Events, StatsRenderer | None]:
 
 
 def cmd_pull(args) -> int:
-    if args.jobs < 1:
-        raise DkrError("--jobs must be at least 1")
-    if args.retries < 0 or args.stall_timeout < 1:
-        raise DkrError("--retries must be 0 or more and --stall-timeout at least 1")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise DkrError(f"--jobs must be 1 to {MAX_JOBS}")
+    if not 0 <= args.retries <= MAX_RETRIES or not 1 <= args.stall_timeout <= MAX_STALL:
+        raise DkrError(f"--retries must be 0 to {MAX_RETRIES} and --stall-timeout "
+                       f"1 to {MAX_STALL} seconds")
     if args.batch and (args.reference is not None or args.local or args.v1):
         raise DkrError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
     if not args.batch and args.reference is None:

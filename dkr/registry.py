@@ -168,8 +168,11 @@ class RegistryClient:
         return parts.scheme == self.scheme and parts.netloc == self.host
 
     def _redirect_target(self, current: str, location: str, what: str) -> str:
-        target = urljoin(current, location)
-        scheme = urlsplit(target).scheme
+        try:
+            target = urljoin(current, location)
+            scheme = urlsplit(target).scheme
+        except ValueError:                 # e.g. an unclosed IPv6 bracket
+            raise DkrError(f"{what}: redirected to an invalid URL {location!r}") from None
         if scheme not in ("http", "https"):
             raise DkrError(f"{what}: redirected to unsupported URL scheme {scheme!r}")
         if urlsplit(current).scheme == "https" and scheme == "http" and not self.options.insecure:

@@ -194,8 +194,11 @@ class V1Session:
 
 def index_base(url: str, insecure: bool) -> str:
     """The index URL without a trailing slash, as the seed kept it."""
-    parts = urlsplit(url)
-    if (parts.scheme not in ("http", "https") or not host_is_valid(parts.netloc)
+    try:
+        parts = urlsplit(url)
+    except ValueError:                     # e.g. an unclosed IPv6 bracket
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not host_is_valid(parts.netloc)
             or parts.query or parts.fragment or "#" in url or "?" in url
             or any(c.isspace() or not c.isprintable() for c in url)):
         raise DkrError(f"invalid index URL {_quote(url)}: want https://HOST[:PORT][/PATH]")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from helpers import run_dkr
+import pytest
+from helpers import assert_clean_failure, run_dkr
 
 
 def test_help_wraps_to_the_width_columns_gives():
@@ -25,6 +26,23 @@ def test_a_usage_error_is_one_line_and_status_2():
     assert run.rc == 2
     assert run.err.splitlines() == [
         "dkr: error: argument --jobs: expected one argument (see 'dkr pull --help')"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--jobs", "99999999999999999999", r"--jobs must be 1 to 1024"),
+    ("--jobs", "0", r"--jobs must be 1 to 1024"),
+    ("--stall-timeout", "99999999999999999999", r"--stall-timeout 1 to 604800 seconds"),
+    ("--retries", "-1", r"--retries must be 0 to 1000"),
+])
+def test_numbers_out_of_range_are_one_line_errors(tmp_path, option, value, message):
+    run = run_dkr("pull", "--image-root", tmp_path / "root", option, value, "127.0.0.1:1/x/y")
+    assert_clean_failure(run, tmp_path / "root", message)
+
+
+def test_an_index_url_that_does_not_parse_is_a_clear_error(tmp_path):
+    run = run_dkr("pull", "--image-root", tmp_path / "root", "--v1", "--index-url",
+                  "https://[::1", "library/x")
+    assert_clean_failure(run, tmp_path / "root", r"invalid index URL")
 
 
 def _registry_servers() -> set[int]:

@@ -206,6 +206,18 @@ def test_failed_download_prints_no_traceback(proxy, image_root):
     assert_clean_failure(run, image_root, rf"layer {A}: registry answered 404", "img")
 
 
+@pytest.mark.parametrize("code, header, message", [
+    (307, ("Location", "http://[::1/elsewhere"), r"redirected to an invalid URL"),
+    (401, ("WWW-Authenticate", 'Bearer realm="https://[::1/token",service="x"'),
+     r"token realm .* is not an http\(s\) URL"),
+])
+def test_a_url_from_the_registry_that_does_not_parse_is_a_clear_error(proxy, image_root,
+                                                                       code, header, message):
+    proxy.add_fault(f"/blobs/{A}", "status", times=None, code=code, headers=dict([header]))
+    run = dkr_pull(proxy, image_root)
+    assert_clean_failure(run, image_root, message, "img")
+
+
 # --- verification: a bad blob fails, and never poisons the next pull -------------------------
 
 def test_corrupt_blob_fails_then_a_clean_pull_succeeds(proxy, image_root):
