@@ -67,13 +67,20 @@ _OCTAL = (8,) * 6
 
 
 def _number(field_: bytes, what: str) -> int:
-    """An octal field (space or NUL padded) or GNU base-256; never negative.
+    """An octal field (space or NUL padded) or GNU base-256.
 
-    int() alone would also take a sign or underscores: a size of -512 would
-    rewind the reader onto the same header, for ever.
+    Only an mtime may be negative (before 1970): a size of -512 would rewind
+    the reader onto the same header, for ever. (int() alone would also take
+    a sign or underscores.)
     """
-    if field_[0] & 0x80:                           # GNU base-256
-        return int.from_bytes(field_, "big", signed=False) & ~(0x80 << (8 * (len(field_) - 1)))
+    if field_[0] & 0x80:                           # GNU base-256: two's complement after the flag
+        bits = 8 * len(field_) - 1
+        value = int.from_bytes(field_, "big") & ((1 << bits) - 1)
+        if field_[0] & 0x40:
+            value -= 1 << bits
+            if what != "mtime":
+                raise TarError(f"negative {what} field in tar header")
+        return value
     text = field_.split(b"\0", 1)[0].strip(b" ")
     if text.isdigit():
         try:

@@ -120,6 +120,42 @@ def test_damaged_archives_end_with_a_tar_error_or_members(fmt):
         signal.signal(signal.SIGALRM, previous)
 
 
+def _gnu_member(**fields) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("old")
+        for name, value in fields.items():
+            setattr(info, name, value)
+        tar.addfile(info, io.BytesIO(b"x" * info.size))
+    return out.getvalue()
+
+
+def test_gnu_base_256_numbers_keep_their_sign():
+    """A file from before 1970: GNU tar writes its mtime as a negative base-256 number."""
+    data = _gnu_member(mtime=-86400, size=1, uid=8 ** 8)     # both past what octal can hold
+    assert data[136] == 0xff and data[108] == 0x80
+    [member] = _members(data)
+    assert member.mtime_ns == -86400 * 10 ** 9 and member.uid == 8 ** 8
+
+
+def test_a_negative_base_256_size_or_owner_is_a_tar_error():
+    for offset in (108, 124):
+        data = bytearray(_gnu_member(mtime=0, size=1))
+        data[offset:offset + 8] = b"\xff" * 8
+        _fix_checksums_gnu(data)
+        with pytest.raises(tarstream.TarError, match="negative"):
+            _members(bytes(data))
+
+
+def _fix_checksums_gnu(data: bytearray) -> None:
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+
+
+def _members(data: bytes) -> list:
+    return list(tarstream.TarReader(io.BytesIO(data)))
+
+
 def test_the_header_byte_sum_is_exact_for_any_block():
     """Checksums are summed through Adler-32 halves: exact only while no half can
     reach 65521, so all-0xff blocks (the largest sums) are among the cases."""
