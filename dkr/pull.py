@@ -114,6 +114,7 @@ class LayerClaim:
     tree: asyncio.Future
     lock: AsyncFlock | None = None
     owner: bool = True            # False: another image of this run builds it
+    sharers: int = 0              # other images of this run that wait for our build
 
 
 class Puller:
@@ -235,7 +236,8 @@ class Puller:
             return await _all_or_nothing([
                 self._v2_build(claim, index, plan, backend, client, prefetched, result,
                                claims[index - 1] if index else None)
-                for index, claim in enumerate(claims)])
+                for index, claim in enumerate(claims)],
+                spare=lambda index: self._still_shared(claims[index]))
         finally:
             for claim in claims:
                 self._abandon(claim)
@@ -280,7 +282,8 @@ class Puller:
         """Reuse layer ``key``, share its build with another image, or take it on."""
         shared = self._builds.get(key)
         if shared is not None:
-            return LayerClaim(key, shared.future, shared.tree, owner=False)
+            shared.sharers += 1
+            return LayerClaim(key, _follow(shared.future), _follow(shared.tree), owner=False)
         loop = asyncio.get_running_loop()
         future, tree = loop.create_future(), loop.create_future()
         future.add_done_callback(retrieved)
@@ -398,6 +401,15 @@ class Puller:
         self._remove_leftovers(key, backend)
         return await self.build_layer(claim, parent and LayerTree(parent), backend,
                                       TreeFill(fetch), meta, announce, result)
+
+    def _still_shared(self, claim: LayerClaim) -> bool:
+        """Our image failed: go on building ``claim`` if another image waits for it,
+        else let no other image join its build from now on (it is about to stop)."""
+        if claim.sharers:
+            return True
+        if self._builds.get(claim.key) is claim:
+            del self._builds[claim.key]
+        return False
 
     def _abandon(self, claim: LayerClaim, error: BaseException | None = None) -> None:
         """Release what a claim holds; a layer never built fails its waiters."""
@@ -733,13 +745,28 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
     return await tree
 
 
-async def _all_or_nothing(coroutines) -> list:
-    """Run side by side; on the first failure cancel the rest and wait for their cleanup."""
+def _follow(source: asyncio.Future) -> asyncio.Future:
+    """A future with ``source``'s outcome. An image that stops waiting cancels its
+    own: the build that another image shares goes on (and its futures with it)."""
+    follower = asyncio.shield(source)
+    follower.add_done_callback(retrieved)
+    return follower
+
+
+async def _all_or_nothing(coroutines, spare=lambda index: False) -> list:
+    """Run side by side; on the first failure cancel the rest and wait for their cleanup.
+
+    On a failure of our own (not a cancellation), ``spare(index)`` is asked
+    for each task still running: True keeps it (another image of a batch
+    waits for its work, and must not fail with us).
+    """
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
+    except BaseException as e:
+        ours = not isinstance(e, asyncio.CancelledError)
+        for index, task in enumerate(tasks):
+            if not (task.done() or (ours and spare(index))):
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from helpers import (assert_clean_failure, assert_ok, backend_registered_by_hand
 
 from dkr.errors import DkrError
 from dkr.testing import images, loopfs
+from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
 from dkr_plugins import overlay
@@ -195,6 +197,29 @@ def test_a_relative_image_root_works(registry, root):
     assert run.returncode == 0, run.stderr
     assert overlay.mount_type(root / "here") == "overlay"
     assert (root / "here" / "f").read_bytes() == b"here"
+
+
+def test_a_failing_image_does_not_take_a_shared_layer_down_with_it(registry, root, tmp_path):
+    """In a batch, broken builds the big base that app shares and fails at once on a
+    layer of its own (overlay extracts layers side by side): its failure stops its own
+    work, but not the base build that app waits for."""
+    base = [Layer([File("big", random.Random(4).randbytes(20_000_000))])]
+    own = Layer([File("broken", b"never")])
+    images.push_image(registry, "ovl/broken", "latest", Image(base + [own]))
+    images.push_image(registry, "ovl/app", "latest",
+                      Image(base + [Layer([File("app", b"app")])]))
+    with FaultProxy("127.0.0.1", registry.port) as proxy:
+        proxy.add_fault(f"/blobs/{own.digest}", "status", times=None, code=404)
+        listing = tmp_path / "images.txt"
+        listing.write_text(f"{proxy.host}/ovl/broken broken\n{proxy.host}/ovl/app app\n")
+        run = run_dkr("pull", "--insecure", "--image-root", root, "--retries", "0",
+                      "--batch", listing)
+    assert run.rc == 1, run.err
+    assert "Pulled 1 of 2 images; 1 failed." in run.err
+    errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
+    assert len(errors) == 1 and "ovl/broken" in errors[0] and "404" in errors[0], run.err
+    assert (root / "app" / "app").read_bytes() == b"app"
+    assert not os.path.lexists(root / "broken")
 
 
 def test_busy_machine_is_not_removed(registry, root):
