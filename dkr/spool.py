@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import DkrError
 from .reference import digest_hex
-from .tasks import retrieved
+from .tasks import failed, retrieved
 from .treeops import write_all
 
 log = logging.getLogger("dkr.spool")
@@ -220,9 +220,13 @@ class Spool:
             self._admission.notify_all()
 
     def get(self, digest: str, size: int) -> tuple[SpooledBlob, bool]:
-        """The blob's spool entry, and whether the caller must start its download."""
+        """The blob's spool entry, and whether the caller must start its download.
+
+        A download that failed is not handed out again: whoever asks after it
+        (a layer starting over) gets a new one, while the old one's users let go.
+        """
         blob = self.blobs.get(digest)
-        if blob is not None:
+        if blob is not None and not failed(blob.done):
             blob.users += 1
             return blob, False
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -236,7 +240,8 @@ class Spool:
         blob.users -= 1
         if blob.users > 0:
             return
-        self.blobs.pop(blob.digest, None)
+        if self.blobs.get(blob.digest) is blob:
+            del self.blobs[blob.digest]
         if blob.task is not None and not blob.task.done():
             blob.task.cancel()             # nobody wants the rest; the partial file stays
         complete = blob.done.done() and not blob.done.cancelled() and \

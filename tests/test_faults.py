@@ -264,3 +264,18 @@ def test_corrupt_partial_download_is_not_trusted_on_resume(proxy, image_root):
     assert "starting this layer over" in run.err
     assert_correct(image_root)
     assert spool_files(image_root) == []
+
+
+def test_a_blob_used_twice_starts_over_once_its_resume_goes_wrong(pushed, proxy, image_root):
+    """The same blob is layers 1 and 3: the fresh start after a bad resume is a new
+    download, not the failed one that layer 3 still holds."""
+    images.push_image(pushed, "faults/twice", "latest", Image([LAYER_A, LAYER_B, LAYER_A]))
+    proxy.add_fault(f"/blobs/{A}", "corrupt", offset=1000)
+    proxy.add_fault(f"/blobs/{A}", "truncate_after", bytes=250_000)
+    first = pull(proxy, "faults/twice", image_root, "--backend", "dir", "--retries", "0")
+    assert_clean_failure(first, image_root, rf"layer {A}:", "twice")
+    run = assert_ok(pull(proxy, "faults/twice", image_root, "--backend", "dir"))
+    assert "starting this layer over" in run.err
+    assert (image_root / "twice" / "data" / "a").read_bytes() == random.Random(1).randbytes(SIZE)
+    assert (image_root / "twice" / "data" / "b").read_bytes() == random.Random(2).randbytes(SIZE)
+    assert spool_files(image_root) == []
