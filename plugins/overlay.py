@@ -36,6 +36,7 @@ from dkr.treeops import remove_tree
 STATE_XATTR = "trusted.dkr.overlay"
 MACHINE_TMP_PREFIX = ".dkr-local-"
 MAX_STACK = 500                 # OVL_MAX_STACK: lower layers one mount can take
+OPAQUE_XATTR = "trusted.overlay.opaque"
 
 # Linux's generic syscall numbers (the same on every architecture but alpha).
 SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
@@ -189,6 +190,21 @@ def unmount(target: Path) -> None:
 
 # --- the backend -------------------------------------------------------------------
 
+def _shown(layers: Sequence[Path]) -> Sequence[Path]:
+    """The layers (base first) that a merged view shows.
+
+    overlayfs honours an opaque mark below a layer's root only; a layer whose
+    root is marked (its tar had a top-level ``.wh..wh..opq``) hides all below it.
+    """
+    for index in range(len(layers) - 1, 0, -1):
+        try:
+            if os.getxattr(layers[index], OPAQUE_XATTR) == b"y":
+                return layers[index:]
+        except OSError:
+            pass
+    return layers
+
+
 def _check_stack(layers: Sequence[Path]) -> None:
     if len(layers) > MAX_STACK:
         raise DkrError(f"the image has {len(layers)} layers; an overlay mount stacks "
@@ -274,7 +290,7 @@ class OverlayBackend:
             if not layer.is_dir():
                 raise DkrError(f"machine {path.name} needs layer {layer.name}, which is missing "
                                "(pull the image again with --force)")
-        lowers = list(reversed(layers)) or [state / "empty"]
+        lowers = list(reversed(_shown(layers))) or [state / "empty"]
         try:
             mount_overlay(path, lowers, state / "upper", state / "work")
         except OSError as e:

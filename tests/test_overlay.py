@@ -17,7 +17,7 @@ from helpers import (assert_clean_failure, assert_ok, backend_registered_by_hand
 from dkr.errors import DkrError
 from dkr.testing import images, loopfs
 from dkr.testing.faultproxy import FaultProxy
-from dkr.testing.images import Dir, File, Image, Layer
+from dkr.testing.images import Dir, File, Image, Layer, Opaque
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
 from dkr_plugins import overlay
 
@@ -79,6 +79,22 @@ def test_merged_view_matches_umoci(registry, root, tmp_path):
     machine = root / "sample"
     assert overlay.mount_type(machine) == "overlay"
     oracle = tree_snapshot(umoci_unpack(registry, "ovl/sample", "latest", tmp_path / "oracle"))
+    assert diff_trees(oracle, tree_snapshot(machine), "umoci", "dkr") == []
+
+
+def test_an_opaque_layer_root_hides_every_layer_below(registry, root, tmp_path):
+    """overlayfs honours an opaque mark below a layer's root only: one at the root
+    must end the stack there."""
+    images.push_image(registry, "ovl/rootopq", "latest", Image([
+        Layer([File("x", b"x"), File("dd/z", b"z")]),
+        Layer([File("keep", b"keep")]),
+        Layer([File(".wh..wh..opq", b""), File("y", b"y"), Opaque("dd"), File("dd/w", b"w")]),
+        Layer([File("top", b"top")])]))
+    assert_ok(pull(registry, "ovl/rootopq", root))
+    machine = root / "rootopq"
+    assert sorted(os.listdir(machine)) == ["dd", "top", "y"]
+    assert os.listdir(machine / "dd") == ["w"]
+    oracle = tree_snapshot(umoci_unpack(registry, "ovl/rootopq", "latest", tmp_path / "oracle"))
     assert diff_trees(oracle, tree_snapshot(machine), "umoci", "dkr") == []
 
 
