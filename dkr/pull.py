@@ -142,12 +142,14 @@ class Puller:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.extractor_pool.close()
-        self.spool.close()
-        self._no_gc.release()
-        if self.glue is not None:
-            self.glue.close()
-            self.glue = None
+        try:
+            await self.extractor_pool.close()
+        finally:                      # also when that wait is cancelled (by an API user)
+            self.spool.close()
+            self._no_gc.release()
+            if self.glue is not None:
+                self.glue.close()
+                self.glue = None
 
     # --- set-up ----------------------------------------------------------------
     async def backend(self) -> StorageBackend:
