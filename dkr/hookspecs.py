@@ -100,6 +100,8 @@ class StorageBackend(Protocol):
         """The machine has its final name ``path``: mount what it needs, if anything.
 
         Also called by ``dkr mount`` (e.g. after a reboot); must be idempotent.
+        If it raises, dkr takes the new machine away again (``deactivate_machine``,
+        then ``remove``) and puts back the machine it replaced, activated again.
         """
 
     def deactivate_machine(self, path: Path) -> None:
