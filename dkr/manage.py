@@ -33,8 +33,8 @@ from .treeops import tree_size
 
 log = logging.getLogger("dkr.manage")
 
-LAYER_RE = re.compile(re.escape(LAYER_PREFIX) + r"([0-9a-f]{1,128})")
-LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"([0-9a-f]{1,128})\.tmp-[0-9a-f]+")
+LAYER_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})")
+LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})\.tmp-[0-9a-f]+")
 MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)\.tmp-[0-9a-f]+")
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 

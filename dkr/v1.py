@@ -9,9 +9,12 @@ The seed's sequence, state for state, on the shared CurlGlue engine:
     GET https://REG/v1/images/ID/json      }
     GET https://REG/v1/images/LAYER/layer  base first, each layer once
 
-v1 has no digests: the image id names the layer (``IMAGE_ROOT/.dkr-<id>``),
-exactly as the seed kept it, and the registry is trusted for its content. What
-the servers say is still checked before it becomes part of a URL or a path.
+v1 has no digests: the registry picks the image ids and is trusted for its
+content. So a v1 layer is kept under a key of its own, ``v1-`` and the sha256
+of the registry and the id (``IMAGE_ROOT/.dkr-v1-<hex>``): no v1 server can
+name a layer that v2 (whose keys are verified chain ids) or another registry
+would reuse. What the servers say is still checked before it becomes part of
+a URL or a path.
 Requests go through ``RegistryClient`` like v2's, so retries, resumed layer
 bodies and the redirect rules (no token to another host) are the same.
 """
@@ -68,16 +71,17 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
     puller.events.emit("resolved", reference=reference, digest=image_id,
                        platform=_platform(config), layers=len(ancestry))
     result = PullResult(reference, local, image_id, chain=list(ancestry))
+    keys = [layer_key(session.registry, layer_id) for layer_id in ancestry]
 
     paths: list[Path] = []
     for index in range(len(ancestry)):
-        paths.append(await _ensure_layer(puller, session, backend, ancestry, index,
+        paths.append(await _ensure_layer(puller, session, backend, ancestry, keys, index,
                                          paths[-1] if paths else None, result))
 
     await puller.make_machine(local, paths, backend, {
         "reference": reference, "protocol": "v1", "index": session.index,
         "registry": session.registry, "image_id": image_id,
-        "config_digest": config_digest, "layers": list(ancestry)})
+        "config_digest": config_digest, "ids": list(ancestry), "layers": keys})
     return puller.finish(result, started)
 
 
@@ -263,15 +267,21 @@ def parse_ancestry(value, image_id: str) -> list[str]:
 
 # --- layers ------------------------------------------------------------------------
 
-async def _ensure_layer(puller, session: V1Session, backend, ancestry: list[str], index: int,
-                        parent: Path | None, result: PullResult) -> Path:
+def layer_key(registry: str, layer_id: str) -> str:
+    """Where a v1 layer is kept: its id means something only on its own registry."""
+    return "v1-" + hashlib.sha256(f"{registry}\n{layer_id}".encode()).hexdigest()
+
+
+async def _ensure_layer(puller, session: V1Session, backend, ancestry: list[str],
+                        keys: list[str], index: int, parent: Path | None,
+                        result: PullResult) -> Path:
     layer_id = ancestry[index]
     label = f"layer {index + 1}/{len(ancestry)} {layer_id}"
     meta = {"v1_id": layer_id, "parent": ancestry[index - 1] if index else None,
             "registry": session.registry}
     # v1 announces no sizes; "size" becomes the bytes received once known.
     announce = dict(index=index + 1, count=len(ancestry), digest=layer_id, size=0,
-                    chain_id=layer_id)
+                    chain_id=keys[index])
 
     async def fetch(tree: Path) -> dict:
         unpacked, response = await _fetch_layer(session, layer_id, tree,
@@ -281,7 +291,7 @@ async def _ensure_layer(puller, session: V1Session, backend, ancestry: list[str]
         announce["size"] = response.received
         return unpacked
 
-    return await puller.ensure_layer(layer_id, parent, backend, fetch, meta, announce, result)
+    return await puller.ensure_layer(keys[index], parent, backend, fetch, meta, announce, result)
 
 
 async def _fetch_layer(session: V1Session, layer_id: str, tree: Path, layer_format: str,

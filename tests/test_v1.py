@@ -21,7 +21,7 @@ from dkr.testing import images
 from dkr.testing.images import Dir, File, Hardlink, Image, Layer, Opaque, Symlink, Whiteout
 from dkr.testing.oracle import diff_trees, tree_snapshot
 from dkr.testing.v1server import MAX_ANCESTRY, V1Server
-from dkr.v1 import MAX_ANCESTRY as OUR_MAX, TokenAuth, parse_ancestry, parse_endpoints
+from dkr.v1 import MAX_ANCESTRY as OUR_MAX, TokenAuth, layer_key, parse_ancestry, parse_endpoints
 
 NAME = "library/test"
 LOCAL = "test"
@@ -76,8 +76,13 @@ def pull_v1(srv, root, *extra, ref=NAME, local=None, ca=True, retries=0):
 
 
 def layer_dirs(root) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if re.fullmatch(r"\.dkr-[0-9a-f]+", p.name)) \
+    return sorted(p.name for p in root.iterdir() if re.fullmatch(r"\.dkr-(v1-)?[0-9a-f]+", p.name)) \
         if root.exists() else []
+
+
+def dirs_of(srv, ids) -> list[str]:
+    """Where the layers of ``ids`` are kept: under keys of this registry's own."""
+    return sorted(f".dkr-{layer_key(srv.registry_host, i)}" for i in ids)
 
 
 def fetched_layers(requests) -> list[str]:
@@ -100,7 +105,7 @@ def test_pull_matches_the_same_layers_through_v2(srv, registry, root, tmp_path):
     assert sorted(os.listdir(machine / "var/cache/apt")) == ["fresh.bin"]
     assert (machine / "etc/motd").read_bytes() == b"back again\n"
     assert not [p for p in ours if ".wh." in p]
-    assert layer_dirs(root) == sorted(f".dkr-{i}" for i in ids)
+    assert layer_dirs(root) == dirs_of(srv, ids)
 
 
 def test_pull_follows_the_seed_protocol(srv, root):
@@ -121,10 +126,12 @@ def test_pull_follows_the_seed_protocol(srv, root):
 
     record = json.loads((root / ".dkr/machines" / f"{LOCAL}.json").read_text())
     assert record["reference"] == f"v1:{srv.index_url}/{NAME}:latest"
-    assert (record["image_id"], record["layers"]) == (top, ids)
+    assert (record["image_id"], record["ids"]) == (top, ids)
+    assert record["layers"] == [layer_key(srv.registry_host, i) for i in ids]
     config = json.loads((root / ".dkr/blobs/sha256" / record["config_digest"][7:]).read_text())
     assert config["id"] == top and config["config"]["Cmd"] == ["/bin/sh"]
-    assert json.loads((root / ".dkr/layers" / f"{ids[1]}.json").read_text())["parent"] == ids[0]
+    layer = json.loads((root / ".dkr/layers" / f"{record['layers'][1]}.json").read_text())
+    assert (layer["v1_id"], layer["parent"]) == (ids[1], ids[0])
 
 
 def test_without_a_token_every_request_asks_for_one(root):
@@ -160,9 +167,27 @@ def test_shared_layers_are_skipped(srv, root):
     run = assert_ok(pull_v1(srv, root, ref="library/other"))
     assert fetched_layers(srv.requests[seen:]) == [second_ids[2]]
     for shared in first_ids[:2]:
-        assert f"Layer {shared[:12]} already exists, skipping." in run.err
+        key = layer_key(srv.registry_host, shared)
+        assert f"Layer {key[:12]} already exists, skipping." in run.err
     assert (root / "other/etc/hostname").read_bytes() == b"other\n"
     assert (root / LOCAL / "etc/hostname").read_bytes() == b"updated\n"
+
+
+def test_a_v1_registry_cannot_plant_a_layer_that_v2_reuses(srv, registry, root, tmp_path):
+    """v1 ids are whatever the server says: one that names a v2 base layer's chain id
+    must not become that layer for a later v2 pull."""
+    images.push_image(registry, "victim/base", "latest",
+                      Image([Layer([File("etc/os-release", b"ID=genuine\n")])]))
+    elsewhere = tmp_path / "elsewhere"
+    assert_ok(pull(registry, "victim/base", elsewhere, "--backend", "dir", local="victim"))
+    [chain_key] = json.loads((elsewhere / ".dkr/machines/victim.json").read_text())["layers"]
+    evil = Layer([File("etc/os-release", b"ID=evil\n")])
+    srv.add_image("evil/img", "latest", [evil.tar], chosen_ids=[chain_key])
+    assert_ok(pull_v1(srv, root, ref="evil/img", local="evil"))
+    run = assert_ok(pull(registry, "victim/base", root, "--backend", "dir", local="victim"))
+    assert "already exists" not in run.err
+    assert (root / "victim" / "etc/os-release").read_bytes() == b"ID=genuine\n"
+    assert (root / "evil" / "etc/os-release").read_bytes() == b"ID=evil\n"
 
 
 def test_force_repull_reuses_everything(srv, root):
@@ -310,11 +335,12 @@ def test_layer_faults_fail_cleanly(srv, root, fault, pattern):
     failed = pull_v1(srv, root)
     assert_clean_failure(failed, root, pattern, LOCAL)
     assert ids[1] in failed.err
-    assert layer_dirs(root) == [f".dkr-{ids[0]}"]       # the finished base layer stays
+    assert layer_dirs(root) == dirs_of(srv, ids[:1])      # the finished base layer stays
     srv.reset_faults()
     srv.images[ids[1]].layer = srv.images[ids[1]].tar
     retry = assert_ok(pull_v1(srv, root))
-    assert f"Layer {ids[0][:12]} already exists, skipping." in retry.err
+    assert f"Layer {layer_key(srv.registry_host, ids[0])[:12]} already exists, skipping." \
+        in retry.err
 
 
 @pytest.mark.parametrize("fault, pattern", [

@@ -310,12 +310,13 @@ class V1Server:
     # -- content -----------------------------------------------------------
 
     def add_image(self, name: str, tag: str, layers: list[bytes], gzip_layers: bool = False,
-                  config: dict | None = None) -> list[str]:
+                  config: dict | None = None, chosen_ids: list[str] | None = None) -> list[str]:
         """Publish ``name:tag`` built from tar ``layers`` (base first).
 
         Returns the image ids, base first; the last one is what the tag
         points at.  Ids are sha256 over the parent id, the compression and
-        the layer, so equal stacks share ids across images and tests.
+        the layer, so equal stacks share ids across images and tests; or
+        ``chosen_ids``, as a hostile server picks them.
         """
         if not layers:
             raise ValueError("an image needs at least one layer")
@@ -325,7 +326,8 @@ class V1Server:
         parent = None
         for n, tar in enumerate(layers):
             mode = "gzip" if gzip_layers else "tar"
-            image_id = hashlib.sha256(f"{parent or ''}\n{mode}\n".encode() + tar).hexdigest()
+            image_id = chosen_ids[n] if chosen_ids else \
+                hashlib.sha256(f"{parent or ''}\n{mode}\n".encode() + tar).hexdigest()
             if image_id not in self.images:
                 served = gzip.compress(tar, compresslevel=6, mtime=0) if gzip_layers else tar
                 created = datetime.datetime(2015, 1, 1, tzinfo=datetime.timezone.utc) \
