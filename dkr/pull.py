@@ -262,7 +262,7 @@ class Puller:
                 self._start_download(client, plan.reference, layer)
 
         if claim.lock is None:
-            return await claim.future
+            return await _outcome(claim.future)
         self._remove_leftovers(claim.key, backend)
         stage = None
         stacked = parent is not None and backend.layer_format == "stacked"
@@ -285,7 +285,7 @@ class Puller:
         shared = self._builds.get(key)
         if shared is not None:
             shared.sharers += 1
-            return LayerClaim(key, _follow(shared.future), _follow(shared.tree), owner=False)
+            return LayerClaim(key, shared.future, shared.tree, owner=False)
         loop = asyncio.get_running_loop()
         future, tree = loop.create_future(), loop.create_future()
         future.add_done_callback(retrieved)
@@ -346,7 +346,7 @@ class Puller:
                     await self._seal(backend, tmp, claim.key, meta, unpacked)
                     sealed = time.monotonic()
                     if parent_committed is not None:
-                        await parent_committed
+                        await _outcome(parent_committed)
                     tree.rename(final)
                     break
                 except ResumedBlobMismatch as e:
@@ -399,7 +399,7 @@ class Puller:
         """Claim and, if needed, build one layer: the sequential form (v1 uses it)."""
         claim = await self.claim_layer(key, backend, result, announce.get("digest", key))
         if claim.lock is None:
-            return await claim.future
+            return await _outcome(claim.future)
         self._remove_leftovers(key, backend)
         return await self.build_layer(claim, parent and LayerTree(parent), backend,
                                       TreeFill(fetch), meta, announce, result)
@@ -744,15 +744,13 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
         if not tree.done() and failed(stage.task) and \
                 not isinstance(stage.task.exception(), ResumedBlobMismatch):
             await stage.task
-    return await tree
+    return await _outcome(tree)
 
 
-def _follow(source: asyncio.Future) -> asyncio.Future:
-    """A future with ``source``'s outcome. An image that stops waiting cancels its
-    own: the build that another image shares goes on (and its futures with it)."""
-    follower = asyncio.shield(source)
-    follower.add_done_callback(retrieved)
-    return follower
+async def _outcome(future: asyncio.Future):
+    """Wait for a layer's future, which other images of a batch may wait for too:
+    a task that stops waiting cancels only its own wait, not the future."""
+    return await asyncio.shield(future)
 
 
 async def _all_or_nothing(coroutines, spare=lambda index: False) -> list:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import stat
 import subprocess
 import sys
+import threading
 from contextlib import ExitStack
 
 import pytest
@@ -236,6 +238,39 @@ def test_a_failing_image_does_not_take_a_shared_layer_down_with_it(registry, roo
     assert len(errors) == 1 and "ovl/broken" in errors[0] and "404" in errors[0], run.err
     assert (root / "app" / "app").read_bytes() == b"app"
     assert not os.path.lexists(root / "broken")
+
+
+def test_a_failing_image_spares_the_layer_it_builds_for_another(registry, root, tmp_path):
+    """good owns base and shares mid, which bad builds (another process held base's lock
+    when good claimed it). bad then fails on a layer of its own while base is still
+    coming: mid goes on, and so does base, which bad had been waiting on too."""
+    base = Layer([File("base", random.Random(7).randbytes(300_000))])
+    mid = Layer([File("mid", b"mid")])
+    late = Layer([File("late", random.Random(6).randbytes(200_000))])
+    images.push_image(registry, "spare/good", "latest", Image([base, mid]))
+    images.push_image(registry, "spare/bad", "latest", Image([base, mid, late]))
+    elsewhere = tmp_path / "elsewhere"
+    assert_ok(pull(registry, "spare/good", elsewhere, "--backend", "dir"))
+    key = record(elsewhere, "good")["layers"][0]
+    with FaultProxy("127.0.0.1", registry.port) as proxy:
+        proxy.add_fault("/spare/bad/manifests/", "slow", times=None, rate=1000)
+        proxy.add_fault(f"/blobs/{base.digest}", "slow", times=None, rate=100_000)
+        proxy.add_fault(f"/blobs/{late.digest}", "slow", times=None, rate=150_000)
+        proxy.add_fault(f"/blobs/{late.digest}", "corrupt", times=None, offset=1000)
+        listing = tmp_path / "images.txt"
+        listing.write_text(f"{proxy.host}/spare/good good\n{proxy.host}/spare/bad bad\n")
+        (root / ".dkr" / "locks").mkdir(parents=True)
+        with open(root / ".dkr" / "locks" / f"layer-{key}.lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            threading.Timer(1.0, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+            run = run_dkr("pull", "--insecure", "--image-root", root, "--retries", "0",
+                          "--batch", listing)
+    assert run.rc == 1, run.err
+    assert "Pulled 1 of 2 images; 1 failed." in run.err
+    errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
+    assert len(errors) == 1 and "spare/bad" in errors[0], run.err
+    assert (root / "good" / "mid").read_bytes() == b"mid"
+    assert (root / "good" / "base").read_bytes() == random.Random(7).randbytes(300_000)
 
 
 def test_busy_machine_is_not_removed(registry, root):
