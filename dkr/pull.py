@@ -659,8 +659,11 @@ class _SpooledFill:
         try:
             # An extractor slot is taken only by a blob that has its room in the spool:
             # slots held by blobs waiting for room that the others cannot give up
-            # before they get a slot would wait for one another for ever.
-            self.puller.spool.hurry(blob)
+            # before they get a slot would wait for one another for ever. A stacked
+            # layer starts once its parent is done, and the spool may be full of
+            # blobs that wait for it: it goes in past the limit (one per chain).
+            if self.layer_format == "stacked":
+                self.puller.spool.hurry(blob)
             await blob.entered()
             await self.puller._extractors.acquire()
         except BaseException:

@@ -273,6 +273,21 @@ def test_a_failing_image_spares_the_layer_it_builds_for_another(registry, root, 
     assert (root / "good" / "base").read_bytes() == random.Random(7).randbytes(300_000)
 
 
+def test_spool_limit_holds_where_every_layer_starts_at_once(registry, root):
+    """Diff layers do not wait for each other, so none may pass the spool's limit:
+    with room for one blob, each downloads only after the one before is extracted."""
+    layers = [Layer([File(f"f{n}", random.Random(n).randbytes(200_000))]) for n in range(4)]
+    images.push_image(registry, "ovl/limit", "latest", Image(layers))
+    run = assert_ok(pull(registry, "ovl/limit", root, "--json", "--spool-limit", "1"))
+    order = [(e["event"], e["digest"]) for e in run.events
+             if e["event"] in ("download-done", "layer-extracted")]
+    downloads = [d for kind, d in order if kind == "download-done"]
+    assert len(downloads) == 4
+    for earlier, later in zip(downloads, downloads[1:]):
+        assert order.index(("layer-extracted", earlier)) < order.index(("download-done", later)), \
+            order
+
+
 def test_busy_machine_is_not_removed(registry, root):
     images.push_image(registry, "ovl/busy", "latest", Image([Layer([File("f", b"data")])]))
     assert_ok(pull(registry, "ovl/busy", root, local="busy"))
