@@ -527,23 +527,22 @@ class Puller:
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
-                self._put_in_place(local, tmp, layers, backend)
+                self._put_in_place(local, tmp, layers, backend, {
+                    **record, "local": local, "backend": backend.name, "created": _now()})
             except BaseException:
                 if os.path.lexists(tmp):
                     backend.remove(tmp)
                 raise
-            self.root.write_json(f"machines/{local}.json", {
-                **record, "local": local, "backend": backend.name, "created": _now()})
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began)
 
     def _put_in_place(self, local: str, tmp: Path, layers: list[Path],
-                      backend: StorageBackend) -> None:
-        """Move the new machine ``tmp`` to ``IMAGE_ROOT/LOCAL`` and activate it there.
+                      backend: StorageBackend, record: dict) -> None:
+        """Move the new machine ``tmp`` to ``IMAGE_ROOT/LOCAL``, activate it, record it.
 
         A machine already there is swapped out, and removed only once the new
-        one is active. If activating fails, the new machine goes back to
-        ``tmp`` (the caller removes it) and an old one is back as it was.
+        one is active and recorded. If either fails, the new machine goes back
+        to ``tmp`` (the caller removes it) and an old one is back as it was.
         """
         machine = self.root.machine_path(local)
         old = None
@@ -556,6 +555,7 @@ class Puller:
             os.rename(tmp, machine)
         try:
             backend.activate_machine(machine, layers)
+            self.root.write_json(f"machines/{local}.json", record)
         except BaseException:
             try:
                 backend.deactivate_machine(machine)    # in case it got that far

@@ -71,12 +71,19 @@ class ImageRoot:
     def write_json(self, relative: str, value: object) -> None:
         target = self.meta / relative
         tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, target)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(value, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)          # a full disk, say: leave no half record behind
+            except FileNotFoundError:
+                pass
+            raise
 
     def read_json(self, relative: str) -> dict | None:
         try:

@@ -196,6 +196,15 @@ def test_a_machine_that_cannot_be_mounted_leaves_the_old_one_as_it_was(registry,
     assert temp_entries(root) == []
 
 
+def test_a_machine_whose_record_cannot_be_written_is_taken_away(registry, root):
+    """No machine may stay mounted that no record names (remove, list and gc go by it)."""
+    images.push_image(registry, "ovl/norecord", "latest", Image([Layer([File("f", b"f")])]))
+    (root / ".dkr" / "machines" / "norecord.json").mkdir(parents=True)   # as a full disk would
+    failed = pull(registry, "ovl/norecord", root)
+    assert_clean_failure(failed, root, r"norecord", "norecord")
+    assert state_dirs(root, "norecord") == []
+
+
 def test_too_many_layers_fail_before_the_machine_is_touched(registry, root):
     images.push_image(registry, "ovl/tall", "v1", Image([Layer([File("version", b"1")])]))
     tall = Image([Layer([File(f"f{i}", b"x")]) for i in range(overlay.MAX_STACK + 1)])
