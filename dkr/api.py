@@ -50,6 +50,10 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
             raise DkrError(f"machine name {local!r} is used for both {seen[local]} and {reference}")
         seen[local] = reference
         parsed.append((ref, local))
+    hosts = sorted({ref.endpoint for ref, _ in parsed})
+    if options is not None and options.credentials and len(hosts) > 1:
+        raise DkrError(f"--creds would go to every registry of the batch ({', '.join(hosts)}): "
+                       "put each one's login in ~/.docker/config.json instead")
     async with Puller(options or PullOptions(), events) as puller:
         outcomes = await asyncio.gather(*(puller.pull(ref, local) for ref, local in parsed),
                                         return_exceptions=True)

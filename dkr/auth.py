@@ -60,7 +60,7 @@ def docker_config_credentials(host: str) -> Credentials | None:
         if entry.get("auth"):
             try:
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, TypeError, UnicodeDecodeError):
                 raise DkrError(f"{path}: the auth entry for {key} is not base64 USER:PASS") from None
             return Credentials(user, password)
         if entry.get("username"):
@@ -105,10 +105,12 @@ class RequestAuth(Protocol):
 class Authenticator:
     """Answers a registry's challenges and hands out the header for each request."""
 
-    def __init__(self, registry: str, credentials: Credentials | None, fetch: Fetch):
+    def __init__(self, registry: str, credentials: Credentials | None, fetch: Fetch,
+                 insecure: bool = False):
         self.registry = registry
         self.credentials = credentials
         self.fetch = fetch                      # GET url with headers → (status, body)
+        self.insecure = insecure                # a token realm may be plain http
         self._scheme: str | None = None
         self._challenge: dict[str, str] = {}
         self._tokens: dict[str, tuple[str, float]] = {}
@@ -152,13 +154,18 @@ class Authenticator:
 
     async def _fetch_token(self, scope: str) -> str:
         realm = self._challenge.get("realm", "")
-        if _scheme(realm) not in ("http", "https"):
+        scheme = _scheme(realm)
+        if scheme not in ("http", "https"):
             raise DkrError(f"{self.registry}: token realm {realm!r} is not an http(s) URL")
+        if scheme == "http" and not self.insecure:
+            raise DkrError(f"{self.registry}: refusing to ask {urlsplit(realm).netloc} for a "
+                           "token over plain http (use --insecure to allow it)")
         query = {"scope": scope}
         if "service" in self._challenge:
             query["service"] = self._challenge["service"]
         headers = [self.credentials.basic_header()] if self.credentials else []
-        status, body = await self.fetch(f"{realm}?{urlencode(query)}", headers, "token")
+        joiner = "&" if urlsplit(realm).query else "?"
+        status, body = await self.fetch(f"{realm}{joiner}{urlencode(query)}", headers, "token")
         if status == 401:
             raise DkrError(f"{self.registry}: token server {urlsplit(realm).netloc} refused "
                            + ("the credentials" if self.credentials else "anonymous access "
@@ -169,7 +176,7 @@ class Authenticator:
             answer = json.loads(body)
             token = answer.get("token") or answer.get("access_token")
             lifetime = int(answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, OverflowError):
             raise DkrError(f"{self.registry}: token server sent an unreadable answer") from None
         if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
             raise DkrError(f"{self.registry}: token server sent no usable token")

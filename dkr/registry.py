@@ -38,11 +38,18 @@ def backoff(attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+def auth_challenge(response: Response) -> str | None:
+    """The WWW-Authenticate challenge to answer: Bearer where a server offers it too."""
+    offered = response.headers.get("www-authenticate") or []
+    bearer = [c for c in offered if c.strip().lower().startswith("bearer ")]
+    return (bearer or offered or [None])[-1]
+
+
 def retry_after(response: Response) -> float | None:
     value = response.header("retry-after")
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():
         return min(float(value), RETRY_AFTER_CAP)
     import email.utils            # rarely needed; it costs every start-up 7 ms
     try:
@@ -60,7 +67,8 @@ class RegistryClient:
         self.host = host
         self.options = options or TransferOptions()
         self.scheme = "http" if plain_http else "https"
-        self.auth = auth or Authenticator(host, credentials, self._fetch_plain)
+        self.auth = auth or Authenticator(host, credentials, self._fetch_plain,
+                                          insecure=self.options.insecure)
 
     @property
     def base(self) -> str:
@@ -154,7 +162,7 @@ class RegistryClient:
             if response.status == 401 and own_host:
                 if answered:
                     raise DkrError(self.auth.refusal(scope))
-                await self.auth.answer(response.header("www-authenticate"), scope)
+                await self.auth.answer(auth_challenge(response), scope)
                 answered = True
                 continue
             if response.status in REDIRECT_CODES and response.header("location"):
