@@ -279,39 +279,56 @@ def _selected(root: ImageRoot, args) -> list[tuple[str, dict]]:
 
 def cmd_mount(args) -> int:
     root = ImageRoot(args.image_root)
+    return _each_machine(root, args, _mount)
+
+
+def _each_machine(root: ImageRoot, args, act) -> int:
+    """``act(root, local, backend, info)`` on every chosen machine. One that fails
+    does not stop the others: each failure is an error line, and the status 1."""
     chosen = [(local, _backend(info.get("backend"), f"machine {local!r}"), info)
               for local, info in _selected(root, args)]
+    failures = 0
     for local, backend, info in chosen:
-        machine = root.machine_path(local)
-        with ExitStack() as stack:
-            _machine_lock(root, local, stack)
-            if not machine.is_dir():
-                raise DkrError(f"machine directory {machine} is missing")
-            was = _is_mount_point(machine)
-            with _wrap_os_error(f"cannot mount machine {local}"):
-                backend.activate_machine(machine, root.machine_layers(info))
-            if was:
-                log.info("Machine %s is already mounted.", local)
-            elif _is_mount_point(machine):
-                log.info("Mounted machine %s.", local)
-            else:
-                log.info("Machine %s (backend %s) needs no mount.", local, backend.name)
-    return 0
+        try:
+            act(root, local, backend, info)
+        except DkrError as e:
+            if len(chosen) == 1:
+                raise
+            print(f"dkr: error: {e}", file=sys.stderr)
+            failures += 1
+    return 1 if failures else 0
+
+
+def _mount(root: ImageRoot, local: str, backend, info: dict) -> None:
+    machine = root.machine_path(local)
+    with ExitStack() as stack:
+        _machine_lock(root, local, stack)
+        if not machine.is_dir():
+            raise DkrError(f"machine directory {machine} is missing")
+        was = _is_mount_point(machine)
+        with _wrap_os_error(f"cannot mount machine {local}"):
+            backend.activate_machine(machine, root.machine_layers(info))
+        if was:
+            log.info("Machine %s is already mounted.", local)
+        elif _is_mount_point(machine):
+            log.info("Mounted machine %s.", local)
+        else:
+            log.info("Machine %s (backend %s) needs no mount.", local, backend.name)
 
 
 def cmd_umount(args) -> int:
     root = ImageRoot(args.image_root)
-    chosen = [(local, _backend(info.get("backend"), f"machine {local!r}"))
-              for local, info in _selected(root, args)]
-    for local, backend in chosen:
-        machine = root.machine_path(local)
-        with ExitStack() as stack:
-            _machine_lock(root, local, stack)
-            was = _is_mount_point(machine)
-            with _wrap_os_error(f"cannot unmount machine {local}"):
-                backend.deactivate_machine(machine)
-            log.info("Unmounted machine %s." if was else "Machine %s is not mounted.", local)
-    return 0
+    return _each_machine(root, args, _umount)
+
+
+def _umount(root: ImageRoot, local: str, backend, info: dict) -> None:
+    machine = root.machine_path(local)
+    with ExitStack() as stack:
+        _machine_lock(root, local, stack)
+        was = _is_mount_point(machine)
+        with _wrap_os_error(f"cannot unmount machine {local}"):
+            backend.deactivate_machine(machine)
+        log.info("Unmounted machine %s." if was else "Machine %s is not mounted.", local)
 
 
 # --- gc -------------------------------------------------------------------------------------

@@ -138,6 +138,23 @@ def test_umount_and_mount_again_give_the_same_tree(registry, root):
     assert tree_snapshot(machine) == before
 
 
+def test_mount_all_mounts_the_rest_when_one_cannot_be(registry, root):
+    images.push_image(registry, "ovl/aa", "latest", Image([Layer([File("a", b"a")])]))
+    images.push_image(registry, "ovl/bb", "latest", Image([Layer([File("b", b"b")])]))
+    assert_ok(pull(registry, "ovl/aa", root))
+    assert_ok(pull(registry, "ovl/bb", root))
+    assert_ok(run_dkr("umount", "--image-root", root, "--all"))
+    [gone] = layers_of(root, "aa")
+    os.rename(gone, gone.with_name("elsewhere"))
+    run = run_dkr("mount", "--image-root", root, "--all")
+    assert run.rc == 1
+    errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
+    assert len(errors) == 1 and "machine aa needs layer" in errors[0], run.err
+    assert overlay.mount_type(root / "bb") == "overlay"
+    assert (root / "bb" / "b").read_bytes() == b"b"
+    assert overlay.mount_type(root / "aa") is None
+
+
 def test_writes_stay_in_the_machine(registry, root):
     write_into_one_of_two(registry, "ovl/write", root)
     [state] = state_dirs(root, "one")
