@@ -30,6 +30,21 @@ LAYER_PREFIX = ".dkr-"
 MACHINE_TMP_PREFIX = ".dkr-local-"
 
 
+def _text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _digest(value) -> bool:
+    return isinstance(value, str) and ":" in value
+
+
+_MACHINE_FIELDS = {
+    "local": _text, "backend": _text, "reference": _text, "created": _text,
+    "manifest_digest": _digest, "config_digest": _digest,
+    "layers": lambda value: isinstance(value, list) and all(map(_text, value)),
+}
+
+
 class ImageRoot:
     def __init__(self, path: Path | str):
         # Absolute: backends may change directory (an overlay mount does) and
@@ -114,7 +129,16 @@ class ImageRoot:
         return self.read_json(f"layers/{key}.json")
 
     def machine_info(self, local: str) -> dict | None:
-        return self.read_json(f"machines/{local}.json")
+        return self._machine_record(f"machines/{local}.json")
+
+    def _machine_record(self, relative: str) -> dict | None:
+        """A machine's record, its fields of the types every command relies on."""
+        info = self.read_json(relative)
+        for name, fits in _MACHINE_FIELDS.items():
+            if info is not None and name in info and not fits(info[name]):
+                raise DkrError(f"unreadable metadata {self.meta / relative}: "
+                               f"bad {name} {json.dumps(info[name])[:60]}")
+        return info
 
     def machine_layers(self, info: dict) -> list[Path]:
         """The layers a machine record names, base first."""
@@ -123,7 +147,7 @@ class ImageRoot:
     def machines(self) -> list[dict]:
         found = []
         for path in sorted((self.meta / "machines").glob("*.json")):
-            info = self.read_json(f"machines/{path.name}")
+            info = self._machine_record(f"machines/{path.name}")
             if info:
                 found.append(info)
         return found

@@ -115,14 +115,20 @@ def test_unknown_machine_is_an_error(populated):
     assert (populated / "first" / "etc" / "base").exists()
 
 
-def test_a_record_that_is_not_an_object_is_a_clear_error(image_root):
+@pytest.mark.parametrize("content, message", [
+    ("[1]", "not a JSON object"),
+    ('{"local": "odd", "manifest_digest": "nocolon"}', 'bad manifest_digest "nocolon"'),
+    ('{"local": 5}', "bad local 5"),
+    ('{"local": "odd", "layers": "abc"}', 'bad layers "abc"'),
+])
+def test_a_record_that_does_not_add_up_is_a_clear_error(image_root, content, message):
     records = image_root / ".dkr" / "machines"
     records.mkdir(parents=True)
-    (records / "odd.json").write_text("[1]")
+    (records / "odd.json").write_text(content)
     for command in (["list"], ["inspect", "odd"], ["remove", "odd"], ["gc"], ["mount", "odd"]):
         failed = dkr(image_root, *command)
-        assert_clean_failure(failed, image_root, r"unreadable metadata .*odd\.json: not a JSON object")
-    assert (records / "odd.json").read_text() == "[1]"
+        assert_clean_failure(failed, image_root, rf"unreadable metadata .*odd\.json: {message}")
+    assert (records / "odd.json").read_text() == content
 
 
 def test_mount_needs_a_name(image_root):
