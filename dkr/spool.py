@@ -167,8 +167,8 @@ class Spool:
     blob fits beside the others, or when nothing else is spooled. Downloads
     are admitted in the order they were asked for, which is layer order, so
     the layer extracted next is never starved by ones behind it. A blob that
-    a layer is ready to extract is admitted at once (``hurry``): the blobs
-    that fill the spool may be waiting for that very layer.
+    a stacked layer is ready to extract is admitted at once (``hurry``): the
+    blobs that fill the spool may be waiting for that very layer.
     """
 
     def __init__(self, directory: Path, limit: int | None = None):
