@@ -171,15 +171,19 @@ def cmd_pull(args) -> int:
     try:
         if args.batch:
             return _pull_batch(args.batch, options, events)
-        if args.v1:
-            if not args.index_url:
-                raise DkrError("--v1 needs --index-url URL")
-            api.pull_v1(args.reference, args.local, index_url=args.index_url,
-                        options=options, events=events)
-        elif args.index_url:
+        if args.v1 and not args.index_url:
+            raise DkrError("--v1 needs --index-url URL")
+        if args.index_url and not args.v1:
             raise DkrError("--index-url only applies to --v1 pulls")
-        else:
-            api.pull(args.reference, args.local, options=options, events=events)
+        try:
+            if args.v1:
+                api.pull_v1(args.reference, args.local, index_url=args.index_url,
+                            options=options, events=events)
+            else:
+                api.pull(args.reference, args.local, options=options, events=events)
+        except DkrError as e:
+            events.emit("error", reference=args.reference, message=str(e))
+            raise
         return 0
     finally:
         if stats:
@@ -195,6 +199,7 @@ def _pull_batch(path: str, options, events) -> int:
     outcomes = api.pull_batch(items, options=options, events=events)
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
     for (reference, _), error in failed:
+        events.emit("error", reference=reference, message=str(error))
         print(f"dkr: error: {reference}: {error}", file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")

@@ -45,6 +45,8 @@ def test_batch_shares_layers_and_reports_each_image(shared_base, proxy, image_ro
     assert run.rc == 1, run.err
     errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
     assert len(errors) == 1 and "batch/missing" in errors[0] and "manifest unknown" in errors[0]
+    [error] = [e for e in run.events if e["event"] == "error"]
+    assert error["reference"] == f"{proxy.host}/batch/missing" and "manifest unknown" in error["message"]
     assert "Pulled 3 of 4 images; 1 failed." in run.err
     for n in range(3):
         assert (image_root / f"machine{n}" / f"app{n}").read_bytes() == f"app {n}".encode()

@@ -123,8 +123,11 @@ def test_wrong_diff_id_commits_nothing(registry, image_root):
 
 def test_unknown_tag(registry, image_root):
     images.push_image(registry, "tags/img", "exists", Image([Layer([File("a", b"a")])]))
-    failed = pull(registry, "tags/img:missing", image_root, "--backend", "dir")
+    failed = pull(registry, "tags/img:missing", image_root, "--backend", "dir", "--json")
     assert_clean_failure(failed, image_root, r"tags/img:missing: manifest unknown", "img")
+    [error] = [e for e in failed.events if e["event"] == "error"]     # for scripts, too
+    assert error["reference"] == f"{registry.host}/tags/img:missing"
+    assert "manifest unknown" in error["message"]
 
 
 @pytest.mark.parametrize("reference, message", [
