@@ -260,7 +260,7 @@ class Extractor:
                 self._settle_owner_and_mode(fd, m)
             else:
                 self._own(fd, m, follow=True)
-                os.chmod(fd, m.mode)
+                self._chmod_readable(fd, m, 0o400, "file")
             self._xattrs(fd, m)
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
@@ -324,7 +324,7 @@ class Extractor:
         try:
             kind = "char" if m.kind == tarstream.CHAR else "block"
             self._record_stat(fd, m, f"{kind}-{m.devmajor}-{m.devminor}")
-            os.chmod(fd, m.mode)
+            os.chmod(fd, m.mode | 0o400)      # readable by its owner: see _chmod_readable
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
             os.close(fd)
@@ -375,10 +375,22 @@ class Extractor:
                     continue
                 raise
             try:
-                os.chmod(fd, m.mode)
+                self._chmod_readable(fd, m, 0o500, "dir")
                 os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
             finally:
                 os.close(fd)
+
+    def _chmod_readable(self, fd: int, m: Member, needed: int, kind: str) -> None:
+        """The member's mode. Without root, the user who pulls must still be able
+        to read the entry (copying a layer into a machine is done as that user,
+        outside our namespace): missing owner bits are added on disk, and the
+        true mode goes into the override xattr with the owner."""
+        if self.as_root or m.mode & needed == needed:
+            os.chmod(fd, m.mode)
+            return
+        os.chmod(fd, m.mode | needed)
+        if not (m.uid or m.gid):          # else _own recorded it, mode and all
+            self._record_stat(fd, m, kind)
 
     # --- whiteouts ---------------------------------------------------------------
     def resolve_whiteouts(self) -> None:

@@ -210,8 +210,8 @@ class Puller:
         result.seconds = time.monotonic() - started
         if result.recorded_stats or result.device_stand_ins:
             from .extract import OVERRIDE_STAT_XATTR   # the extractor's modules stay out of here
-            log.warning("Not running as root: file owners (%d entries) and device nodes (%d) "
-                        "were not applied; they are recorded in the %s xattr.",
+            log.warning("Not running as root: file owners or modes (%d entries) and device "
+                        "nodes (%d) were not applied; they are recorded in the %s xattr.",
                         result.recorded_stats, result.device_stand_ins, OVERRIDE_STAT_XATTR)
         if result.skipped_xattrs:
             log.warning("%d extended attributes (e.g. file capabilities) could not be set "

@@ -26,7 +26,7 @@ from helpers import Run, temp_entries
 from reliability_helpers import check_layers_complete, fingerprint, make_sentinel
 
 from dkr.testing import images
-from dkr.testing.images import File, Image, Layer, Symlink
+from dkr.testing.images import Dir, File, Image, Layer, Symlink
 
 NOBODY = 65534
 
@@ -114,6 +114,27 @@ def test_rootless_pull_works_and_records_what_it_cannot_apply(registry, user_roo
     for group in expected["hardlinks"]:
         assert len({os.lstat(machine / p).st_ino for p in group}) == 1, group
     check_layers_complete(root)
+    assert temp_entries(root) == []
+
+
+def test_rootless_machines_take_entries_their_owner_cannot_read(registry, user_root):
+    """Images ship /etc/shadow with mode 000. Without root, the machine is copied from
+    its layer as the user who pulls: such entries stay readable to that user on disk,
+    and their true mode is recorded."""
+    base, root = user_root
+    images.push_image(registry, "rootless/shadow", "latest", Image([
+        Layer([File("etc/shadow", b"root:*:19000::::::\n", mode=0o000),
+               Dir("locked", mode=0o000), File("locked/inside", b"in")]),
+        Layer([File("etc/motd", b"hi\n")])]))
+    run = run_as_nobody("pull", "--insecure", "--image-root", root, "--backend", "dir",
+                        f"{registry.host}/rootless/shadow", home=base)
+    assert run.rc == 0, run.err
+    machine = root / "shadow"
+    assert override(machine / "etc" / "shadow") == "0:0:0000:file"
+    assert os.lstat(machine / "etc" / "shadow").st_mode & 0o7777 == 0o400
+    assert override(machine / "locked") == "0:0:0000:dir"
+    assert (machine / "locked" / "inside").read_bytes() == b"in"
+    assert (machine / "etc" / "motd").read_bytes() == b"hi\n"
     assert temp_entries(root) == []
 
 
