@@ -167,8 +167,9 @@ class Spool:
     blob fits beside the others, or when nothing else is spooled. Downloads
     are admitted in the order they were asked for, which is layer order, so
     the layer extracted next is never starved by ones behind it. A blob that
-    a stacked layer is ready to extract is admitted at once (``hurry``): the
-    blobs that fill the spool may be waiting for that very layer.
+    a stacked layer is ready to extract may pass the limit (``hurry``): the
+    blobs that fill the spool may be waiting for that very layer. One such
+    blob at a time, so the spool holds at most one blob more than the limit.
     """
 
     def __init__(self, directory: Path, limit: int | None = None):
@@ -178,6 +179,7 @@ class Spool:
         self.in_use = 0
         self._admission: asyncio.Condition | None = None
         self._queue: list[SpooledBlob] = []
+        self._past_limit: SpooledBlob | None = None     # the one blob let in past it
 
     async def admit(self, blob: SpooledBlob) -> None:
         """Wait until ``blob`` may occupy the spool."""
@@ -187,6 +189,8 @@ class Spool:
         async with self._admission:
             try:
                 await self._admission.wait_for(lambda: self._fits(blob))
+                if not self._in_turn(blob):
+                    self._past_limit = blob
             finally:
                 self._queue.remove(blob)
             self.in_use += blob.size
@@ -202,8 +206,9 @@ class Spool:
                 asyncio.ensure_future(self._wake())
 
     def _fits(self, blob: SpooledBlob) -> bool:
-        if blob.urgent:
-            return True
+        return self._in_turn(blob) or (blob.urgent and self._past_limit is None)
+
+    def _in_turn(self, blob: SpooledBlob) -> bool:
         if self._queue[0] is not blob:
             return False
         return self.limit is None or self.in_use == 0 or self.in_use + blob.size <= self.limit
@@ -212,6 +217,8 @@ class Spool:
         if blob.admitted:
             blob.admitted = False
             self.in_use -= blob.size
+            if self._past_limit is blob:
+                self._past_limit = None
             if self._admission is not None:
                 asyncio.ensure_future(self._wake())
 
