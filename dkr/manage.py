@@ -92,8 +92,6 @@ def _backend(name: str | None, what: str) -> StorageBackend:
     return found
 
 
-
-
 @contextmanager
 def _flock(root: ImageRoot, name: str, busy: str) -> Iterator[None]:
     """Hold ``.dkr/locks/<name>.lock``, or raise DkrError(busy) when someone else does."""
@@ -285,12 +283,11 @@ def cmd_mount(args) -> int:
 def _each_machine(root: ImageRoot, args, act) -> int:
     """``act(root, local, backend, info)`` on every chosen machine. One that fails
     does not stop the others: each failure is an error line, and the status 1."""
-    chosen = [(local, _backend(info.get("backend"), f"machine {local!r}"), info)
-              for local, info in _selected(root, args)]
+    chosen = _selected(root, args)
     failures = 0
-    for local, backend, info in chosen:
+    for local, info in chosen:
         try:
-            act(root, local, backend, info)
+            act(root, local, _backend(info.get("backend"), f"machine {local!r}"), info)
         except DkrError as e:
             if len(chosen) == 1:
                 raise

@@ -132,12 +132,13 @@ class ImageRoot:
         return self._machine_record(f"machines/{local}.json")
 
     def _machine_record(self, relative: str) -> dict | None:
-        """A machine's record, its fields of the types every command relies on."""
+        """A machine's record, without fields of a type the commands cannot use
+        (a hand-edited record): those are left out, and the log says so."""
         info = self.read_json(relative)
         for name, fits in _MACHINE_FIELDS.items():
             if info is not None and name in info and not fits(info[name]):
-                raise DkrError(f"unreadable metadata {self.meta / relative}: "
-                               f"bad {name} {json.dumps(info[name])[:60]}")
+                log.warning("%s: ignoring its %s %s.", self.meta / relative, name,
+                            json.dumps(info.pop(name))[:60])
         return info
 
     def machine_layers(self, info: dict) -> list[Path]:
@@ -147,7 +148,11 @@ class ImageRoot:
     def machines(self) -> list[dict]:
         found = []
         for path in sorted((self.meta / "machines").glob("*.json")):
-            info = self._machine_record(f"machines/{path.name}")
+            try:
+                info = self._machine_record(f"machines/{path.name}")
+            except DkrError as e:        # one broken record must not hide the others
+                log.warning("%s; skipped.", e)
+                continue
             if info:
                 found.append(info)
         return found
