@@ -548,7 +548,7 @@ class Puller:
         old = None
         if os.path.lexists(machine):
             old = self._machine_backend(local, backend)
-            old_layers = self.root.machine_layers(self.root.machine_info(local) or {})
+            old_info = self.root.machine_info(local)
             old.deactivate_machine(machine)
             exchange_paths(tmp, machine)      # never a moment without a machine
         else:
@@ -566,12 +566,17 @@ class Puller:
             else:
                 exchange_paths(tmp, machine)
                 try:
-                    old.activate_machine(machine, old_layers)
+                    if old_info is not None:  # (without a record it was never ours to mount)
+                        old.activate_machine(machine, self.root.machine_layers(old_info))
                 except Exception as e:     # the first failure is the one to report
                     log.warning("Machine %s is back, but not active: %s", local, e)
             raise
         if old is not None:
-            old.remove(tmp)
+            try:
+                old.remove(tmp)
+            except Exception as e:         # the new machine is in place: that is the pull
+                log.warning("The machine that %s replaced is left at %s (gc removes it): %s",
+                            local, tmp, e)
 
     def _machine_backend(self, local: str, default: StorageBackend) -> StorageBackend:
         """The backend that made an existing machine (it knows how to take it down)."""

@@ -12,6 +12,7 @@ import pytest
 from helpers import assert_clean_failure, assert_ok, backend_registered_by_hand, pull, run_dkr
 
 from dkr.testing import images
+from dkr.testing.images import File, Image, Layer
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
 
 PACKAGE = Path(__file__).parent / "outside_plugin"
@@ -150,6 +151,34 @@ def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
                                   ("seal_layer", os.getpid())]
     assert [c for c, _ in calls].count("seal_layer") == layers
     assert (image_root / "byhand").is_dir()
+
+
+def test_a_replaced_machine_that_cannot_be_removed_does_not_fail_the_pull(registry, image_root,
+                                                                          caplog):
+    """The new machine is in place, active and recorded: that is the pull. The old
+    tree stays under a temporary name, for gc, and the log says so."""
+    from dkr import api
+    from dkr_plugins.dir import DirBackend
+
+    class Stubborn(DirBackend):
+        name = "stubborn"
+
+        def remove(self, path):
+            raise OSError(16, "Device or resource busy", str(path))
+
+    images.push_image(registry, "byhand/v", "1", Image([Layer([File("version", b"1")])]))
+    images.push_image(registry, "byhand/v", "2", Image([Layer([File("version", b"2")])]))
+    options = api.PullOptions(image_root=image_root, backend="stubborn", insecure=True)
+    with backend_registered_by_hand(Stubborn(), "stubborn-test"):
+        api.pull(f"{registry.host}/byhand/v:1", "box", options=options)
+        options.backend, options.force = "dir", True
+        api.pull(f"{registry.host}/byhand/v:2", "box", options=options)
+    assert (image_root / "box" / "version").read_bytes() == b"2"
+    record = json.loads((image_root / ".dkr" / "machines" / "box.json").read_text())
+    assert (record["backend"], record["reference"]) == ("dir", f"{registry.host}/byhand/v:2")
+    [left] = [p for p in image_root.iterdir() if p.name.startswith(".dkr-local-box.tmp-")]
+    assert (left / "version").read_bytes() == b"1"
+    assert "The machine that box replaced is left at" in caplog.text
 
 
 def test_a_plugin_that_fails_to_load_gets_one_error_line(registry, image_root, tmp_path):
