@@ -169,20 +169,20 @@ def cmd_pull(args) -> int:
         stage_ahead=args.stage_ahead)
     events, stats = _events(args)
     try:
-        if args.batch:
-            return _pull_batch(args.batch, options, events)
         if args.v1 and not args.index_url:
             raise DkrError("--v1 needs --index-url URL")
         if args.index_url and not args.v1:
             raise DkrError("--index-url only applies to --v1 pulls")
         try:
+            if args.batch:
+                return _pull_batch(args.batch, options, events)
             if args.v1:
                 api.pull_v1(args.reference, args.local, index_url=args.index_url,
                             options=options, events=events)
             else:
                 api.pull(args.reference, args.local, options=options, events=events)
-        except DkrError as e:
-            events.emit("error", reference=args.reference, message=str(e))
+        except DkrError as e:         # (one image's failure in a batch has its own event)
+            events.emit("error", reference=args.reference or args.batch, message=str(e))
             raise
         return 0
     finally:

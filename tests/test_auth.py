@@ -93,7 +93,9 @@ def test_creds_are_not_handed_to_every_registry_of_a_batch(tmp_path):
     listing = tmp_path / "images.txt"
     listing.write_text("127.0.0.1:1/a/b one\n127.0.0.2:1/c/d two\n")
     run = run_dkr("pull", "--image-root", tmp_path / "root", "--creds", "alice:s3cret",
-                  "--batch", listing)
+                  "--json", "--batch", listing)
     assert_clean_failure(run, tmp_path / "root",
                          r"--creds would go to every registry of the batch "
                          r"\(127\.0\.0\.1:1, 127\.0\.0\.2:1\)")
+    [error] = [e for e in run.events if e["event"] == "error"]
+    assert error["reference"] == str(listing) and "--creds would go" in error["message"]
