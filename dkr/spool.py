@@ -100,7 +100,7 @@ class SpooledBlob:
         self.task: asyncio.Task | None = None
         self.users = 0
         self.admitted = False
-        self.urgent = False               # a layer waits for it: admit it past the limit
+        self.urgent = False               # a stacked layer is ready for it: see Spool.hurry
         self._entered = loop.create_future()
 
     async def entered(self) -> None:
@@ -199,7 +199,8 @@ class Spool:
             self._admission.notify_all()
 
     def hurry(self, blob: SpooledBlob) -> None:
-        """A layer is ready to extract ``blob``: let it in past the limit."""
+        """A stacked layer is ready to extract ``blob``: it may pass the limit
+        (while no other blob does)."""
         if not blob.urgent:
             blob.urgent = True
             if self._admission is not None:
