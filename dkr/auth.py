@@ -15,10 +15,10 @@ import time
 from typing import NamedTuple
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from .errors import DkrError
-from .reference import DOCKER_HUB_ALIASES
+from .reference import DOCKER_HUB_ALIASES, split_url
 
 DEFAULT_TOKEN_LIFETIME = 60
 REFRESH_MARGIN = 10
@@ -154,24 +154,24 @@ class Authenticator:
 
     async def _fetch_token(self, scope: str) -> str:
         realm = self._challenge.get("realm", "")
-        scheme = _scheme(realm)
-        if scheme not in ("http", "https"):
+        parts = split_url(realm)
+        if parts is None or parts.scheme not in ("http", "https"):
             raise DkrError(f"{self.registry}: token realm {realm!r} is not an http(s) URL")
-        if scheme == "http" and not self.insecure:
-            raise DkrError(f"{self.registry}: refusing to ask {urlsplit(realm).netloc} for a "
+        if parts.scheme == "http" and not self.insecure:
+            raise DkrError(f"{self.registry}: refusing to ask {parts.netloc} for a "
                            "token over plain http (use --insecure to allow it)")
         query = {"scope": scope}
         if "service" in self._challenge:
             query["service"] = self._challenge["service"]
         headers = [self.credentials.basic_header()] if self.credentials else []
-        joiner = "&" if urlsplit(realm).query else "?"
+        joiner = "&" if parts.query else "?"
         status, body = await self.fetch(f"{realm}{joiner}{urlencode(query)}", headers, "token")
         if status == 401:
-            raise DkrError(f"{self.registry}: token server {urlsplit(realm).netloc} refused "
+            raise DkrError(f"{self.registry}: token server {parts.netloc} refused "
                            + ("the credentials" if self.credentials else "anonymous access "
                               "(use --creds USER:PASS)"))
         if status != 200:
-            raise DkrError(f"{self.registry}: token server {urlsplit(realm).netloc} answered {status}")
+            raise DkrError(f"{self.registry}: token server {parts.netloc} answered {status}")
         try:
             answer = json.loads(body)
             token = answer.get("token") or answer.get("access_token")
@@ -183,10 +183,3 @@ class Authenticator:
         margin = min(REFRESH_MARGIN, lifetime / 2)
         self._tokens[scope] = (token, time.monotonic() + lifetime - margin)
         return token
-
-
-def _scheme(url: str) -> str | None:
-    try:
-        return urlsplit(url).scheme
-    except ValueError:                     # e.g. an unclosed IPv6 bracket
-        return None

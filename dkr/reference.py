@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import re
 from typing import NamedTuple
+from urllib.parse import SplitResult, urlsplit
 
 from .errors import DkrError
+
+def split_url(url: str) -> SplitResult | None:
+    """``url``'s parts, or None where urlsplit refuses it (an unclosed IPv6 bracket, say)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from .errors import DkrError
 from .job import Response, Sink, SinkError
 from .pull import PullResult
-from .reference import (default_machine_name, host_is_valid, parse_v1_name,
+from .reference import (default_machine_name, host_is_valid, parse_v1_name, split_url,
                         v1_id_is_valid, validate_machine_name)
 from .registry import RegistryClient
 from .unpack import LayerUnpacker
@@ -198,10 +198,7 @@ class V1Session:
 
 def index_base(url: str, insecure: bool) -> str:
     """The index URL without a trailing slash, as the seed kept it."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:                     # e.g. an unclosed IPv6 bracket
-        parts = None
+    parts = split_url(url)
     if (parts is None or parts.scheme not in ("http", "https") or not host_is_valid(parts.netloc)
             or parts.query or parts.fragment or "#" in url or "?" in url
             or any(c.isspace() or not c.isprintable() for c in url)):
