@@ -666,7 +666,7 @@ class _SpooledFill:
             # slots held by blobs waiting for room that the others cannot give up
             # before they get a slot would wait for one another for ever. A stacked
             # layer starts once its parent is done, and the spool may be full of
-            # blobs that wait for it: it goes in past the limit (one per chain).
+            # blobs that wait for it: it may pass the limit (see Spool.hurry).
             if self.layer_format == "stacked":
                 self.puller.spool.hurry(blob)
             await blob.entered()
