@@ -68,6 +68,18 @@ def assert_ok(run: Run) -> Run:
     return run
 
 
+def assert_downloads_wait_for_extraction(run: Run, count: int) -> None:
+    """With room in the spool for one blob: ``count`` downloads, each done only after
+    the layer of the one before was extracted (from ``run``'s --json events)."""
+    order = [(e["event"], e["digest"]) for e in run.events
+             if e["event"] in ("download-done", "layer-extracted")]
+    downloads = [d for kind, d in order if kind == "download-done"]
+    assert len(downloads) == count
+    for earlier, later in zip(downloads, downloads[1:]):
+        assert order.index(("layer-extracted", earlier)) < order.index(("download-done", later)), \
+            order
+
+
 def layer_dirs(root: Path) -> list[Path]:
     """The committed layers of an image root (no temporary trees)."""
     return sorted(p for p in root.iterdir() if p.name.startswith(".dkr-") and ".tmp-" not in p.name)

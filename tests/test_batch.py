@@ -6,7 +6,7 @@ import os
 from collections import Counter
 
 import pytest
-from helpers import assert_ok, run_dkr
+from helpers import assert_downloads_wait_for_extraction, assert_ok, run_dkr
 
 from dkr.testing import images
 from dkr.testing.faultproxy import FaultProxy
@@ -97,13 +97,7 @@ def test_spool_limit_keeps_downloads_behind_extraction(shared_base, registry, im
     """With room for one blob, each layer downloads only after the one before is extracted."""
     run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
                             "dir", "--json", "--spool-limit", "1", f"{registry.host}/batch/app1"))
-    order = [(e["event"], e["digest"]) for e in run.events
-             if e["event"] in ("download-done", "layer-extracted")]
-    downloads = [d for kind, d in order if kind == "download-done"]
-    assert len(downloads) == 3
-    for earlier, later in zip(downloads, downloads[1:]):
-        assert order.index(("layer-extracted", earlier)) < order.index(("download-done", later)), \
-            order
+    assert_downloads_wait_for_extraction(run, 3)
     assert list((image_root / ".dkr" / "partial").iterdir()) == []
 
 

@@ -13,8 +13,9 @@ import threading
 from contextlib import ExitStack
 
 import pytest
-from helpers import (assert_clean_failure, assert_ok, backend_registered_by_hand, pull,
-                     run_dkr, temp_entries, write_into_one_of_two)
+from helpers import (assert_clean_failure, assert_downloads_wait_for_extraction, assert_ok,
+                     backend_registered_by_hand, pull, run_dkr, temp_entries,
+                     write_into_one_of_two)
 
 from dkr.errors import DkrError
 from dkr.testing import images, loopfs
@@ -305,13 +306,7 @@ def test_spool_limit_holds_where_every_layer_starts_at_once(registry, root):
     layers = [Layer([File(f"f{n}", random.Random(n).randbytes(200_000))]) for n in range(4)]
     images.push_image(registry, "ovl/limit", "latest", Image(layers))
     run = assert_ok(pull(registry, "ovl/limit", root, "--json", "--spool-limit", "1"))
-    order = [(e["event"], e["digest"]) for e in run.events
-             if e["event"] in ("download-done", "layer-extracted")]
-    downloads = [d for kind, d in order if kind == "download-done"]
-    assert len(downloads) == 4
-    for earlier, later in zip(downloads, downloads[1:]):
-        assert order.index(("layer-extracted", earlier)) < order.index(("download-done", later)), \
-            order
+    assert_downloads_wait_for_extraction(run, 4)
 
 
 def test_busy_machine_is_not_removed(registry, root):
