@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from .errors import DkrError, Interrupted
+from .errors import DkrError, Interrupted, os_error_text
 from .events import Events
 from .pull import PullOptions, PullResult, Puller
 from .reference import default_machine_name, parse_reference
@@ -58,9 +58,10 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
         outcomes = await asyncio.gather(*(puller.pull(ref, local) for ref, local in parsed),
                                         return_exceptions=True)
     for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, DkrError):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, (DkrError, OSError)):
             raise outcome
-    return outcomes
+    # A file system's refusal is that image's failure, as any other of its errors.
+    return [DkrError(os_error_text(o)) if isinstance(o, OSError) else o for o in outcomes]
 
 
 def pull_batch(items: list[tuple[str, str | None]], *, options: PullOptions | None = None,

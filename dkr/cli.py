@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__, api, manage
 from .auth import parse_creds
-from .errors import DkrError
+from .errors import DkrError, os_error_text
 from .events import Events, JsonRenderer, StatsRenderer, log_renderer
 from .v2 import parse_platform
 
@@ -233,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # A file system refusing something (full, read-only, permissions) is the
         # user's to fix, not a bug: say what and where, in one line.
-        where = f": {e.filename}" if e.filename else ""
-        print(f"dkr: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"dkr: error: {os_error_text(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dkr: error: interrupted", file=sys.stderr)

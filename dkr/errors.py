@@ -7,6 +7,12 @@ class DkrError(Exception):
     exit_code = 1
 
 
+def os_error_text(e: OSError) -> str:
+    """A file system's refusal (full, read-only, permissions) in one line: what and where."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
 class Interrupted(DkrError):
     """The pull was stopped by a signal; exit codes follow the shell's 128+N."""
 
