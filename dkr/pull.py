@@ -227,24 +227,40 @@ class Puller:
         claims: list[LayerClaim] = []
         prefetched: dict[str, SpooledBlob] = {}
         try:
-            for layer in plan.layers:
-                claims.append(await self.claim_layer(digest_hex(layer.chain_id), backend,
-                                                     result, layer.digest))
-            for claim, layer in zip(claims, plan.layers):
-                if claim.lock is not None and claim.key not in prefetched:
-                    prefetched[claim.key] = self._start_download(client, plan.reference, layer)
-            # All layers go at once: a stacked one waits for its parent's tree (not its
-            # commit) to snapshot it, and commits only after its parent did.
-            return await _all_or_nothing([
-                self._v2_build(claim, index, plan, backend, client, prefetched, result,
-                               claims[index - 1] if index else None)
-                for index, claim in enumerate(claims)],
-                spare=lambda index: self._still_shared(claims[index]))
+            try:
+                for layer in plan.layers:
+                    claims.append(await self.claim_layer(digest_hex(layer.chain_id), backend,
+                                                         result, layer.digest))
+            except Exception as failure:
+                # Other images may have joined the builds we took on so far: those
+                # (and the layers below them) are still theirs to get.
+                try:
+                    await self._build_claims(client, plan, backend, prefetched, result,
+                                             claims[:_last_shared(claims) + 1])
+                except Exception:
+                    pass          # theirs to report: the claims' futures carry it
+                raise failure
+            return await self._build_claims(client, plan, backend, prefetched, result, claims)
         finally:
             for claim in claims:
                 self._abandon(claim)
             for blob in prefetched.values():
                 self.spool.release(blob, keep_partial=True)
+
+    async def _build_claims(self, client: RegistryClient, plan: ImagePlan,
+                            backend: StorageBackend, prefetched: dict[str, SpooledBlob],
+                            result: PullResult, claims: list[LayerClaim]) -> list[Path]:
+        """Build ``claims``, the first layers of ``plan``, or wait for them."""
+        for claim, layer in zip(claims, plan.layers):
+            if claim.lock is not None and claim.key not in prefetched:
+                prefetched[claim.key] = self._start_download(client, plan.reference, layer)
+        # All layers go at once: a stacked one waits for its parent's tree (not its
+        # commit) to snapshot it, and commits only after its parent did.
+        return await _all_or_nothing([
+            self._v2_build(claim, index, plan, backend, client, prefetched, result,
+                           claims[index - 1] if index else None)
+            for index, claim in enumerate(claims)],
+            spare=lambda index: self._still_shared(claims[index]))
 
     async def _v2_build(self, claim: LayerClaim, index: int, plan: ImagePlan,
                         backend: StorageBackend, client: RegistryClient,
@@ -753,6 +769,11 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
                 not isinstance(stage.task.exception(), ResumedBlobMismatch):
             await stage.task
     return await _outcome(tree)
+
+
+def _last_shared(claims: list[LayerClaim]) -> int:
+    """The index of the last claim we build that another image joined, or -1."""
+    return max((i for i, claim in enumerate(claims) if claim.owner and claim.sharers), default=-1)
 
 
 async def _outcome(future: asyncio.Future):

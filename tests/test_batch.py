@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections import Counter
 
 import pytest
 from helpers import assert_downloads_wait_for_extraction, assert_ok, run_dkr
+from reliability_helpers import DkrProcess
 
 from dkr.testing import images
 from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import File, Image, Layer
+from dkr.v2 import chain_ids
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +159,35 @@ def test_an_image_that_comes_late_builds_on_the_committed_base(shared_base, prox
     assert (image_root / "late" / "base" / "7").read_bytes() == bytes([7]) * 5000
     built = Counter(e["chain_id"] for e in run.events if e["event"] == "layer-done")
     assert len(built) == 2 + 2 and set(built.values()) == {1}
+
+
+def test_an_image_that_cannot_claim_its_top_layer_still_builds_the_base_it_shares(
+        shared_base, proxy, image_root, tmp_path):
+    """app0 takes on the base layers (a lock held from outside keeps it waiting there),
+    app1 arrives and joins that build, then app0 fails to claim its own top layer:
+    app0 fails alone, and app1 still gets the base it waited for."""
+    top0 = Layer([File("app0", b"app 0")])
+    keys = [c.split(":")[1] for c in chain_ids([layer.diff_id for layer in [*shared_base, top0]])]
+    locks = image_root / ".dkr" / "locks"
+    locks.mkdir(parents=True)
+    (locks / f"layer-{keys[2]}.lock").mkdir()            # app0's top layer: no lock to be had
+    proxy.add_fault("/batch/app1/manifests/", "stall_after", times=1, bytes=0, seconds=1)
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{proxy.host}/batch/app0 first\n{proxy.host}/batch/app1 second\n")
+    with open(locks / f"layer-{keys[0]}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        pull = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                          "--json", "--batch", listing)
+        try:
+            pull.wait_event(lambda e: e["event"] == "resolved" and "app1" in e["reference"])
+            fcntl.flock(held, fcntl.LOCK_UN)
+            rc, err = pull.finish()
+        finally:
+            pull.stop()
+    assert rc == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("dkr: error: ")]
+    assert len(errors) == 1 and "app0" in errors[0] and keys[2][:12] in errors[0], err
+    assert "Pulled 1 of 2 images; 1 failed." in err
+    assert (image_root / "second" / "app1").read_bytes() == b"app 1"
+    assert (image_root / "second" / "base" / "7").read_bytes() == bytes([7]) * 5000
+    assert not (image_root / "first").exists()
