@@ -165,7 +165,8 @@ class Authenticator:
             query["service"] = self._challenge["service"]
         headers = [self.credentials.basic_header()] if self.credentials else []
         joiner = "&" if parts.query else "?"
-        status, body = await self.fetch(f"{realm}{joiner}{urlencode(query)}", headers, "token")
+        status, body = await self.fetch(f"{realm}{joiner}{urlencode(query)}", headers,
+                                        f"{self.registry}: token server {parts.netloc}")
         if status == 401:
             raise DkrError(f"{self.registry}: token server {parts.netloc} refused "
                            + ("the credentials" if self.credentials else "anonymous access "

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import random
 import time
+from typing import Awaitable, Callable
 from urllib.parse import urljoin, urlsplit
 
 from .auth import Authenticator, Credentials, RequestAuth
@@ -75,7 +76,13 @@ class RegistryClient:
         return f"{self.scheme}://{self.host}"
 
     async def _fetch_plain(self, url: str, headers: list[str], what: str) -> tuple[int, bytes]:
-        response = await self._job(url, headers, what=what)
+        """A small GET outside the registry's own requests (a token), retried as they are.
+
+        Retried here, on its own: a failure must never count toward the
+        resume offset of the blob download that needed the token.
+        """
+        response = await self._retrying(lambda _: self._job(url, headers, what=what), what,
+                                        server="server")
         return response.status, response.body
 
     async def _job(self, url: str, headers: list[str], *, options: TransferOptions | None = None,
@@ -119,29 +126,39 @@ class RegistryClient:
         what = what or path
         if sink is not None and hasher is None:
             hasher = hashlib.sha256()
+        return await self._retrying(
+            lambda start: self._get_once(path, scope, accept, sink, expected_size, start,
+                                         hasher, what),
+            what, offset if sink is not None else None)
+
+    async def _retrying(self, attempt_from: Callable[[int], Awaitable[Response]], what: str,
+                        offset: int | None = None, server: str = "registry") -> Response:
+        """``attempt_from(offset)`` until it succeeds: network failures, 429 and 5xx
+        are tried again with backoff. ``offset``: where a streamed body stands
+        (None: the body is not resumed, each attempt starts over)."""
         attempt = 0
         while True:
             try:
-                response = await self._get_once(path, scope, accept, sink, expected_size,
-                                                 offset, hasher, what)
+                response = await attempt_from(offset or 0)
             except TransferError as e:
                 if not e.retryable or attempt >= self.options.retries:
                     if attempt:
                         raise DkrError(f"{e} (gave up after {attempt + 1} attempts)") from None
                     raise
-                offset += e.delivered if sink is not None else 0
+                if offset is not None:
+                    offset += e.delivered
                 delay, cause = backoff(attempt), str(e).removeprefix(f"{what}: ")
             else:
                 if response.status in RETRY_STATUSES and attempt and \
                         attempt >= self.options.retries:
-                    raise DkrError(f"{what}: registry answered {response.status} "
+                    raise DkrError(f"{what}: {server} answered {response.status} "
                                    f"(gave up after {attempt + 1} attempts)")
                 if response.status not in RETRY_STATUSES or attempt >= self.options.retries:
-                    if sink is not None:
+                    if offset is not None:
                         response.received += offset
                     return response
                 delay = retry_after(response) or backoff(attempt)
-                cause = f"registry answered {response.status}"
+                cause = f"{server} answered {response.status}"
             attempt += 1
             log.warning("%s: %s; trying again in %.1f s (attempt %d of %d%s).", what, cause,
                         delay, attempt + 1, self.options.retries + 1,

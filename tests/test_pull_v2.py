@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import time
+import types
 
 import pytest
 from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+from reliability_helpers import DkrProcess
 
 from dkr.testing import images
+from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
 from dkr.testing.registry import Registry
@@ -214,3 +220,52 @@ def test_bearer_token_auth(token_registry, image_root, tmp_path):
         assert token not in run.err and token not in run.out
     oracle = _oracle_tree(reg, "team/app", "latest", tmp_path)
     assert diff_trees(oracle, tree_snapshot(image_root / "app")) == []
+
+
+@pytest.fixture(scope="module")
+def flaky_token_server():
+    """A registry whose token server sits behind a fault proxy; tokens live 2 s
+    (dkr asks for a new one after 1)."""
+    with TokenServer(expires_in=2) as tokens, FaultProxy("127.0.0.1", tokens.port) as proxy:
+        realm = types.SimpleNamespace(realm=f"{proxy.url}/token", service=tokens.service,
+                                      issuer=tokens.issuer, cert_path=tokens.cert_path,
+                                      users=tokens.users)
+        with Registry(auth=("token", realm)) as reg, \
+                FaultProxy("127.0.0.1", reg.port) as front:
+            image = Image([Layer([File("big", random.Random(5).randbytes(300_000))])])
+            images.push_image(reg, "flaky/app", "latest", image)
+            yield front, proxy, image
+
+
+def test_a_token_server_that_is_busy_is_asked_again(flaky_token_server, image_root):
+    front, token_proxy, _ = flaky_token_server
+    token_proxy.add_fault("/token", "status", code=503, retry_after=1)
+    run = assert_ok(pull(front, "flaky/app", image_root, "--backend", "dir"))
+    assert re.search(r"token server 127\.0\.0\.1:\d+: server answered 503; trying again "
+                     r"in 1\.0 s", run.err), run.err
+    assert (image_root / "app" / "big").stat().st_size == 300_000
+
+
+def test_a_token_refresh_cut_short_leaves_the_blob_download_alone(flaky_token_server,
+                                                                   image_root):
+    """The token runs out while the config is on its way; the refresh that the layer's
+    GET needs breaks off mid-answer. That is the token's failure, retried on its own:
+    the layer's download must not think its own bytes arrived."""
+    front, token_proxy, image = flaky_token_server
+    front.add_fault(f"/blobs/{image.config_digest}", "slow",          # 1.5 s
+                    rate=len(image.config_bytes) / 1.5)
+    asked = len(token_proxy.log)
+    process = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                         f"{front.host}/flaky/app")
+    try:
+        deadline = time.monotonic() + 30
+        while len(token_proxy.log) == asked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        token_proxy.add_fault("/token", "truncate_after", bytes=15)  # the next one: the refresh
+        rc, err = process.finish()
+    finally:
+        process.stop()
+    assert rc == 0, err
+    assert re.search(r"token server .*; trying again", err), err     # the case at hand
+    layer_gets = [e for e in front.log if e.method == "GET" and image.layers[0].digest in e.path]
+    assert layer_gets and all(e.range is None for e in layer_gets), layer_gets
