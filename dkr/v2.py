@@ -207,29 +207,37 @@ class ManifestResolver:
         return media_type
 
     def _choose_platform(self, index: dict) -> tuple[str, str]:
+        """The entry for our platform: an exact match, else one that differs only in
+        a variant one side leaves out, else one that names no platform at all (OCI
+        makes ``platform`` optional; containerd takes such an entry last, too)."""
         entries = index.get("manifests")
         if not isinstance(entries, list):
             raise DkrError(f"{self.where}: index has no manifests list")
-        offered, best = [], None
+        offered, best, best_rank = [], None, -1
         want = self.platform
         for entry in entries:
             digest, _, _ = _descriptor(entry, f"{self.where}: index entry")
-            plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
-            os_, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant")
-            if os_ == "unknown" or arch == "unknown":
-                continue          # attestations and other non-images
-            offered.append("/".join(str(p) for p in (os_, arch, variant) if p))
-            if os_ != want.os or arch != want.architecture:
-                continue
-            if want.variant and variant and variant != want.variant:
-                continue
-            exact = (variant or None) == want.variant
-            if best is None or exact and not best[2]:
-                best = (digest, "/".join(p for p in (os_, arch, variant) if p), exact)
+            plat = entry.get("platform")
+            if not isinstance(plat, dict):
+                offered.append("(no platform)")
+                rank, name = 0, str(want)
+            else:
+                os_, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant")
+                if os_ == "unknown" or arch == "unknown":
+                    continue          # attestations and other non-images
+                name = "/".join(str(p) for p in (os_, arch, variant) if p)
+                offered.append(name)
+                if os_ != want.os or arch != want.architecture:
+                    continue
+                if want.variant and variant and variant != want.variant:
+                    continue
+                rank = 2 if (variant or None) == want.variant else 1
+            if rank > best_rank:
+                best, best_rank = (digest, name), rank
         if best is None:
             raise DkrError(f"{self.where}: no image for platform {want} "
                            f"(index offers: {', '.join(offered) or 'nothing'})")
-        return best[0], best[1]
+        return best
 
     async def _blob_payload(self, digest: str, size: int, what: str) -> bytes:
         label = f"{self.where}: {what} {digest}"

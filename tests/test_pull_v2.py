@@ -88,6 +88,27 @@ def test_index_picks_requested_platform(registry, image_root, tmp_path):
     assert_clean_failure(failed, image_root, r"no image for platform linux/s390x.*amd64", "s390")
 
 
+def test_an_index_entry_without_a_platform_is_taken_when_nothing_matches_better(
+        registry, image_root):
+    def image(name):
+        return Image([Layer([File("which", name.encode())])])
+    plain, arm = image("plain"), image("arm64").with_platform("linux/arm64")
+    for img in (plain, arm):
+        images.push_image(registry, "multi/bare", None, img)
+    entry = {k: v for k, v in plain.descriptor().items() if k != "platform"}
+    for tag, entries in (("bare", [entry]), ("both", [entry, arm.descriptor()])):
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                 "manifests": entries}
+        registry.push_manifest("multi/bare", tag, json.dumps(index).encode(), index["mediaType"])
+    for tag, platform, expected in (("bare", "linux/amd64", b"plain"),
+                                    ("both", "linux/arm64", b"arm64"),
+                                    ("both", "linux/amd64", b"plain")):
+        local = f"{tag}-{platform.replace('/', '-')}"
+        assert_ok(pull(registry, f"multi/bare:{tag}", image_root, "--platform", platform,
+                       "--backend", "dir", local=local))
+        assert (image_root / local / "which").read_bytes() == expected
+
+
 def test_second_pull_reuses_layers(registry, image_root):
     images.push_image(registry, "reuse/img", "latest", images.sample_image())
     first = assert_ok(pull(registry, "reuse/img", image_root, "--backend", "dir", "--json",
