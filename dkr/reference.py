@@ -28,7 +28,9 @@ DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST_RE = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
+# sha256 only: what registries use, and all dkr hashes with. (OCI also allows
+# sha512; accepting it would only fail later, as content that does not match.)
+_DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 _HOST_LABEL = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
 _HOST_RE = re.compile(
     rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?"
@@ -82,7 +84,8 @@ def parse_reference(text: str) -> Reference:
     if "@" in rest:
         rest, digest = rest.split("@", 1)
         if not _DIGEST_RE.fullmatch(digest):
-            raise DkrError(f"invalid reference {text!r}: bad digest {digest!r} (want sha256:<64 hex>)")
+            raise DkrError(f"invalid reference {text!r}: bad digest {digest!r} "
+                           f"({_digest_hint(digest)})")
     host = DOCKER_HUB
     first, sep, remainder = rest.partition("/")
     if sep and _looks_like_host(first):
@@ -113,8 +116,16 @@ def parse_reference(text: str) -> Reference:
 def validate_digest(value: object, where: str) -> str:
     """A digest from a server, checked before it is ever used in a URL or path."""
     if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
-        raise DkrError(f"{where}: invalid digest {value!r}")
+        hint = f" ({_digest_hint(value)})" if isinstance(value, str) else ""
+        raise DkrError(f"{where}: invalid digest {value!r}{hint}")
     return value
+
+
+def _digest_hint(digest: str) -> str:
+    algorithm = digest.partition(":")[0]
+    if algorithm in ("sha384", "sha512"):
+        return f"{algorithm} digests are not supported, only sha256"
+    return "want sha256:<64 hex>"
 
 
 def digest_hex(digest: str) -> str:

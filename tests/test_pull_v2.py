@@ -161,6 +161,7 @@ def test_unknown_tag(registry, image_root):
     ("Upper/Case", r"bad repository name"),
     ("name:bad:tag", r"bad"),
     ("host:5000/name@sha256:123", r"bad digest"),
+    ("host:5000/name@sha512:" + "a" * 128, r"sha512 digests are not supported, only sha256"),
     ("", r"empty"),
 ])
 def test_bad_reference(image_root, reference, message):

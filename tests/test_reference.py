@@ -4,7 +4,7 @@ import pytest
 
 from dkr.errors import DkrError
 from dkr.reference import (default_machine_name, host_is_valid, machine_name_is_valid,
-                           parse_reference)
+                           parse_reference, validate_digest)
 
 
 @pytest.mark.parametrize("text, host, name, tag, digest", [
@@ -34,6 +34,13 @@ def test_docker_hub_is_served_elsewhere():
 def test_bad_references(text):
     with pytest.raises(DkrError, match="invalid reference"):
         parse_reference(text)
+
+
+def test_a_server_digest_of_another_algorithm_is_refused_by_name():
+    with pytest.raises(DkrError, match=r"^layer 1: invalid digest 'sha512:a+' "
+                                       r"\(sha512 digests are not supported, only sha256\)$"):
+        validate_digest("sha512:" + "a" * 128, "layer 1")
+    assert validate_digest("sha256:" + "a" * 64, "layer 1") == "sha256:" + "a" * 64
 
 
 @pytest.mark.parametrize("name, ok", [
