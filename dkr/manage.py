@@ -27,7 +27,7 @@ from .hookspecs import StorageBackend
 from .locks import AsyncFlock
 from .plugins import backends, choose_backend
 from .reference import validate_machine_name
-from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot
+from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot, remove_entry
 from .fsinfo import mount_type
 from .treeops import tree_size
 
@@ -255,9 +255,9 @@ def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> Non
     machine = root.machine_path(local)
     with _wrap_os_error(f"cannot remove machine {local}"):
         for leftover in root.leftovers(f"{MACHINE_TMP_PREFIX}{local}"):
-            backend.remove(leftover)
+            remove_entry(backend, leftover)
         if os.path.lexists(machine):
-            backend.remove(machine)
+            remove_entry(backend, machine)
         # The record goes last: a crash before it leaves a record to remove again.
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
 
@@ -397,7 +397,7 @@ class _Collector:
             size = self._layer_size(key, path)
             if not self.dry_run:
                 with _wrap_os_error(f"cannot remove layer {key[:12]}"):
-                    self.layer_backend(key).remove(path)
+                    remove_entry(self.layer_backend(key), path)
                     (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
             self.report("layer", key[:12], size)
 
@@ -416,7 +416,7 @@ class _Collector:
             size = tree_size(path)
             if not self.dry_run:
                 with _wrap_os_error(f"cannot remove {name}"):
-                    backend.remove(path)
+                    remove_entry(backend, path)
             self.report("leftover", name, size)
 
     def layer_records(self) -> None:

@@ -33,7 +33,7 @@ from .plugins import backends, choose_backend
 from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
-from .store import ImageRoot
+from .store import ImageRoot, remove_entry
 from .tasks import failed, retrieved, to_the_end
 from .treeops import remove_tree
 from .unpack import ExtractorPool, LayerUnpacker
@@ -539,7 +539,7 @@ class Puller:
         async with self._locked(f"machine-{local}", f"making machine {local}"):
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
-                backend.remove(leftover)
+                remove_entry(backend, leftover)
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
@@ -589,7 +589,7 @@ class Puller:
             raise
         if old is not None:
             try:
-                old.remove(tmp)
+                remove_entry(old, tmp)
             except Exception as e:         # the new machine is in place: that is the pull
                 log.warning("The machine that %s replaced is left at %s (gc removes it): %s",
                             local, tmp, e)

@@ -22,12 +22,27 @@ import secrets
 from pathlib import Path
 
 from .errors import DkrError
+from .fsinfo import mounts_below
 from .reference import digest_hex
 
 log = logging.getLogger("dkr.store")
 
 LAYER_PREFIX = ".dkr-"
 MACHINE_TMP_PREFIX = ".dkr-local-"
+
+
+def remove_entry(backend, path: Path) -> None:
+    """Remove a layer or machine tree (taken down already) with ``backend``'s ``remove``.
+
+    Not while anything is mounted in it (a bind mount of the host's /dev, of a
+    data directory): removing a tree goes on into its mounts, and what is
+    mounted there is not the machine's to lose.
+    """
+    inside = mounts_below(path)
+    if inside:
+        raise DkrError(f"{path} has a file system mounted in it ({inside[0]}): "
+                       "unmount it first")
+    backend.remove(path)
 
 
 def _text(value) -> bool:

@@ -8,12 +8,13 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 from contextlib import contextmanager
 
 import pytest
 from helpers import assert_clean_failure, assert_ok, pull, run_dkr
 
-from dkr.testing import images
+from dkr.testing import images, loopfs
 from dkr.testing.images import Dir, File, Image, Layer
 
 BASE = [Layer([Dir("etc"), File("etc/base", b"base layer\n")]),
@@ -198,6 +199,48 @@ def test_remove_is_all_or_nothing(registry, pushed, image_root):
     assert (image_root / "first").is_dir() and (image_root / "second").is_dir()
     assert_ok(dkr(image_root, "remove", "first", "second"))
     assert not (image_root / "first").exists() and not (image_root / "second").exists()
+
+
+@contextmanager
+def bind_mounted(source, target, root):
+    """``source`` on ``target``; afterwards nothing stays mounted in ``root`` (the
+    mount goes along when its machine is moved)."""
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        yield
+    finally:
+        loopfs.unmount_below(root)
+
+
+def test_a_machine_with_a_mount_inside_is_not_removed_through_it(registry, pushed, image_root,
+                                                                tmp_path):
+    """A bind mount into a machine (the host's /dev, a data directory) is the user's:
+    removing or replacing the machine must not delete what it shows."""
+    host = tmp_path / "host-data"
+    host.mkdir()
+    (host / "precious").write_text("keep me\n")
+    pull_dir(registry, "manage/first", image_root)
+    (image_root / "first" / "mnt").mkdir()
+    with bind_mounted(host, image_root / "first" / "mnt", image_root):
+        refused = dkr(image_root, "remove", "first")
+        assert_clean_failure(refused, image_root, rf"{image_root / 'first'} has a file system "
+                                                  rf"mounted in it \(.*/first/mnt\): unmount it first")
+        assert (host / "precious").read_text() == "keep me\n"
+        assert (image_root / "first" / "app" / "first").exists()
+        replaced = assert_ok(pull(registry, "manage/second", image_root, "--backend", "dir",
+                                  "--force", local="first"))
+        assert "The machine that first replaced is left at" in replaced.err
+        assert (host / "precious").read_text() == "keep me\n"
+        assert (image_root / "first" / "app" / "second").exists()
+        [left] = [p for p in image_root.iterdir() if p.name.startswith(".dkr-local-first.tmp-")]
+        gc = dkr(image_root, "gc")                 # (it cannot be clean: the leftover stays)
+        assert gc.rc == 1 and gc.err.count("dkr: error: ") == 1, gc.err
+        assert f"dkr: error: cannot remove {left.name}: {left} has a file system mounted" \
+            in gc.err or f"dkr: error: {left} has a file system mounted" in gc.err, gc.err
+        assert (host / "precious").read_text() == "keep me\n"
+        subprocess.run(["umount", str(left / "mnt")], check=True)   # the mount went along
+    assert_ok(dkr(image_root, "gc"))
+    assert not left.exists() and (host / "precious").read_text() == "keep me\n"
 
 
 # --- gc -------------------------------------------------------------------------------
