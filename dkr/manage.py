@@ -397,7 +397,12 @@ class _Collector:
             size = self._layer_size(key, path)
             if not self.dry_run:
                 with _wrap_os_error(f"cannot remove layer {key[:12]}"):
-                    remove_entry(self.layer_backend(key), path)
+                    # Out of the layer's name first: a removal that stops half-way
+                    # (an error, a kill) leaves a leftover, never a layer with
+                    # files missing that the next pull would take as it is.
+                    backend, doomed = self.layer_backend(key), self.root.layer_tmp(key)
+                    os.rename(path, doomed)
+                    remove_entry(backend, doomed)
                     (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
             self.report("layer", key[:12], size)
 

@@ -3,6 +3,7 @@ overlay specifics are in their own test files)."""
 
 from __future__ import annotations
 
+import array
 import fcntl
 import hashlib
 import json
@@ -276,6 +277,52 @@ def test_gc_removes_only_unreferenced_layers(registry, pushed, image_root):
     assert layer_keys(image_root) == set()
     meta = image_root / ".dkr"
     assert not list((meta / "layers").iterdir()) and not list((meta / "blobs" / "sha256").iterdir())
+
+
+@contextmanager
+def immutable(path):
+    """``path`` cannot be unlinked (FS_IMMUTABLE_FL, as chattr +i): a removal fails there.
+    (Held by descriptor: the flag comes off wherever the file has been moved to.)"""
+    fd = os.open(path, os.O_RDONLY)
+
+    def set_flag(on: bool):
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        flags[0] = flags[0] | FS_IMMUTABLE_FL if on else flags[0] & ~FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+    try:
+        set_flag(True)
+        try:
+            yield
+        finally:
+            set_flag(False)
+    finally:
+        os.close(fd)
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+
+
+def test_a_layer_gc_fails_to_remove_is_never_reused_half_removed(registry, pushed, image_root):
+    """A gc that stops inside a layer's removal (an error here; a kill does the same)
+    has deleted some of its files: the layer must not keep its name, or the next pull
+    takes it as it is."""
+    pull_dir(registry, "manage/first", image_root)
+    top = machine_layers(image_root, "first")[-1]
+    assert_ok(dkr(image_root, "remove", "first"))
+    layer = image_root / f".dkr-{top}"
+    for n in range(40):
+        (layer / "app" / f"extra{n}").write_bytes(b"x")          # something to delete first
+    with immutable(layer / "app" / "first"):
+        failed = dkr(image_root, "gc")
+        assert failed.rc == 1 and "dkr: error: cannot remove layer " in failed.err, failed.err
+        assert not layer.exists()
+        [doomed] = [p for p in image_root.iterdir() if p.name.startswith(f".dkr-{top}.tmp-")]
+        assert 0 < len(os.listdir(doomed / "app")) < 41             # half removed
+    again = pull_dir(registry, "manage/first", image_root)
+    assert "already exists" not in " ".join(l for l in again.err.splitlines() if top[:12] in l)
+    assert (image_root / "first" / "app" / "first").read_bytes() == b"first" * 3000
+    assert not doomed.exists()                     # the pull cleared what gc left
 
 
 def test_gc_leaves_what_a_pull_holds_and_clears_leftovers(registry, pushed, image_root):
