@@ -25,7 +25,7 @@ from typing import Iterator
 from .errors import DkrError
 from .hookspecs import StorageBackend
 from .locks import AsyncFlock
-from .plugins import backends, choose_backend
+from .plugins import backend_on_disk, backends, fallback_backend
 from .reference import validate_machine_name
 from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot, remove_entry
 from .fsinfo import mount_type
@@ -220,10 +220,7 @@ def cmd_remove(args) -> int:
     names = list(dict.fromkeys(args.locals))
     with ExitStack() as stack:
         # Every check first (names, records, backends, locks): an error leaves all in place.
-        plan = []
-        for local in names:
-            info = _machine(root, local)
-            plan.append((local, _backend(info.get("backend"), f"machine {local!r}"), info))
+        plan = [(local, *_machine_to_remove(root, local)) for local in names]
         for local in names:
             _machine_lock(root, local, stack)
         _deactivate_all(root, plan)
@@ -231,6 +228,20 @@ def cmd_remove(args) -> int:
             _remove_machine(root, local, backend)
             log.info("Removed machine %s.", local)
     return 0
+
+
+def _machine_to_remove(root: ImageRoot, local: str) -> tuple[StorageBackend, dict]:
+    """A machine's backend and record. A record that cannot be read does not keep its
+    machine (removing it is the way out): the backend is then told from the disk."""
+    validate_machine_name(local)
+    try:
+        info = _machine(root, local)
+    except DkrError as e:
+        if not (root.meta / "machines" / f"{local}.json").exists():
+            raise                         # no such machine
+        log.warning("%s; removing machine %s as found on disk.", e, local)
+        return backend_on_disk(root.machine_path(local), root.path), {}
+    return _backend(info.get("backend"), f"machine {local!r}"), info
 
 
 def _deactivate_all(root: ImageRoot, plan: list) -> None:
@@ -344,10 +355,7 @@ class _Collector:
     # which backend removes an entry that names none
     def fallback_backend(self) -> StorageBackend:
         if self._fallback is None:
-            try:
-                self._fallback, _ = choose_backend("auto", self.root.path)
-            except DkrError:
-                self._fallback = backends()["dir"]
+            self._fallback = fallback_backend(self.root.path)
         return self._fallback
 
     def layer_backend(self, key: str) -> StorageBackend:
@@ -355,11 +363,34 @@ class _Collector:
         return backends().get(made_by or "") or self.fallback_backend()
 
     def needed_layers(self) -> set[str]:
-        return {key for info in self.root.machines() for key in info.get("layers", [])}
+        return {key for info in self.records() for key in info["layers"]}
 
     def needed_blobs(self) -> set[str]:
         # Any digest a machine record mentions (manifest, config, whatever a protocol adds).
-        return set(DIGEST_RE.findall(json.dumps(self.root.machines())))
+        return set(DIGEST_RE.findall(json.dumps(self.records())))
+
+    def records(self) -> list[dict]:
+        """Every machine's record, each with its list of layers. A record gc cannot
+        read stops it: that machine may need any layer (an overlay machine is
+        mounted on them), and nothing says which."""
+        found = []
+        for path in sorted((self.root.meta / "machines").glob("*.json")):
+            local = path.stem
+            try:
+                info = self.root.read_json(f"machines/{path.name}")
+            except DkrError as e:
+                problem = str(e)
+            else:
+                if info is None:
+                    continue              # removed meanwhile
+                layers = info.get("layers")
+                if isinstance(layers, list) and all(isinstance(k, str) for k in layers):
+                    found.append(info)
+                    continue
+                problem = f"{path} has no list of layers"
+            raise DkrError(f"{problem}; gc cannot tell which layers machine {local!r} needs "
+                           f"(mend the record, or 'dkr remove {local}')")
+        return found
 
     def report(self, kind: str, name: str, size: int) -> None:
         self.counts[kind] += 1

@@ -131,3 +131,21 @@ def choose_backend(name: str, image_root: Path) -> tuple[StorageBackend, str]:
             return backend, f"backend {backend.name} (auto: {why})"
         refused.append(f"not {backend.name}: {reason}")
     raise DkrError(f"no storage backend can be used on {image_root}: {'; '.join(refused)}")
+
+
+def fallback_backend(image_root: Path) -> StorageBackend:
+    """The backend that removes an entry that names none: the one ``--backend auto``
+    picks for the image root, else dir (every backend removes plain trees)."""
+    try:
+        return choose_backend("auto", image_root)[0]
+    except DkrError:
+        return backends()["dir"]
+
+
+def backend_on_disk(machine: Path, image_root: Path) -> StorageBackend:
+    """The backend to take down a machine whose record names none it has (the record
+    is unreadable, or gone): overlay if an overlay is mounted on it, else the fallback."""
+    from .fsinfo import mount_type
+    if mount_type(machine) == "overlay" and "overlay" in backends():
+        return backends()["overlay"]
+    return fallback_backend(image_root)

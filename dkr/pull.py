@@ -29,7 +29,7 @@ from .glue import CurlGlue
 from .hookspecs import StorageBackend
 from .job import TransferOptions
 from .locks import AsyncFlock
-from .plugins import backends, choose_backend
+from .plugins import backend_on_disk, backends, choose_backend
 from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
@@ -563,8 +563,9 @@ class Puller:
         machine = self.root.machine_path(local)
         old = None
         if os.path.lexists(machine):
-            old = self._machine_backend(local, backend)
-            old_info = self.root.machine_info(local)
+            old_info = self._old_record(local)
+            old = backends().get((old_info or {}).get("backend", "")) or \
+                backend_on_disk(machine, self.root.path)
             old.deactivate_machine(machine)
             exchange_paths(tmp, machine)      # never a moment without a machine
         else:
@@ -594,10 +595,14 @@ class Puller:
                 log.warning("The machine that %s replaced is left at %s (gc removes it): %s",
                             local, tmp, e)
 
-    def _machine_backend(self, local: str, default: StorageBackend) -> StorageBackend:
-        """The backend that made an existing machine (it knows how to take it down)."""
-        info = self.root.machine_info(local) or {}
-        return backends().get(info.get("backend", default.name), default)
+    def _old_record(self, local: str) -> dict | None:
+        """The record of the machine a --force pull replaces; one that cannot be read
+        must not keep it (the replacement is the way out of a broken record)."""
+        try:
+            return self.root.machine_info(local)
+        except DkrError as e:
+            log.warning("%s; replacing machine %s as found on disk.", e, local)
+            return None
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str) -> AsyncFlock:

@@ -183,6 +183,39 @@ def test_force_and_remove_clean_up_the_upper_dir(registry, root):
     assert not (root / ".dkr" / "machines" / "box.json").exists()
 
 
+@pytest.mark.parametrize("damage, unreadable", [
+    (lambda text: text[:40], True),                                 # cut short
+    (lambda text: text.replace('"layers"', '"layers_"'), False),    # no list of layers
+], ids=["cut-short", "no-layers"])
+def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unreadable):
+    """gc cannot tell what a machine with a broken record stands on, and an overlay
+    machine stands on its layers: gc must stop, not take them. remove and pull
+    --force then still deal with the machine."""
+    images.push_image(registry, "ovl/broken", "v1", Image([Layer([File("version", b"1")])]))
+    images.push_image(registry, "ovl/broken", "v2", Image([Layer([File("version", b"2")])]))
+    assert_ok(pull(registry, "ovl/broken:v1", root, local="box"))
+    needed = layers_of(root, "box")
+    path = root / ".dkr" / "machines" / "box.json"
+    path.write_text(damage(path.read_text()))
+    for dry in ([], ["--dry-run"]):
+        failed = run_dkr("gc", "--image-root", root, *dry)
+        assert_clean_failure(failed, root, r"gc cannot tell which layers machine 'box' needs "
+                                           r"\(mend the record, or 'dkr remove box'\)")
+    assert all(layer.is_dir() for layer in needed)
+    assert (root / "box" / "version").read_bytes() == b"1"
+
+    replaced = assert_ok(pull(registry, "ovl/broken:v2", root, "--force", local="box"))
+    assert ("replacing machine box as found on disk" in replaced.err) == unreadable
+    assert (root / "box" / "version").read_bytes() == b"2"
+    path.write_text(damage(path.read_text()))
+    removed = assert_ok(run_dkr("remove", "--image-root", root, "box"))
+    assert ("removing machine box as found on disk" in removed.err) == unreadable
+    assert not os.path.lexists(root / "box") and not path.exists()
+    assert state_dirs(root, "box") == []
+    assert_ok(run_dkr("gc", "--image-root", root))
+    assert not any(layer.exists() for layer in needed)
+
+
 def test_a_machine_that_cannot_be_mounted_leaves_the_old_one_as_it_was(registry, root):
     """Activating the new machine fails (here: a backend whose mounts the kernel
     refuses): the old machine, its writes and its record stay; nothing new stays."""
