@@ -142,11 +142,21 @@ def _image_size(root: ImageRoot, info: dict) -> int | None:
     """Unpacked size of the machine's image: its layers' tar bytes."""
     total = 0
     for key in info.get("layers", []):
-        layer = root.layer_info(key) or {}
-        if not isinstance(layer.get("tar_bytes"), int):
+        layer = _layer_record(root, key)
+        if "tar_bytes" not in layer:
             return None
         total += layer["tar_bytes"]
     return total
+
+
+def _layer_record(root: ImageRoot, key: str) -> dict:
+    """What the layer's record says; an unreadable record says nothing (and the log
+    says so): listing or collecting goes on without it."""
+    try:
+        return root.layer_info(key) or {}
+    except DkrError as e:
+        log.warning("%s; going on without it.", e)
+        return {}
 
 
 @contextmanager
@@ -359,7 +369,7 @@ class _Collector:
         return self._fallback
 
     def layer_backend(self, key: str) -> StorageBackend:
-        made_by = (self.root.layer_info(key) or {}).get("backend")
+        made_by = _layer_record(self.root, key).get("backend")
         return backends().get(made_by or "") or self.fallback_backend()
 
     def needed_layers(self) -> set[str]:
@@ -439,8 +449,8 @@ class _Collector:
 
     def _layer_size(self, key: str, path: Path) -> int:
         # What the layer itself holds; a stacked layer's tree also counts its parents'.
-        tar_bytes = (self.root.layer_info(key) or {}).get("tar_bytes")
-        return tar_bytes if isinstance(tar_bytes, int) else tree_size(path)
+        tar_bytes = _layer_record(self.root, key).get("tar_bytes")
+        return tree_size(path) if tar_bytes is None else tar_bytes
 
     def leftover(self, name: str, lock: str, backend: StorageBackend) -> None:
         with ExitStack() as stack:

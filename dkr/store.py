@@ -53,6 +53,11 @@ def _digest(value) -> bool:
     return isinstance(value, str) and ":" in value
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_LAYER_FIELDS = {"backend": _text, "tar_bytes": _count}
 _MACHINE_FIELDS = {
     "local": _text, "backend": _text, "reference": _text, "created": _text,
     "manifest_digest": _digest, "config_digest": _digest,
@@ -141,16 +146,16 @@ class ImageRoot:
             return None
 
     def layer_info(self, key: str) -> dict | None:
-        return self.read_json(f"layers/{key}.json")
+        return self._record(f"layers/{key}.json", _LAYER_FIELDS)
 
     def machine_info(self, local: str) -> dict | None:
-        return self._machine_record(f"machines/{local}.json")
+        return self._record(f"machines/{local}.json", _MACHINE_FIELDS)
 
-    def _machine_record(self, relative: str) -> dict | None:
-        """A machine's record, without fields of a type the commands cannot use
-        (a hand-edited record): those are left out, and the log says so."""
+    def _record(self, relative: str, fields: dict) -> dict | None:
+        """A layer's or machine's record, without fields of a type the commands cannot
+        use (a hand-edited record): those are left out, and the log says so."""
         info = self.read_json(relative)
-        for name, fits in _MACHINE_FIELDS.items():
+        for name, fits in fields.items():
             if info is not None and name in info and not fits(info[name]):
                 log.warning("%s: ignoring its %s %s.", self.meta / relative, name,
                             json.dumps(info.pop(name))[:60])
@@ -164,7 +169,7 @@ class ImageRoot:
         found = []
         for path in sorted((self.meta / "machines").glob("*.json")):
             try:
-                info = self._machine_record(f"machines/{path.name}")
+                info = self._record(f"machines/{path.name}", _MACHINE_FIELDS)
             except DkrError as e:        # one broken record must not hide the others
                 log.warning("%s; skipped.", e)
                 continue

@@ -328,6 +328,22 @@ def test_a_layer_gc_fails_to_remove_is_never_reused_half_removed(registry, pushe
     assert not doomed.exists()                     # the pull cleared what gc left
 
 
+def test_a_broken_layer_record_does_not_stop_gc_or_list(registry, pushed, image_root):
+    pull_dir(registry, "manage/first", image_root)
+    pull_dir(registry, "manage/second", image_root)
+    first, second = machine_layers(image_root, "first"), machine_layers(image_root, "second")
+    assert_ok(dkr(image_root, "remove", "first"))
+    records = image_root / ".dkr" / "layers"
+    (records / f"{first[2]}.json").write_text('{"backend": {"x": 1}, "tar_bytes": "many"}')
+    (records / f"{second[2]}.json").write_text("")              # needed by "second"
+    listed = assert_ok(dkr(image_root, "list"))
+    assert "second" in listed.out and f"{second[2]}.json" in listed.err
+    run = assert_ok(dkr(image_root, "gc"))
+    assert "ignoring its backend {" in run.err and "ignoring its tar_bytes" in run.err
+    assert layer_keys(image_root) == set(second)
+    assert (image_root / "second" / "app" / "second").read_bytes() == b"second" * 3000
+
+
 def test_gc_leaves_what_a_pull_holds_and_clears_leftovers(registry, pushed, image_root):
     pull_dir(registry, "manage/first", image_root)
     assert_ok(dkr(image_root, "remove", "first"))
