@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__, api, manage
 from .auth import parse_creds
-from .errors import DkrError, os_error_text
+from .errors import DkrError, one_line, os_error_text
 from .events import Events, JsonRenderer, StatsRenderer, log_renderer
 from .v2 import parse_platform
 
@@ -200,7 +200,7 @@ def _pull_batch(path: str, options, events) -> int:
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
     for (reference, _), error in failed:
         events.emit("error", reference=reference, message=str(error))
-        print(f"dkr: error: {reference}: {error}", file=sys.stderr)
+        print(one_line(f"dkr: error: {reference}: {error}"), file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")
     return 1 if failed else 0
@@ -211,10 +211,15 @@ def cmd_demo(args) -> int:
     return run_demo(args.image_root, args.backend)
 
 
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return one_line(super().format(record))
+
+
 def _setup_logging(args) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(message)s"))
     root = logging.getLogger("dkr")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -228,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DkrError as e:
-        print(f"dkr: error: {e}", file=sys.stderr)
+        print(one_line(f"dkr: error: {e}"), file=sys.stderr)
         return e.exit_code
     except OSError as e:
         # A file system refusing something (full, read-only, permissions) is the
         # user's to fix, not a bug: say what and where, in one line.
-        print(f"dkr: error: {os_error_text(e)}", file=sys.stderr)
+        print(one_line(f"dkr: error: {os_error_text(e)}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dkr: error: interrupted", file=sys.stderr)

@@ -7,6 +7,15 @@ class DkrError(Exception):
     exit_code = 1
 
 
+def one_line(text: str) -> str:
+    """``text`` as one line of plain characters. Messages carry what servers sent (a
+    platform name, a media type, a header); a newline or a terminal escape in it
+    is shown escaped, not obeyed."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def os_error_text(e: OSError) -> str:
     """A file system's refusal (full, read-only, permissions) in one line: what and where."""
     where = f": {e.filename}" if e.filename else ""

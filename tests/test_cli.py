@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
@@ -63,3 +64,19 @@ def test_the_demo_pulls_its_sample_and_leaves_no_registry_running(tmp_path):
     assert run.rc == 0, run.err
     assert (tmp_path / "sample" / "etc").is_dir()
     assert _registry_servers() - before == set()
+
+
+def test_log_lines_show_control_characters_escaped(capsys):
+    """Log lines carry server text too (a redirect's host, a record's field)."""
+    import logging
+
+    from dkr.cli import _setup_logging
+
+    root = logging.getLogger("dkr")
+    saved = root.handlers[:], root.level, root.propagate
+    try:
+        _setup_logging(argparse.Namespace(verbose=False, quiet=False))
+        logging.getLogger("dkr.test").warning("from %s", "server\ndkr: error: forged\x1b[2J")
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+    assert capsys.readouterr().err == "from server\\ndkr: error: forged\\x1b[2J\n"

@@ -109,6 +109,24 @@ def test_an_index_entry_without_a_platform_is_taken_when_nothing_matches_better(
         assert (image_root / local / "which").read_bytes() == expected
 
 
+def test_what_a_server_says_cannot_break_the_error_line(registry, image_root):
+    """A newline or a terminal escape in server text (here an index's platform) is
+    printed escaped: the error stays one line, and the terminal obeys nothing."""
+    image = Image([Layer([File("a", b"a")])])
+    images.push_image(registry, "multi/odd", None, image)
+    entry = image.descriptor({"os": "linux\ndkr: error: forged\x1b[2J",
+                              "architecture": "s390x"})
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [entry]}
+    registry.push_manifest("multi/odd", "latest", json.dumps(index).encode(), index["mediaType"])
+    failed = pull(registry, "multi/odd", image_root, "--backend", "dir", "--json")
+    assert_clean_failure(failed, image_root,                 # (and no second error line)
+                         r"index offers: linux\\ndkr: error: forged\\x1b\[2J/s390x\)$", "odd")
+    assert "\x1b" not in failed.err and failed.err.count("\n") == len(failed.err.splitlines())
+    [error] = [e for e in failed.events if e["event"] == "error"]
+    assert "linux\ndkr: error: forged" in error["message"]    # JSON keeps it exact, escaped
+
+
 def test_second_pull_reuses_layers(registry, image_root):
     images.push_image(registry, "reuse/img", "latest", images.sample_image())
     first = assert_ok(pull(registry, "reuse/img", image_root, "--backend", "dir", "--json",
