@@ -26,7 +26,7 @@ from .errors import DkrError
 from .hookspecs import StorageBackend
 from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, fallback_backend
-from .reference import validate_machine_name
+from .reference import validate_existing_machine_name
 from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot, remove_entry
 from .fsinfo import mount_type
 from .treeops import tree_size
@@ -78,7 +78,7 @@ def add_commands(sub, common) -> None:
 
 def _machine(root: ImageRoot, local: str) -> dict:
     """The record of machine ``local``; a DkrError when dkr knows no such machine."""
-    validate_machine_name(local)
+    validate_existing_machine_name(local)
     info = root.machine_info(local) if root.meta.is_dir() else None
     if info is None:
         raise DkrError(f"no machine {local!r} in {root.path}")
@@ -243,7 +243,7 @@ def cmd_remove(args) -> int:
 def _machine_to_remove(root: ImageRoot, local: str) -> tuple[StorageBackend, dict]:
     """A machine's backend and record. A record that cannot be read does not keep its
     machine (removing it is the way out): the backend is then told from the disk."""
-    validate_machine_name(local)
+    validate_existing_machine_name(local)
     try:
         info = _machine(root, local)
     except DkrError as e:

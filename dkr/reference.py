@@ -36,7 +36,13 @@ _HOST_RE = re.compile(
     rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?"
 )
 _V1_ID_RE = re.compile(r"[a-f0-9]{1,128}")
-_MACHINE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+# A new machine's name is a hostname, as systemd-nspawn --machine= and machinectl
+# want it: dot-separated labels of letters, digits and '-', no label starting or
+# ending with '-'. Older dkr also made labels with '_' or an outer '-': such
+# machines are still listed, removed and mounted by their names.
+_MACHINE_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_MACHINE_RE = re.compile(rf"{_MACHINE_LABEL}(?:\.{_MACHINE_LABEL})*")
+_OLD_MACHINE_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _NAME_MAX = 255
 _MACHINE_MAX = 64
 
@@ -133,26 +139,33 @@ def digest_hex(digest: str) -> str:
 
 
 def machine_name_is_valid(name: str) -> bool:
-    """Hostname-like, as systemd's machine_name_is_valid(): also safe as a file name."""
-    return (
-        0 < len(name) <= _MACHINE_MAX
-        and _MACHINE_RE.fullmatch(name) is not None
-        and not name.startswith(("-", ".dkr"))
-    )
+    """A name for a new machine: a hostname, as systemd's machine_name_is_valid()."""
+    return 0 < len(name) <= _MACHINE_MAX and _MACHINE_RE.fullmatch(name) is not None
 
 
 def validate_machine_name(name: str) -> str:
+    """``name`` for a new machine, or a DkrError."""
     if not machine_name_is_valid(name):
         raise DkrError(
-            f"invalid machine name {name!r}: want up to {_MACHINE_MAX} letters, digits, '-', '_' "
-            "in dot-separated labels"
+            f"invalid machine name {name!r}: want up to {_MACHINE_MAX} letters, digits and "
+            "'-' in dot-separated labels, none starting or ending with '-' (a hostname)"
         )
     return name
 
 
+def validate_existing_machine_name(name: str) -> str:
+    """``name`` of a machine dkr may have made (older versions were less strict);
+    anything else, and anything that is not a plain file name, is a DkrError."""
+    if not (machine_name_is_valid(name) or 0 < len(name) <= _MACHINE_MAX
+            and _OLD_MACHINE_RE.fullmatch(name) and not name.startswith(("-", ".dkr"))):
+        return validate_machine_name(name)
+    return name
+
+
 def default_machine_name(name: str) -> str:
-    """LOCAL defaults to the last component of the repository name."""
-    return name.rsplit("/", 1)[-1]
+    """LOCAL defaults to the last component of the repository name, '_' made '-'
+    (which a repository name may hold and a hostname may not)."""
+    return name.rsplit("/", 1)[-1].replace("_", "-")
 
 
 def host_is_valid(host: str) -> bool:

@@ -191,6 +191,26 @@ def test_remove(registry, pushed, image_root):
     assert [m["local"] for m in listed] == ["second"]
 
 
+def test_machine_names_are_hostnames_and_older_ones_still_work(registry, pushed, image_root):
+    """New machines get names machinectl accepts; one an older dkr named with '_' is
+    still known by it."""
+    images.push_image(registry, "manage/my_app", "latest", pushed["first"])
+    assert_ok(pull(registry, "manage/my_app", image_root, "--backend", "dir"))
+    assert (image_root / "my-app" / "app" / "first").exists()          # '_' became '-'
+    refused = pull(registry, "manage/first", image_root, "--backend", "dir", local="my_box")
+    assert_clean_failure(refused, image_root, r"invalid machine name 'my_box': .*hostname")
+    pull_dir(registry, "manage/first", image_root, local="older")
+    records = image_root / ".dkr" / "machines"
+    os.rename(image_root / "older", image_root / "old_box")
+    record = json.loads((records / "older.json").read_text())
+    (records / "old_box.json").write_text(json.dumps({**record, "local": "old_box"}))
+    (records / "older.json").unlink()
+    assert "old_box" in assert_ok(dkr(image_root, "list")).out
+    assert_ok(dkr(image_root, "inspect", "old_box"))
+    assert_ok(dkr(image_root, "remove", "old_box"))
+    assert not (image_root / "old_box").exists() and not (records / "old_box.json").exists()
+
+
 def test_remove_is_all_or_nothing(registry, pushed, image_root):
     pull_dir(registry, "manage/first", image_root)
     pull_dir(registry, "manage/second", image_root)

@@ -4,7 +4,7 @@ import pytest
 
 from dkr.errors import DkrError
 from dkr.reference import (default_machine_name, host_is_valid, machine_name_is_valid,
-                           parse_reference, validate_digest)
+                           parse_reference, validate_digest, validate_existing_machine_name)
 
 
 @pytest.mark.parametrize("text, host, name, tag, digest", [
@@ -44,16 +44,30 @@ def test_a_server_digest_of_another_algorithm_is_refused_by_name():
 
 
 @pytest.mark.parametrize("name, ok", [
-    ("debian", True), ("my-machine.1", True), ("a_b", True), ("x" * 64, True),
-    ("x" * 65, False), ("", False), ("..", False), (".hidden", False), (".dkr-abc", False),
-    ("a/b", False), ("a b", False), ("-lead", False), ("a..b", False), ("dkr-ok", True),
+    ("debian", True), ("my-machine.1", True), ("a--b", True), ("x" * 64, True),
+    ("dkr-ok", True), ("a_b", False), ("_a", False), ("a-", False), ("a-.b", False),
+    ("a.-b", False), ("x" * 65, False), ("", False), ("..", False), (".hidden", False),
+    (".dkr-abc", False), ("a/b", False), ("a b", False), ("-lead", False), ("a..b", False),
 ])
-def test_machine_names(name, ok):
+def test_machine_names_are_hostnames_as_systemd_wants(name, ok):
     assert machine_name_is_valid(name) is ok
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("a_b", True), ("a-", True), ("a-.b", True), ("debian", True),
+    ("-lead", False), ("../x", False), (".dkr-abc", False), ("a/b", False), ("x" * 65, False),
+])
+def test_machines_older_names_allowed_are_still_known_by_them(name, ok):
+    if ok:
+        assert validate_existing_machine_name(name) == name
+    else:
+        with pytest.raises(DkrError, match="invalid machine name"):
+            validate_existing_machine_name(name)
 
 
 def test_default_machine_name():
     assert default_machine_name("library/debian") == "debian"
+    assert default_machine_name("team/my__app_x") == "my--app-x"
 
 
 @pytest.mark.parametrize("host, ok", [
