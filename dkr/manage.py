@@ -27,15 +27,16 @@ from .hookspecs import StorageBackend
 from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, fallback_backend
 from .reference import validate_existing_machine_name
-from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, ImageRoot, remove_entry
+from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, remove_entry
 from .fsinfo import mount_type
 from .treeops import tree_size
 
 log = logging.getLogger("dkr.manage")
 
 LAYER_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})")
-LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})\.tmp-[0-9a-f]+")
-MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)\.tmp-[0-9a-f]+")
+_TMP = rf"\.tmp-[0-9a-f]{{{TMP_SUFFIX_LENGTH}}}"
+LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})" + _TMP)
+MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)" + _TMP)
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 
 

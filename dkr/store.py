@@ -45,6 +45,17 @@ def remove_entry(backend, path: Path) -> None:
     backend.remove(path)
 
 
+TMP_SUFFIX_LENGTH = 8      # hex digits after ".tmp-"
+
+
+def _tmp_suffix() -> str:
+    return secrets.token_hex(TMP_SUFFIX_LENGTH // 2)
+
+
+def _is_tmp_suffix(text: str) -> bool:
+    return len(text) == TMP_SUFFIX_LENGTH and all(c in "0123456789abcdef" for c in text)
+
+
 def _text(value) -> bool:
     return isinstance(value, str)
 
@@ -88,19 +99,22 @@ class ImageRoot:
         return self.path / f"{LAYER_PREFIX}{key}"
 
     def layer_tmp(self, key: str) -> Path:
-        return self.path / f"{LAYER_PREFIX}{key}.tmp-{secrets.token_hex(4)}"
+        return self.path / f"{LAYER_PREFIX}{key}.tmp-{_tmp_suffix()}"
 
     def machine_path(self, local: str) -> Path:
         return self.path / local
 
     def machine_tmp(self, local: str) -> Path:
-        return self.path / f"{MACHINE_TMP_PREFIX}{local}.tmp-{secrets.token_hex(4)}"
+        return self.path / f"{MACHINE_TMP_PREFIX}{local}.tmp-{_tmp_suffix()}"
 
     def leftovers(self, prefix: str) -> list[Path]:
         """Temp entries a crashed run left for one layer or machine."""
         # Not Path.glob: it compiles a pattern per prefix, ~1 ms each, per layer.
+        # Exactly the random part after ".tmp-": machine "web.tmp-1" has temp
+        # entries that start with those of machine "web".
         start = f"{prefix}.tmp-"
-        return sorted(self.path / name for name in os.listdir(self.path) if name.startswith(start))
+        return sorted(self.path / name for name in os.listdir(self.path)
+                      if name.startswith(start) and _is_tmp_suffix(name[len(start):]))
 
     # --- metadata ----------------------------------------------------------
     def write_json(self, relative: str, value: object) -> None:

@@ -211,6 +211,24 @@ def test_machine_names_are_hostnames_and_older_ones_still_work(registry, pushed,
     assert not (image_root / "old_box").exists() and not (records / "old_box.json").exists()
 
 
+def test_removing_a_machine_leaves_the_temp_entries_of_another_alone(registry, pushed,
+                                                                    image_root):
+    """Machine "web.tmp-1" is being made (its temp tree, its lock held) while "web" is
+    removed and pulled again: its temp tree starts like web's would, and is not web's."""
+    pull_dir(registry, "manage/first", image_root, local="web")
+    making = image_root / ".dkr-local-web.tmp-1.tmp-0badcafe"
+    (making / "etc").mkdir(parents=True)
+    with held_lock(image_root, "machine-web.tmp-1"):
+        assert_ok(dkr(image_root, "remove", "web"))
+        assert (making / "etc").is_dir()
+        pull_dir(registry, "manage/first", image_root, local="web")
+        assert (making / "etc").is_dir()
+        assert_ok(dkr(image_root, "gc"))
+        assert (making / "etc").is_dir()
+    assert_ok(dkr(image_root, "gc"))
+    assert not making.exists()
+
+
 def test_remove_is_all_or_nothing(registry, pushed, image_root):
     pull_dir(registry, "manage/first", image_root)
     pull_dir(registry, "manage/second", image_root)
