@@ -374,7 +374,8 @@ class _Collector:
         return backends().get(made_by or "") or self.fallback_backend()
 
     def needed_layers(self) -> set[str]:
-        return {key for info in self.records() for key in info["layers"]}
+        return {key for info in self.records()
+                for key in info["layers"] + info.get("layers_before", [])}
 
     def needed_blobs(self) -> set[str]:
         # Any digest a machine record mentions (manifest, config, whatever a protocol adds).
@@ -394,8 +395,8 @@ class _Collector:
             else:
                 if info is None:
                     continue              # removed meanwhile
-                layers = info.get("layers")
-                if isinstance(layers, list) and all(isinstance(k, str) for k in layers):
+                lists = [info.get("layers"), info.get("layers_before", [])]
+                if all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in lists):
                     found.append(info)
                     continue
                 problem = f"{path} has no list of layers"

@@ -554,46 +554,71 @@ class Puller:
 
     def _put_in_place(self, local: str, tmp: Path, layers: list[Path],
                       backend: StorageBackend, record: dict) -> None:
-        """Move the new machine ``tmp`` to ``IMAGE_ROOT/LOCAL``, activate it, record it.
+        """Record the new machine ``tmp``, move it to ``IMAGE_ROOT/LOCAL``, activate it.
 
         A machine already there is swapped out, and removed only once the new
-        one is active and recorded. If either fails, the new machine goes back
-        to ``tmp`` (the caller removes it) and an old one is back as it was.
+        one is active. If a step fails, the new machine goes back to ``tmp``
+        (the caller removes it), and an old one and its record are back as
+        they were.
         """
         machine = self.root.machine_path(local)
-        old = None
+        old = old_info = None
         if os.path.lexists(machine):
             old_info = self._old_record(local)
             old = backends().get((old_info or {}).get("backend", "")) or \
                 backend_on_disk(machine, self.root.path)
-            old.deactivate_machine(machine)
-            exchange_paths(tmp, machine)      # never a moment without a machine
-        else:
-            os.rename(tmp, machine)
+        # The record comes first: a crash must never leave a machine that no record
+        # names (list and remove would not know it, gc would take its layers).
+        # While the old tree is there, the record names its layers too.
+        relative = f"machines/{local}.json"
+        old_record = _read_or_none(self.root.meta / relative)
+        before = (old_info or {}).get("layers")
+        self.root.write_json(relative, {**record, "layers_before": before} if before else record)
         try:
-            backend.activate_machine(machine, layers)
-            self.root.write_json(f"machines/{local}.json", record)
-        except BaseException:
-            try:
-                backend.deactivate_machine(machine)    # in case it got that far
-            except Exception:
-                pass
-            if old is None:
-                os.rename(machine, tmp)
+            if old is not None:
+                old.deactivate_machine(machine)
+                exchange_paths(tmp, machine)      # never a moment without a machine
             else:
-                exchange_paths(tmp, machine)
-                try:
-                    if old_info is not None:  # (without a record it was never ours to mount)
-                        old.activate_machine(machine, self.root.machine_layers(old_info))
-                except Exception as e:     # the first failure is the one to report
-                    log.warning("Machine %s is back, but not active: %s", local, e)
-            raise
-        if old is not None:
+                os.rename(tmp, machine)
             try:
-                remove_entry(old, tmp)
-            except Exception as e:         # the new machine is in place: that is the pull
-                log.warning("The machine that %s replaced is left at %s (gc removes it): %s",
-                            local, tmp, e)
+                backend.activate_machine(machine, layers)
+            except BaseException:
+                self._swap_back(local, tmp, backend, old, old_info)
+                raise
+        except BaseException:
+            if old_record is None:
+                (self.root.meta / relative).unlink(missing_ok=True)
+            else:
+                self.root.write_bytes(relative, old_record)
+            raise
+        if old is None:
+            return
+        try:
+            remove_entry(old, tmp)
+        except Exception as e:         # the new machine is in place: that is the pull
+            log.warning("The machine that %s replaced is left at %s (gc removes it): %s",
+                        local, tmp, e)
+        if before:
+            self.root.write_json(relative, record)
+
+    def _swap_back(self, local: str, tmp: Path, backend: StorageBackend,
+                   old: StorageBackend | None, old_info: dict | None) -> None:
+        """The new machine could not be activated: it goes back to ``tmp``, and an old
+        one back in place, active again."""
+        machine = self.root.machine_path(local)
+        try:
+            backend.deactivate_machine(machine)    # in case it got that far
+        except Exception:
+            pass
+        if old is None:
+            os.rename(machine, tmp)
+            return
+        exchange_paths(tmp, machine)
+        try:
+            if old_info is not None:  # (without a record it was never ours to mount)
+                old.activate_machine(machine, self.root.machine_layers(old_info))
+        except Exception as e:     # the first failure is the one to report
+            log.warning("Machine %s is back, but not active: %s", local, e)
 
     def _old_record(self, local: str) -> dict | None:
         """The record of the machine a --force pull replaces; one that cannot be read
@@ -774,6 +799,13 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
                 not isinstance(stage.task.exception(), ResumedBlobMismatch):
             await stage.task
     return await _outcome(tree)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _last_shared(claims: list[LayerClaim]) -> int:

@@ -73,6 +73,8 @@ _MACHINE_FIELDS = {
     "local": _text, "backend": _text, "reference": _text, "created": _text,
     "manifest_digest": _digest, "config_digest": _digest,
     "layers": lambda value: isinstance(value, list) and all(map(_text, value)),
+    # The layers of the machine a --force pull is replacing, until it is gone.
+    "layers_before": lambda value: isinstance(value, list) and all(map(_text, value)),
 }
 
 
@@ -118,12 +120,15 @@ class ImageRoot:
 
     # --- metadata ----------------------------------------------------------
     def write_json(self, relative: str, value: object) -> None:
+        self.write_bytes(relative, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Replace ``.dkr/relative`` with ``data`` at once, durably."""
         target = self.meta / relative
         tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
         try:
-            with open(tmp, "w") as f:
-                json.dump(value, f, indent=2, sort_keys=True)
-                f.write("\n")
+            with open(tmp, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, target)

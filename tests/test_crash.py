@@ -10,13 +10,16 @@ spool file, and completes.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
-from helpers import assert_ok, pull, temp_entries
+from helpers import assert_ok, pull, run_dkr, temp_entries
 from reliability_helpers import (
     DkrProcess,
     backend_mount,
@@ -292,3 +295,41 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
     assert rc == 130, err
     assert error_lines(err) == ["dkr: error: interrupted by SIGINT"], err
     assert "Traceback" not in err, err
+
+
+# A dkr whose machines die the moment they are in place: killed (SIGKILL) where the
+# dir backend would activate the new machine, after the rename or exchange.
+DIES_IN_PLACE = """
+import os, signal, sys
+from dkr_plugins import dir as dir_plugin
+dir_plugin.DirBackend.activate_machine = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+from dkr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_machine_killed_in_place_is_recorded(pushed, image_root):
+    """Killed once the new machine has its name: list, remove and gc know it, and gc
+    keeps what it (and, with --force, the machine it replaced) stands on."""
+    def pull_and_die(repo, *extra):
+        died = subprocess.run([sys.executable, "-c", DIES_IN_PLACE, "pull", "--insecure",
+                               "--image-root", str(image_root), "--backend", "dir", *extra,
+                               f"{pushed.host}/{repo}", "mc"], capture_output=True, text=True)
+        assert died.returncode == -signal.SIGKILL, died.stderr
+
+    pull_and_die("crash/old")
+    assert (image_root / "mc" / "version").read_bytes() == b"old\n"
+    listed = json.loads(assert_ok(run_dkr("list", "--image-root", image_root, "--json")).out)
+    assert [m["local"] for m in listed] == ["mc"]
+    old_layers = set(visible_layers(image_root))
+    assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert set(visible_layers(image_root)) == old_layers
+
+    pull_and_die("crash/new", "--force")
+    assert (image_root / "mc" / "version").read_bytes() == b"new\n"
+    assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert set(visible_layers(image_root)) >= old_layers | \
+        {layer_dir(image_root, c) for c in chain_ids(NEW)}
+    assert temp_entries(image_root) == []             # the old tree went with gc
+    assert_ok(run_dkr("remove", "--image-root", image_root, "mc"))
+    assert not os.path.lexists(image_root / "mc")
