@@ -22,7 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DkrError
+from .errors import DkrError, one_line
 from .hookspecs import StorageBackend
 from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, fallback_backend
@@ -290,11 +290,25 @@ def _selected(root: ImageRoot, args) -> list[tuple[str, dict]]:
     if args.all and args.locals:
         raise DkrError("give machine names or --all, not both")
     if args.all:
-        infos = root.machines() if root.meta.is_dir() else []
-        return [(info["local"], info) for info in infos if "local" in info]
+        return _every_machine(root) if root.meta.is_dir() else []
     if not args.locals:
         raise DkrError("which machine? (give LOCAL or --all)")
     return [(local, _machine(root, local)) for local in dict.fromkeys(args.locals)]
+
+
+def _every_machine(root: ImageRoot) -> list[tuple[str, dict | DkrError]]:
+    """Every machine and its record, or why its record cannot be read: --all must
+    not pass over a machine in silence (a boot script would think it mounted)."""
+    found = []
+    for path in sorted((root.meta / "machines").glob("*.json")):
+        try:
+            info = root.machine_info(path.stem)
+        except DkrError as e:
+            found.append((path.stem, e))
+            continue
+        if info is not None:
+            found.append((path.stem, info))
+    return found
 
 
 def cmd_mount(args) -> int:
@@ -309,11 +323,13 @@ def _each_machine(root: ImageRoot, args, act) -> int:
     failures = 0
     for local, info in chosen:
         try:
+            if isinstance(info, DkrError):
+                raise info
             act(root, local, _backend(info.get("backend"), f"machine {local!r}"), info)
         except DkrError as e:
             if len(chosen) == 1:
                 raise
-            print(f"dkr: error: {e}", file=sys.stderr)
+            print(one_line(f"dkr: error: {e}"), file=sys.stderr)
             failures += 1
     return 1 if failures else 0
 

@@ -165,6 +165,20 @@ def test_mount_all_goes_on_past_a_machine_whose_backend_is_gone(registry, pushed
         assert "bb" in run.err.replace(errors[0], ""), run.err     # and bb was done
 
 
+def test_mount_all_names_a_machine_whose_record_cannot_be_read(registry, pushed, image_root):
+    """A boot script runs 'dkr mount --all': a machine it could not even look at is a
+    failure, not a warning."""
+    pull_dir(registry, "manage/first", image_root, local="aa")
+    pull_dir(registry, "manage/second", image_root, local="bb")
+    (image_root / ".dkr" / "machines" / "aa.json").write_text('{"local": ')
+    for command in ("mount", "umount"):
+        run = dkr(image_root, command, "--all")
+        assert run.rc == 1
+        errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
+        assert len(errors) == 1 and re.search(r"unreadable metadata .*aa\.json", errors[0]), run.err
+        assert "bb" in run.err.replace(errors[0], ""), run.err     # and bb was done
+
+
 def test_mount_needs_a_name(image_root):
     assert_clean_failure(dkr(image_root, "mount"), image_root, r"give LOCAL or --all")
     assert_clean_failure(dkr(image_root, "umount", "--all", "x"), image_root, r"not both")
