@@ -108,7 +108,11 @@ class StorageBackend(Protocol):
         """Undo ``activate_machine`` (before removal or replacement, and by ``dkr umount``)."""
 
     def remove(self, path: Path) -> None:
-        """Remove a layer or machine tree made by this backend (it may be read-only)."""
+        """Remove a layer or machine tree made by this backend (it may be read-only).
+
+        dkr calls it only once the machine is deactivated and nothing else is
+        mounted in the tree: a removal may walk the whole tree.
+        """
 
 
 # ---------------------------------------------------------------------------
