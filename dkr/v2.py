@@ -134,7 +134,7 @@ class ManifestResolver:
 
     async def resolve(self) -> ImagePlan:
         body, media_type, digest = await self._manifest(self.ref.ref, self.ref.digest)
-        chosen = str(self.platform)
+        chosen: str | None = str(self.platform)
         if media_type in INDEX_TYPES:
             entry_digest, chosen = self._choose_platform(_json(body, f"{self.where}: index"))
             body, media_type, digest = await self._manifest(entry_digest, entry_digest)
@@ -159,6 +159,7 @@ class ManifestResolver:
                 raise DkrError(f"{self.where}: layer {digest_} has unsupported media type "
                                f"{layer_type!r}")
         config = await self._blob_payload(config_digest, config_size, "config")
+        chosen = chosen or self._config_platform(config)
         diff_ids = self._diff_ids(config, len(descriptors))
         return ImagePlan(
             reference=self.ref, manifest_digest=digest, manifest=body,
@@ -206,21 +207,26 @@ class ManifestResolver:
             raise DkrError(f"{what}: {media_type} has the fields of another kind of manifest")
         return media_type
 
-    def _choose_platform(self, index: dict) -> tuple[str, str]:
-        """The entry for our platform: an exact match, else one that differs only in
-        a variant one side leaves out, else one that names no platform at all (OCI
-        makes ``platform`` optional; containerd takes such an entry last, too)."""
+    def _choose_platform(self, index: dict) -> tuple[str, str | None]:
+        """The entry for our platform and the platform it names: an exact match, else
+        one that differs only in a variant one side leaves out, else an image entry
+        that names no platform at all (OCI makes ``platform`` optional); its config
+        must then say that it fits (None: not known yet). Artifacts (SBOMs,
+        signatures) are no images; only the chosen entry's digest must be usable."""
         entries = index.get("manifests")
         if not isinstance(entries, list):
             raise DkrError(f"{self.where}: index has no manifests list")
         offered, best, best_rank = [], None, -1
         want = self.platform
         for entry in entries:
-            digest, _, _ = _descriptor(entry, f"{self.where}: index entry")
+            if not isinstance(entry, dict):
+                raise DkrError(f"{self.where}: index entry: descriptor is not an object")
+            if "artifactType" in entry or entry.get("mediaType", OCI_MANIFEST) not in MANIFEST_TYPES:
+                continue
             plat = entry.get("platform")
             if not isinstance(plat, dict):
                 offered.append("(no platform)")
-                rank, name = 0, str(want)
+                rank, name = 0, None
             else:
                 os_, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant")
                 if os_ == "unknown" or arch == "unknown":
@@ -233,11 +239,24 @@ class ManifestResolver:
                     continue
                 rank = 2 if (variant or None) == want.variant else 1
             if rank > best_rank:
+                digest, _, _ = _descriptor(entry, f"{self.where}: index entry")
                 best, best_rank = (digest, name), rank
         if best is None:
             raise DkrError(f"{self.where}: no image for platform {want} "
                            f"(index offers: {', '.join(offered) or 'nothing'})")
         return best
+
+    def _config_platform(self, config_body: bytes) -> str:
+        """The platform an image's config names, which must be ours."""
+        config = _json(config_body, f"{self.where}: config")
+        os_, arch, variant = (config.get(k) for k in ("os", "architecture", "variant"))
+        want = self.platform
+        found = "/".join(str(p) for p in (os_, arch, variant) if p) or "unknown"
+        if os_ != want.os or arch != want.architecture or \
+                want.variant and variant and variant != want.variant:
+            raise DkrError(f"{self.where}: no image for platform {want} (the index entry "
+                           f"without a platform is {found})")
+        return found
 
     async def _blob_payload(self, digest: str, size: int, what: str) -> bytes:
         label = f"{self.where}: {what} {digest}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -104,9 +105,57 @@ def test_an_index_entry_without_a_platform_is_taken_when_nothing_matches_better(
                                     ("both", "linux/arm64", b"arm64"),
                                     ("both", "linux/amd64", b"plain")):
         local = f"{tag}-{platform.replace('/', '-')}"
-        assert_ok(pull(registry, f"multi/bare:{tag}", image_root, "--platform", platform,
-                       "--backend", "dir", local=local))
+        run = assert_ok(pull(registry, f"multi/bare:{tag}", image_root, "--platform", platform,
+                             "--backend", "dir", "--json", local=local))
         assert (image_root / local / "which").read_bytes() == expected
+        [resolved] = [e for e in run.events if e["event"] == "resolved"]
+        assert resolved["platform"] == platform
+    # Its config says what it is: an amd64 image is no arm64 one.
+    wrong = pull(registry, "multi/bare:bare", image_root, "--platform", "linux/arm64",
+                 "--backend", "dir", local="wrong")
+    assert_clean_failure(wrong, image_root, r"no image for platform linux/arm64 \(the index "
+                                            r"entry without a platform is linux/amd64\)", "wrong")
+
+
+@pytest.fixture
+def index_proxy(registry):
+    """Serves made-up indexes in front of the registry (it stores no index naming
+    manifests it lacks)."""
+    host, port = registry.host.split(":")
+    with FaultProxy(host, int(port)) as proxy:
+        def serve(repo, index):
+            proxy.add_fault(f"/{repo}/manifests/latest", "status", times=None, code=200,
+                            body=json.dumps(index).encode(),
+                            headers={"Content-Type": index["mediaType"]})
+        proxy.serve = serve
+        yield proxy
+
+
+def test_an_index_is_read_for_our_platform_only(registry, index_proxy, image_root):
+    """Entries we would never take do not fail the pull: an artifact (an SBOM, with
+    artifactType) and an entry for another platform in sha512, which dkr does not
+    hash with."""
+    amd = Image([Layer([File("which", b"amd64")])])
+    images.push_image(registry, "multi/extras", None, amd)
+    sbom = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/spdx+json", "size": 100,
+            "digest": "sha256:" + hashlib.sha256(b"sbom").hexdigest()}
+    s390 = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 100,
+            "digest": "sha512:" + hashlib.sha512(b"s390x").hexdigest(),
+            "platform": {"os": "linux", "architecture": "s390x"}}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [sbom, s390, amd.descriptor()]}
+    index_proxy.serve("multi/extras", index)
+    assert_ok(pull(index_proxy, "multi/extras", image_root, "--backend", "dir",
+                   "--platform", "linux/amd64"))
+    assert (image_root / "extras" / "which").read_bytes() == b"amd64"
+    for platform, message in (("linux/arm64", r"no image for platform linux/arm64 \(index "
+                                              r"offers: linux/s390x, linux/amd64\)"),
+                              ("linux/s390x", r"index entry: invalid digest 'sha512:.*' "
+                                              r"\(sha512 digests are not supported")):
+        failed = pull(index_proxy, "multi/extras", image_root, "--backend", "dir",
+                      "--platform", platform, local="other")
+        assert_clean_failure(failed, image_root, message, "other")
 
 
 def test_what_a_server_says_cannot_break_the_error_line(registry, image_root):
