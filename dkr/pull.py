@@ -233,10 +233,14 @@ class Puller:
                                                          result, layer.digest))
             except Exception as failure:
                 # Other images may have joined the builds we took on so far: those
-                # (and the layers below them) are still theirs to get.
+                # (and the layers below them) are still theirs to get. The rest we
+                # give up now, so that an image that comes meanwhile takes them on.
+                needed = _last_shared(claims) + 1
+                for claim in claims[needed:]:
+                    self._abandon(claim)
                 try:
                     await self._build_claims(client, plan, backend, prefetched, result,
-                                             claims[:_last_shared(claims) + 1])
+                                             claims[:needed])
                 except Exception:
                     pass          # theirs to report: the claims' futures carry it
                 raise failure

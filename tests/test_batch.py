@@ -191,3 +191,42 @@ def test_an_image_that_cannot_claim_its_top_layer_still_builds_the_base_it_share
     assert (image_root / "second" / "app1").read_bytes() == b"app 1"
     assert (image_root / "second" / "base" / "7").read_bytes() == bytes([7]) * 5000
     assert not (image_root / "first").exists()
+
+
+def test_what_a_failing_image_gives_up_is_taken_on_by_an_image_that_comes_later(
+        registry, proxy, image_root, tmp_path):
+    """app0 fails to claim its top layer after another image joined its base: it builds
+    the base for that one, and gives up the rest at once. app2, which comes while the
+    base is being built and needs app0's middle layer too, builds that layer itself."""
+    base = [Layer([File(f"base/{i}", bytes([i]) * 5000) for i in range(20)])]
+    mid = Layer([File("mid", b"middle layer")])
+    tops = [Layer([File(f"app{n}", f"app {n}".encode())]) for n in range(3)]
+    stacks = {0: base + [mid, tops[0]], 1: base + [tops[1]], 2: base + [mid, tops[2]]}
+    for n, layers in stacks.items():
+        images.push_image(registry, f"claim/app{n}", "latest", Image(layers))
+    keys = [c.split(":")[1] for c in chain_ids([layer.diff_id for layer in stacks[0]])]
+    locks = image_root / ".dkr" / "locks"
+    locks.mkdir(parents=True)
+    (locks / f"layer-{keys[2]}.lock").mkdir()            # app0's top layer: no lock to be had
+    proxy.add_fault("/claim/app1/manifests/", "stall_after", times=1, bytes=0, seconds=1)
+    proxy.add_fault("/claim/app2/manifests/", "stall_after", times=1, bytes=0, seconds=2)
+    proxy.add_fault(f"/blobs/{base[0].digest}", "stall_after", times=1, bytes=0, seconds=3)
+    listing = tmp_path / "images.txt"
+    listing.write_text("".join(f"{proxy.host}/claim/app{n} m{n}\n" for n in range(3)))
+    with open(locks / f"layer-{keys[0]}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        pull = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                          "--json", "--batch", listing)
+        try:
+            pull.wait_event(lambda e: e["event"] == "resolved" and "app1" in e["reference"])
+            fcntl.flock(held, fcntl.LOCK_UN)
+            rc, err = pull.finish()
+        finally:
+            pull.stop()
+    errors = [line for line in err.splitlines() if line.startswith("dkr: error: ")]
+    assert rc == 1 and len(errors) == 1 and "claim/app0" in errors[0], err
+    for n in (1, 2):
+        assert (image_root / f"m{n}" / f"app{n}").read_bytes() == f"app {n}".encode()
+    assert (image_root / "m2" / "mid").read_bytes() == b"middle layer"
+    assert [e for e in pull.events if e["event"] == "layer-done" and e["chain_id"] == keys[1]]
+
