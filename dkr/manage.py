@@ -27,7 +27,8 @@ from .hookspecs import StorageBackend
 from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, fallback_backend
 from .reference import validate_existing_machine_name
-from .store import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, remove_entry
+from .store import (LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot,
+                    refuse_mounts_in, remove_entry)
 from .fsinfo import mount_type
 from .treeops import tree_size
 
@@ -235,6 +236,13 @@ def cmd_remove(args) -> int:
         for local in names:
             _machine_lock(root, local, stack)
         _deactivate_all(root, plan)
+        try:                  # (after the take-down: an overlay is mounted on its machine)
+            for local, _, _ in plan:
+                for tree in _trees_of(root, local):
+                    refuse_mounts_in(tree)
+        except DkrError:
+            _reactivate(root, plan)
+            raise
         for local, backend, _ in plan:
             _remove_machine(root, local, backend)
             log.info("Removed machine %s.", local)
@@ -263,23 +271,32 @@ def _deactivate_all(root: ImageRoot, plan: list) -> None:
             with _wrap_os_error(f"cannot take machine {local} down"):
                 backend.deactivate_machine(root.machine_path(local))
         except DkrError:
-            for prev_local, prev_backend, prev_info in reversed(done):
-                try:
-                    prev_backend.activate_machine(root.machine_path(prev_local),
-                                                  root.machine_layers(prev_info))
-                except (DkrError, OSError) as e:
-                    log.warning("Could not mount %s again: %s", prev_local, e)
+            _reactivate(root, done)
             raise
         done.append((local, backend, info))
 
 
-def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> None:
+def _reactivate(root: ImageRoot, plan: list) -> None:
+    """Put machines that were taken down back up (a removal that cannot go on)."""
+    for local, backend, info in reversed(plan):
+        try:
+            if info:          # (without a record, it was never ours to mount)
+                backend.activate_machine(root.machine_path(local), root.machine_layers(info))
+        except (DkrError, OSError) as e:
+            log.warning("Could not mount %s again: %s", local, e)
+
+
+def _trees_of(root: ImageRoot, local: str) -> list[Path]:
+    """Machine ``local``'s tree and the temp trees crashed runs left of it."""
     machine = root.machine_path(local)
+    return [*root.leftovers(f"{MACHINE_TMP_PREFIX}{local}"),
+            *([machine] if os.path.lexists(machine) else [])]
+
+
+def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> None:
     with _wrap_os_error(f"cannot remove machine {local}"):
-        for leftover in root.leftovers(f"{MACHINE_TMP_PREFIX}{local}"):
-            remove_entry(backend, leftover)
-        if os.path.lexists(machine):
-            remove_entry(backend, machine)
+        for tree in _trees_of(root, local):
+            remove_entry(backend, tree)
         # The record goes last: a crash before it leaves a record to remove again.
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
 

@@ -38,11 +38,16 @@ def remove_entry(backend, path: Path) -> None:
     data directory): removing a tree goes on into its mounts, and what is
     mounted there is not the machine's to lose.
     """
+    refuse_mounts_in(path)
+    backend.remove(path)
+
+
+def refuse_mounts_in(path: Path) -> None:
+    """A DkrError, naming the mount, if anything is mounted at or below ``path``."""
     inside = mounts_below(path)
     if inside:
         raise DkrError(f"{path} has a file system mounted in it ({inside[0]}): "
                        "unmount it first")
-    backend.remove(path)
 
 
 TMP_SUFFIX_LENGTH = 8      # hex digits after ".tmp-"

@@ -277,12 +277,14 @@ def test_a_machine_with_a_mount_inside_is_not_removed_through_it(registry, pushe
     (host / "precious").write_text("keep me\n")
     pull_dir(registry, "manage/first", image_root)
     (image_root / "first" / "mnt").mkdir()
+    pull_dir(registry, "manage/second", image_root)
     with bind_mounted(host, image_root / "first" / "mnt", image_root):
-        refused = dkr(image_root, "remove", "first")
+        refused = dkr(image_root, "remove", "second", "first")
         assert_clean_failure(refused, image_root, rf"{image_root / 'first'} has a file system "
                                                   rf"mounted in it \(.*/first/mnt\): unmount it first")
         assert (host / "precious").read_text() == "keep me\n"
         assert (image_root / "first" / "app" / "first").exists()
+        assert (image_root / "second" / "app" / "second").exists()     # all or nothing
         replaced = assert_ok(pull(registry, "manage/second", image_root, "--backend", "dir",
                                   "--force", local="first"))
         assert "The machine that first replaced is left at" in replaced.err
