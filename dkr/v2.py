@@ -211,8 +211,9 @@ class ManifestResolver:
         """The entry for our platform and the platform it names: an exact match, else
         one that differs only in a variant one side leaves out, else an image entry
         that names no platform at all (OCI makes ``platform`` optional); its config
-        must then say that it fits (None: not known yet). Artifacts (SBOMs,
-        signatures) are no images; only the chosen entry's digest must be usable."""
+        must then say that it fits (None: not known yet). Artifacts (an
+        artifactType other than an image config: SBOMs, signatures) are no
+        images; only the chosen entry's digest must be usable."""
         entries = index.get("manifests")
         if not isinstance(entries, list):
             raise DkrError(f"{self.where}: index has no manifests list")
@@ -221,7 +222,8 @@ class ManifestResolver:
         for entry in entries:
             if not isinstance(entry, dict):
                 raise DkrError(f"{self.where}: index entry: descriptor is not an object")
-            if "artifactType" in entry or entry.get("mediaType", OCI_MANIFEST) not in MANIFEST_TYPES:
+            if entry.get("artifactType", CONFIG_TYPES[0]) not in CONFIG_TYPES or \
+                    entry.get("mediaType", OCI_MANIFEST) not in MANIFEST_TYPES:
                 continue
             plat = entry.get("platform")
             if not isinstance(plat, dict):
@@ -239,12 +241,12 @@ class ManifestResolver:
                     continue
                 rank = 2 if (variant or None) == want.variant else 1
             if rank > best_rank:
-                digest, _, _ = _descriptor(entry, f"{self.where}: index entry")
-                best, best_rank = (digest, name), rank
+                best, best_rank = (entry, name), rank
         if best is None:
             raise DkrError(f"{self.where}: no image for platform {want} "
                            f"(index offers: {', '.join(offered) or 'nothing'})")
-        return best
+        digest, _, _ = _descriptor(best[0], f"{self.where}: index entry")
+        return digest, best[1]
 
     def _config_platform(self, config_body: bytes) -> str:
         """The platform an image's config names, which must be ours."""

@@ -133,24 +133,34 @@ def index_proxy(registry):
 
 def test_an_index_is_read_for_our_platform_only(registry, index_proxy, image_root):
     """Entries we would never take do not fail the pull: an artifact (an SBOM, with
-    artifactType) and an entry for another platform in sha512, which dkr does not
-    hash with."""
+    artifactType) and entries in sha512, which dkr does not hash with, for another
+    platform or ranked below the one we take. An image entry may name its config's
+    type as artifactType."""
     amd = Image([Layer([File("which", b"amd64")])])
-    images.push_image(registry, "multi/extras", None, amd)
+    arm = Image([Layer([File("which", b"arm64/v8")])]).with_platform("linux/arm64/v8")
+    for image in (amd, arm):
+        images.push_image(registry, "multi/extras", None, image)
+
+    def sha512_entry(platform):
+        return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 100,
+                "digest": "sha512:" + hashlib.sha512(platform.encode()).hexdigest(),
+                "platform": images.parse_platform(platform)}
     sbom = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
             "artifactType": "application/spdx+json", "size": 100,
             "digest": "sha256:" + hashlib.sha256(b"sbom").hexdigest()}
-    s390 = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 100,
-            "digest": "sha512:" + hashlib.sha512(b"s390x").hexdigest(),
-            "platform": {"os": "linux", "architecture": "s390x"}}
+    typed = {**amd.descriptor(), "artifactType": "application/vnd.oci.image.config.v1+json"}
     index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-             "manifests": [sbom, s390, amd.descriptor()]}
+             "manifests": [sbom, sha512_entry("linux/s390x"), sha512_entry("linux/arm64"),
+                           arm.descriptor(), typed]}
     index_proxy.serve("multi/extras", index)
-    assert_ok(pull(index_proxy, "multi/extras", image_root, "--backend", "dir",
-                   "--platform", "linux/amd64"))
-    assert (image_root / "extras" / "which").read_bytes() == b"amd64"
-    for platform, message in (("linux/arm64", r"no image for platform linux/arm64 \(index "
-                                              r"offers: linux/s390x, linux/amd64\)"),
+    for platform, which in (("linux/amd64", b"amd64"), ("linux/arm64/v8", b"arm64/v8")):
+        local = platform.replace("/", "-")
+        assert_ok(pull(index_proxy, "multi/extras", image_root, "--backend", "dir",
+                       "--platform", platform, local=local))
+        assert (image_root / local / "which").read_bytes() == which
+    for platform, message in (("linux/riscv64", r"no image for platform linux/riscv64 \(index "
+                                                r"offers: linux/s390x, linux/arm64, "
+                                                r"linux/arm64/v8, linux/amd64\)"),
                               ("linux/s390x", r"index entry: invalid digest 'sha512:.*' "
                                               r"\(sha512 digests are not supported")):
         failed = pull(index_proxy, "multi/extras", image_root, "--backend", "dir",
