@@ -235,13 +235,13 @@ def cmd_remove(args) -> int:
         plan = [(local, *_machine_to_remove(root, local)) for local in names]
         for local in names:
             _machine_lock(root, local, stack)
-        _deactivate_all(root, plan)
+        taken_down = _deactivate_all(root, plan)
         try:                  # (after the take-down: an overlay is mounted on its machine)
             for local, _, _ in plan:
                 for tree in _trees_of(root, local):
                     refuse_mounts_in(tree)
         except DkrError:
-            _reactivate(root, plan)
+            _reactivate(root, taken_down)
             raise
         for local, backend, _ in plan:
             _remove_machine(root, local, backend)
@@ -263,22 +263,26 @@ def _machine_to_remove(root: ImageRoot, local: str) -> tuple[StorageBackend, dic
     return _backend(info.get("backend"), f"machine {local!r}"), info
 
 
-def _deactivate_all(root: ImageRoot, plan: list) -> None:
-    """Take every machine down, or none: a busy one puts the others back up."""
-    done = []
+def _deactivate_all(root: ImageRoot, plan: list) -> list:
+    """Take every machine down, or none: a busy one puts the others back up.
+    Returns those of ``plan`` that were up (mounted), to put back up if need be."""
+    taken_down = []
     for local, backend, info in plan:
+        was_up = _is_mount_point(root.machine_path(local))
         try:
             with _wrap_os_error(f"cannot take machine {local} down"):
                 backend.deactivate_machine(root.machine_path(local))
         except DkrError:
-            _reactivate(root, done)
+            _reactivate(root, taken_down)
             raise
-        done.append((local, backend, info))
+        if was_up:
+            taken_down.append((local, backend, info))
+    return taken_down
 
 
-def _reactivate(root: ImageRoot, plan: list) -> None:
+def _reactivate(root: ImageRoot, taken_down: list) -> None:
     """Put machines that were taken down back up (a removal that cannot go on)."""
-    for local, backend, info in reversed(plan):
+    for local, backend, info in reversed(taken_down):
         try:
             if info:          # (without a record, it was never ours to mount)
                 backend.activate_machine(root.machine_path(local), root.machine_layers(info))

@@ -216,6 +216,30 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
     assert not any(layer.exists() for layer in needed)
 
 
+def test_a_refused_remove_leaves_each_machine_up_or_down_as_it_was(registry, root, tmp_path):
+    """'dkr remove down up dirbox' is refused for a mount inside dirbox, after taking
+    the overlay machines down: "up" goes back up, "down" (unmounted by the user)
+    stays down."""
+    images.push_image(registry, "ovl/updown", "latest", Image([Layer([File("a", b"a")])]))
+    images.push_image(registry, "ovl/dirbox", "latest", Image([Layer([File("a", b"dir")])]))
+    for repo, local, backend in (("updown", "down", "overlay"), ("updown", "up", "overlay"),
+                                 ("dirbox", "dirbox", "dir")):
+        assert_ok(pull(registry, f"ovl/{repo}", root, "--backend", backend, local=local))
+    assert_ok(run_dkr("umount", "--image-root", root, "down"))
+    host = tmp_path / "host"
+    host.mkdir()
+    (root / "dirbox" / "mnt").mkdir()
+    subprocess.run(["mount", "--bind", str(host), str(root / "dirbox" / "mnt")], check=True)
+    try:
+        refused = run_dkr("remove", "--image-root", root, "down", "up", "dirbox")
+        assert_clean_failure(refused, root, r"dirbox has a file system mounted in it")
+    finally:
+        loopfs.unmount_below(root / "dirbox")
+    assert overlay.mount_type(root / "up") == "overlay" and (root / "up" / "a").exists()
+    assert overlay.mount_type(root / "down") is None and os.listdir(root / "down") == []
+    assert (root / "dirbox" / "a").exists()
+
+
 def test_a_machine_that_cannot_be_mounted_leaves_the_old_one_as_it_was(registry, root):
     """Activating the new machine fails (here: a backend whose mounts the kernel
     refuses): the old machine, its writes and its record stay; nothing new stays."""
