@@ -571,13 +571,17 @@ class Puller:
             old_info = self._old_record(local)
             old = backends().get((old_info or {}).get("backend", "")) or \
                 backend_on_disk(machine, self.root.path)
-        # The record comes first: a crash must never leave a machine that no record
-        # names (list and remove would not know it, gc would take its layers).
-        # While the old tree is there, the record names its layers too.
+        # A record comes first, and at every moment one says what is at LOCAL: a
+        # crash must never leave a machine that no record names (list and remove
+        # would not know it, gc would take its layers). While two trees exist,
+        # the record names both trees' layers.
         relative = f"machines/{local}.json"
         old_record = _read_or_none(self.root.meta / relative)
         before = (old_info or {}).get("layers")
-        self.root.write_json(relative, {**record, "layers_before": before} if before else record)
+        if before is None:
+            self.root.write_json(relative, record)
+        else:
+            self.root.write_json(relative, {**old_info, "layers_pending": record["layers"]})
         try:
             if old is not None:
                 old.deactivate_machine(machine)
@@ -585,6 +589,8 @@ class Puller:
             else:
                 os.rename(tmp, machine)
             try:
+                if before is not None:
+                    self.root.write_json(relative, {**record, "layers_before": before})
                 backend.activate_machine(machine, layers)
             except BaseException:
                 self._swap_back(local, tmp, backend, old, old_info)
@@ -602,7 +608,7 @@ class Puller:
         except Exception as e:         # the new machine is in place: that is the pull
             log.warning("The machine that %s replaced is left at %s (gc removes it): %s",
                         local, tmp, e)
-        if before:
+        if before is not None:
             self.root.write_json(relative, record)
 
     def _swap_back(self, local: str, tmp: Path, backend: StorageBackend,

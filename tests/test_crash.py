@@ -297,39 +297,59 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
     assert "Traceback" not in err, err
 
 
-# A dkr whose machines die the moment they are in place: killed (SIGKILL) where the
-# dir backend would activate the new machine, after the rename or exchange.
-DIES_IN_PLACE = """
+# A dkr killed (SIGKILL) where the dir backend would take a machine down (before a
+# --force pull swaps the trees) or put one up (after the rename or the swap).
+DIES_AT = """
 import os, signal, sys
 from dkr_plugins import dir as dir_plugin
-dir_plugin.DirBackend.activate_machine = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+setattr(dir_plugin.DirBackend, sys.argv.pop(1), lambda *_: os.kill(os.getpid(), signal.SIGKILL))
 from dkr.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_machine_killed_in_place_is_recorded(pushed, image_root):
-    """Killed once the new machine has its name: list, remove and gc know it, and gc
-    keeps what it (and, with --force, the machine it replaced) stands on."""
-    def pull_and_die(repo, *extra):
-        died = subprocess.run([sys.executable, "-c", DIES_IN_PLACE, "pull", "--insecure",
-                               "--image-root", str(image_root), "--backend", "dir", *extra,
-                               f"{pushed.host}/{repo}", "mc"], capture_output=True, text=True)
-        assert died.returncode == -signal.SIGKILL, died.stderr
+def pull_and_die(server, root, method, repo, *extra):
+    died = subprocess.run([sys.executable, "-c", DIES_AT, method, "pull", "--insecure",
+                           "--image-root", str(root), "--backend", "dir", *extra,
+                           f"{server.host}/{repo}", "mc"], capture_output=True, text=True)
+    assert died.returncode == -signal.SIGKILL, died.stderr
 
-    pull_and_die("crash/old")
+
+def listed_reference(root) -> list[str]:
+    return [m["reference"] for m in
+            json.loads(assert_ok(run_dkr("list", "--image-root", root, "--json")).out)]
+
+
+def test_a_machine_killed_in_place_is_recorded(pushed, image_root):
+    """Killed once the new machine has its name: list, remove and gc know it."""
+    pull_and_die(pushed, image_root, "activate_machine", "crash/old")
     assert (image_root / "mc" / "version").read_bytes() == b"old\n"
-    listed = json.loads(assert_ok(run_dkr("list", "--image-root", image_root, "--json")).out)
-    assert [m["local"] for m in listed] == ["mc"]
+    assert listed_reference(image_root) == [f"{pushed.host}/crash/old:latest"]
     old_layers = set(visible_layers(image_root))
     assert_ok(run_dkr("gc", "--image-root", image_root))
     assert set(visible_layers(image_root)) == old_layers
-
-    pull_and_die("crash/new", "--force")
-    assert (image_root / "mc" / "version").read_bytes() == b"new\n"
-    assert_ok(run_dkr("gc", "--image-root", image_root))
-    assert set(visible_layers(image_root)) >= old_layers | \
-        {layer_dir(image_root, c) for c in chain_ids(NEW)}
-    assert temp_entries(image_root) == []             # the old tree went with gc
     assert_ok(run_dkr("remove", "--image-root", image_root, "mc"))
     assert not os.path.lexists(image_root / "mc")
+
+
+@pytest.mark.parametrize("dies_at, version, reference", [
+    ("deactivate_machine", b"old\n", "crash/old"),     # before the swap
+    ("activate_machine", b"new\n", "crash/new"),       # after it
+])
+def test_a_force_pull_killed_mid_swap_leaves_a_record_that_tells_the_truth(
+        pushed, image_root, dies_at, version, reference):
+    """The record says what is at LOCAL, and gc keeps both trees' layers while both
+    trees are there; once it has removed the one that lost, that one's layers go."""
+    assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
+    old_layers = set(visible_layers(image_root))
+    pull_and_die(pushed, image_root, dies_at, "crash/new", "--force")
+    assert (image_root / "mc" / "version").read_bytes() == version
+    assert listed_reference(image_root) == [f"{pushed.host}/{reference}:latest"]
+    new_layers = {layer_dir(image_root, c) for c in chain_ids(NEW)}
+    assert set(visible_layers(image_root)) == old_layers | new_layers
+    assert [n for n in leftovers(image_root) if n.startswith(".dkr-local-mc.tmp-")]
+    assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert temp_entries(image_root) == []
+    assert set(visible_layers(image_root)) == (old_layers if reference == "crash/old"
+                                               else new_layers)
+    assert (image_root / "mc" / "version").read_bytes() == version
