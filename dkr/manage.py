@@ -36,8 +36,6 @@ log = logging.getLogger("dkr.manage")
 
 LAYER_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})")
 _TMP = rf"\.tmp-[0-9a-f]{{{TMP_SUFFIX_LENGTH}}}"
-# A record's other lists of layers while a --force pull swaps trees (dkr.pull).
-_SWAP_LAYERS = ("layers_pending", "layers_before")
 LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})" + _TMP)
 MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)" + _TMP)
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
@@ -413,18 +411,10 @@ class _Collector:
         return backends().get(made_by or "") or self.fallback_backend()
 
     def needed_layers(self) -> set[str]:
-        """Every layer a machine stands on. While a --force pull is (or was, until
-        it crashed) between two trees, the other tree's layers too: as long as
-        that tree is there, as a temp entry of the machine."""
-        between = {m.group(1) for name in os.listdir(self.root.path)
-                   if (m := MACHINE_TMP_RE.fullmatch(name))}
-        needed = set()
-        for local, info in self.records():
-            needed.update(info["layers"])
-            if local in between:
-                for extra in _SWAP_LAYERS:
-                    needed.update(info.get(extra, []))
-        return needed
+        """Every layer a machine stands on; while a --force pull swaps a machine's
+        trees (or crashed doing so), both trees' layers."""
+        return {key for _, info in self.records()
+                for key in info["layers"] + info.get("swap_layers", [])}
 
     def needed_blobs(self) -> set[str]:
         # Any digest a machine record mentions (manifest, config, whatever a protocol adds).
@@ -444,7 +434,7 @@ class _Collector:
             else:
                 if info is None:
                     continue              # removed meanwhile
-                lists = [info.get("layers"), *(info.get(extra, []) for extra in _SWAP_LAYERS)]
+                lists = [info.get("layers"), info.get("swap_layers", [])]
                 if all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in lists):
                     found.append((local, info))
                     continue
@@ -464,11 +454,6 @@ class _Collector:
     # --- the sweeps --------------------------------------------------------------
     def run(self) -> None:
         entries = sorted(os.listdir(self.root.path))
-        # Machines' temp trees first: a --force pull that crashed mid-swap left one,
-        # and the layers only it stood on are free once it is gone.
-        for name in entries:
-            if m := MACHINE_TMP_RE.fullmatch(name):
-                self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend())
         needed = self.needed_layers()
         for name in entries:
             if (m := LAYER_RE.fullmatch(name)) and m.group(1) not in needed:
@@ -476,6 +461,8 @@ class _Collector:
         for name in entries:
             if m := LAYER_TMP_RE.fullmatch(name):
                 self.leftover(name, f"layer-{m.group(1)}", self.layer_backend(m.group(1)))
+            elif m := MACHINE_TMP_RE.fullmatch(name):
+                self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend())
         self.layer_records()
         self.blobs()
         self.partial_downloads()

@@ -571,17 +571,21 @@ class Puller:
             old_info = self._old_record(local)
             old = backends().get((old_info or {}).get("backend", "")) or \
                 backend_on_disk(machine, self.root.path)
-        # A record comes first, and at every moment one says what is at LOCAL: a
-        # crash must never leave a machine that no record names (list and remove
-        # would not know it, gc would take its layers). While two trees exist,
-        # the record names both trees' layers.
+        # A record comes first: a crash must never leave a machine that no record
+        # names (list and remove would not know it, gc would take its layers).
+        # While a --force swap has two trees, the record also names the other
+        # tree's layers (swap_layers), which gc keeps until a pull or remove of
+        # LOCAL ends the swap: which tree a crash left at LOCAL, only the record
+        # written after the exchange tells, and it may not have been written.
         relative = f"machines/{local}.json"
         old_record = _read_or_none(self.root.meta / relative)
         before = (old_info or {}).get("layers")
-        if before is None:
+        if old is None:
             self.root.write_json(relative, record)
-        else:
-            self.root.write_json(relative, {**old_info, "layers_pending": record["layers"]})
+        elif before is not None:
+            self.root.write_json(relative, {**old_info, "swap_layers": record["layers"]})
+        # (An old machine without a usable record keeps it until the exchange: gc
+        # keeps refusing to run meanwhile, so it takes none of the old tree's layers.)
         try:
             if old is not None:
                 old.deactivate_machine(machine)
@@ -589,8 +593,9 @@ class Puller:
             else:
                 os.rename(tmp, machine)
             try:
-                if before is not None:
-                    self.root.write_json(relative, {**record, "layers_before": before})
+                if old is not None:
+                    self.root.write_json(relative, record if before is None else
+                                         {**record, "swap_layers": before})
                 backend.activate_machine(machine, layers)
             except BaseException:
                 self._swap_back(local, tmp, backend, old, old_info)

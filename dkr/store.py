@@ -78,10 +78,8 @@ _MACHINE_FIELDS = {
     "local": _text, "backend": _text, "reference": _text, "created": _text,
     "manifest_digest": _digest, "config_digest": _digest,
     "layers": lambda value: isinstance(value, list) and all(map(_text, value)),
-    # While a --force pull swaps trees: before the swap, the old record also
-    # names the new tree's layers; after it, the new record the old tree's.
-    "layers_pending": lambda value: isinstance(value, list) and all(map(_text, value)),
-    "layers_before": lambda value: isinstance(value, list) and all(map(_text, value)),
+    # While a --force pull swaps trees: the other tree's layers (see dkr.pull).
+    "swap_layers": lambda value: isinstance(value, list) and all(map(_text, value)),
 }
 
 

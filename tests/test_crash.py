@@ -297,19 +297,28 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
     assert "Traceback" not in err, err
 
 
-# A dkr killed (SIGKILL) where the dir backend would take a machine down (before a
-# --force pull swaps the trees) or put one up (after the rename or the swap).
+# A dkr killed (SIGKILL) in a step of making a machine: where a backend takes a
+# machine down (before a --force pull swaps the trees) or puts one up (after the
+# rename or the swap), or right after the swap itself ("exchange_paths").
 DIES_AT = """
 import os, signal, sys
-from dkr_plugins import dir as dir_plugin
-setattr(dir_plugin.DirBackend, sys.argv.pop(1), lambda *_: os.kill(os.getpid(), signal.SIGKILL))
+from dkr import pull
+from dkr_plugins import btrfs, dir, overlay
+step = sys.argv.pop(1)
+die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+if step == "exchange_paths":
+    exchange = pull.exchange_paths
+    pull.exchange_paths = lambda a, b: (exchange(a, b), die())
+else:
+    for backend in (btrfs.BtrfsBackend, dir.DirBackend, overlay.OverlayBackend):
+        setattr(backend, step, die)
 from dkr.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def pull_and_die(server, root, method, repo, *extra):
-    died = subprocess.run([sys.executable, "-c", DIES_AT, method, "pull", "--insecure",
+def pull_and_die(server, root, step, repo, *extra):
+    died = subprocess.run([sys.executable, "-c", DIES_AT, step, "pull", "--insecure",
                            "--image-root", str(root), "--backend", "dir", *extra,
                            f"{server.host}/{repo}", "mc"], capture_output=True, text=True)
     assert died.returncode == -signal.SIGKILL, died.stderr
@@ -334,22 +343,39 @@ def test_a_machine_killed_in_place_is_recorded(pushed, image_root):
 
 @pytest.mark.parametrize("dies_at, version, reference", [
     ("deactivate_machine", b"old\n", "crash/old"),     # before the swap
-    ("activate_machine", b"new\n", "crash/new"),       # after it
+    ("exchange_paths", b"new\n", "crash/old"),         # right after it: the record is behind
+    ("activate_machine", b"new\n", "crash/new"),       # after the record caught up
 ])
-def test_a_force_pull_killed_mid_swap_leaves_a_record_that_tells_the_truth(
+def test_a_force_pull_killed_mid_swap_loses_no_layer_either_tree_needs(
         pushed, image_root, dies_at, version, reference):
-    """The record says what is at LOCAL, and gc keeps both trees' layers while both
-    trees are there; once it has removed the one that lost, that one's layers go."""
+    """The record names both trees' layers until a pull or remove of the machine ends
+    the swap, and gc keeps them: it cannot tell which tree a crash left in place."""
     assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
     old_layers = set(visible_layers(image_root))
     pull_and_die(pushed, image_root, dies_at, "crash/new", "--force")
     assert (image_root / "mc" / "version").read_bytes() == version
     assert listed_reference(image_root) == [f"{pushed.host}/{reference}:latest"]
     new_layers = {layer_dir(image_root, c) for c in chain_ids(NEW)}
-    assert set(visible_layers(image_root)) == old_layers | new_layers
     assert [n for n in leftovers(image_root) if n.startswith(".dkr-local-mc.tmp-")]
+    dry = assert_ok(run_dkr("gc", "--image-root", image_root, "--dry-run"))
+    assert "would remove leftover .dkr-local-mc.tmp-" in dry.out and "layer" not in dry.out
     assert_ok(run_dkr("gc", "--image-root", image_root))
     assert temp_entries(image_root) == []
-    assert set(visible_layers(image_root)) == (old_layers if reference == "crash/old"
-                                               else new_layers)
+    assert set(visible_layers(image_root)) == old_layers | new_layers
     assert (image_root / "mc" / "version").read_bytes() == version
+
+    assert_ok(pull(pushed, "crash/new", image_root, "--backend", "dir", "--force", local="mc"))
+    assert_ok(run_dkr("gc", "--image-root", image_root))      # the swap is over
+    assert set(visible_layers(image_root)) == new_layers
+
+
+def test_a_force_pull_over_a_broken_record_killed_before_the_swap(pushed, image_root):
+    """The old machine's record cannot be read, so gc does not know its layers: it
+    must go on refusing until the new tree is in place."""
+    assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
+    record = image_root / ".dkr" / "machines" / "mc.json"
+    record.write_text(record.read_text()[:30])
+    pull_and_die(pushed, image_root, "deactivate_machine", "crash/new", "--force")
+    assert (image_root / "mc" / "version").read_bytes() == b"old\n"
+    refused = run_dkr("gc", "--image-root", image_root)
+    assert refused.rc == 1 and "gc cannot tell which layers machine 'mc' needs" in refused.err

@@ -276,6 +276,7 @@ def test_a_machine_with_a_mount_inside_is_not_removed_through_it(registry, pushe
     host.mkdir()
     (host / "precious").write_text("keep me\n")
     pull_dir(registry, "manage/first", image_root)
+    first_top = machine_layers(image_root, "first")[-1]
     (image_root / "first" / "mnt").mkdir()
     pull_dir(registry, "manage/second", image_root)
     with bind_mounted(host, image_root / "first" / "mnt", image_root):
@@ -293,6 +294,7 @@ def test_a_machine_with_a_mount_inside_is_not_removed_through_it(registry, pushe
         [left] = [p for p in image_root.iterdir() if p.name.startswith(".dkr-local-first.tmp-")]
         gc = dkr(image_root, "gc")                 # (it cannot be clean: the leftover stays)
         assert gc.rc == 1 and gc.err.count("dkr: error: ") == 1, gc.err
+        assert first_top not in layer_keys(image_root)      # what it could do, it did
         assert f"dkr: error: cannot remove {left.name}: {left} has a file system mounted" \
             in gc.err or f"dkr: error: {left} has a file system mounted" in gc.err, gc.err
         assert (host / "precious").read_text() == "keep me\n"
