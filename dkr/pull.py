@@ -24,6 +24,7 @@ from typing import Awaitable, Callable, Protocol
 
 from .auth import Credentials, docker_config_credentials
 from .errors import DkrError
+from .fsinfo import mount_type
 from .events import Events
 from .glue import CurlGlue
 from .hookspecs import StorageBackend
@@ -579,26 +580,32 @@ class Puller:
         # written after the exchange tells, and it may not have been written.
         relative = f"machines/{local}.json"
         old_record = _read_or_none(self.root.meta / relative)
-        before = (old_info or {}).get("layers")
+        before = self._old_layers(local, old_info) if old is not None else None
+        was_up = old is not None and mount_type(machine) is not None
         if old is None:
             self.root.write_json(relative, record)
         elif before is not None:
-            self.root.write_json(relative, {**old_info, "swap_layers": record["layers"]})
+            self.root.write_json(relative, {**old_info, "swap_layers": _union(
+                old_info.get("swap_layers", []), record["layers"])})
         # (An old machine without a usable record keeps it until the exchange: gc
         # keeps refusing to run meanwhile, so it takes none of the old tree's layers.)
         try:
-            if old is not None:
-                old.deactivate_machine(machine)
-                exchange_paths(tmp, machine)      # never a moment without a machine
-            else:
+            if old is None:
                 os.rename(tmp, machine)
+            else:
+                old.deactivate_machine(machine)
+                try:
+                    exchange_paths(tmp, machine)      # never a moment without a machine
+                except BaseException:
+                    self._back_up(local, old, old_info, was_up)
+                    raise
             try:
                 if old is not None:
                     self.root.write_json(relative, record if before is None else
                                          {**record, "swap_layers": before})
                 backend.activate_machine(machine, layers)
             except BaseException:
-                self._swap_back(local, tmp, backend, old, old_info)
+                self._swap_back(local, tmp, backend, old, old_info, was_up)
                 raise
         except BaseException:
             if old_record is None:
@@ -616,10 +623,24 @@ class Puller:
         if before is not None:
             self.root.write_json(relative, record)
 
+    def _old_layers(self, local: str, old_info: dict | None) -> list[str] | None:
+        """What the machine a --force pull replaces may stand on: its layers, and
+        those of the other tree of a swap that crashed (it may be either). None:
+        its record does not say, and then it must not be mounted, or it could not
+        be put back up should this pull fail."""
+        layers = (old_info or {}).get("layers")
+        if layers is None:
+            if mount_type(self.root.machine_path(local)) is not None:
+                raise DkrError(f"machine {local} is mounted, and its record cannot say how to "
+                               "mount it again should this pull fail: unmount it, or remove "
+                               f"it with 'dkr remove {local}', first")
+            return None
+        return _union(layers, old_info.get("swap_layers", []))
+
     def _swap_back(self, local: str, tmp: Path, backend: StorageBackend,
-                   old: StorageBackend | None, old_info: dict | None) -> None:
+                   old: StorageBackend | None, old_info: dict | None, was_up: bool) -> None:
         """The new machine could not be activated: it goes back to ``tmp``, and an old
-        one back in place, active again."""
+        one back in place, up again if it was."""
         machine = self.root.machine_path(local)
         try:
             backend.deactivate_machine(machine)    # in case it got that far
@@ -629,9 +650,15 @@ class Puller:
             os.rename(machine, tmp)
             return
         exchange_paths(tmp, machine)
+        self._back_up(local, old, old_info, was_up)
+
+    def _back_up(self, local: str, old: StorageBackend, old_info: dict | None,
+                 was_up: bool) -> None:
+        """The old machine, in place again, goes back up if it was up."""
         try:
-            if old_info is not None:  # (without a record it was never ours to mount)
-                old.activate_machine(machine, self.root.machine_layers(old_info))
+            if was_up and old_info is not None:
+                old.activate_machine(self.root.machine_path(local),
+                                     self.root.machine_layers(old_info))
         except Exception as e:     # the first failure is the one to report
             log.warning("Machine %s is back, but not active: %s", local, e)
 
@@ -814,6 +841,10 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
                 not isinstance(stage.task.exception(), ResumedBlobMismatch):
             await stage.task
     return await _outcome(tree)
+
+
+def _union(first: list[str], second: list[str]) -> list[str]:
+    return list(dict.fromkeys(first + second))
 
 
 def _read_or_none(path: Path) -> bytes | None:

@@ -55,12 +55,14 @@ BETWEEN = Image([SMALL, SLOW])
 EXTRACT = Image([MANY_FILES])
 OLD = Image([Layer([File("version", b"old\n")])])
 NEW = Image([MANY_FILES, TOP])
+THIRD = Image([Layer([File("version", b"third\n")])])
 
 
 @pytest.fixture(scope="module")
 def pushed(registry):
     for repo, image in [("crash/download", DOWNLOAD), ("crash/between", BETWEEN),
-                        ("crash/extract", EXTRACT), ("crash/old", OLD), ("crash/new", NEW)]:
+                        ("crash/extract", EXTRACT), ("crash/old", OLD), ("crash/new", NEW),
+                        ("crash/third", THIRD)]:
         images.push_image(registry, repo, "latest", image)
     return registry
 
@@ -379,3 +381,17 @@ def test_a_force_pull_over_a_broken_record_killed_before_the_swap(pushed, image_
     assert (image_root / "mc" / "version").read_bytes() == b"old\n"
     refused = run_dkr("gc", "--image-root", image_root)
     assert refused.rc == 1 and "gc cannot tell which layers machine 'mc' needs" in refused.err
+
+
+def test_a_second_force_pull_over_a_crashed_swap_keeps_what_both_trees_need(pushed, image_root):
+    """The first --force died right after its swap: the new tree is at LOCAL under a
+    record that still names the old one. A second --force, killed before its own
+    swap, must still count that tree's layers."""
+    assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
+    pull_and_die(pushed, image_root, "exchange_paths", "crash/new", "--force")
+    pull_and_die(pushed, image_root, "deactivate_machine", "crash/third", "--force")
+    assert (image_root / "mc" / "version").read_bytes() == b"new\n"
+    assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert set(visible_layers(image_root)) >= {layer_dir(image_root, c) for c in chain_ids(NEW)}
+    assert len(os.listdir(image_root / "mc" / "many")) == MANY
+

@@ -189,8 +189,9 @@ def test_force_and_remove_clean_up_the_upper_dir(registry, root):
 ], ids=["cut-short", "no-layers"])
 def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unreadable):
     """gc cannot tell what a machine with a broken record stands on, and an overlay
-    machine stands on its layers: gc must stop, not take them. remove and pull
-    --force then still deal with the machine."""
+    machine stands on its layers: gc must stop, not take them. remove still deals
+    with the machine; pull --force does once it is unmounted (mounted, it could
+    not be mounted again should the pull fail)."""
     images.push_image(registry, "ovl/broken", "v1", Image([Layer([File("version", b"1")])]))
     images.push_image(registry, "ovl/broken", "v2", Image([Layer([File("version", b"2")])]))
     assert_ok(pull(registry, "ovl/broken:v1", root, local="box"))
@@ -204,6 +205,12 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
     assert all(layer.is_dir() for layer in needed)
     assert (root / "box" / "version").read_bytes() == b"1"
 
+    refused = pull(registry, "ovl/broken:v2", root, "--force", local="box")
+    assert_clean_failure(refused, root, r"machine box is mounted, and its record cannot say "
+                                        r"how to mount it again should this pull fail")
+    assert overlay.mount_type(root / "box") == "overlay"
+    assert (root / "box" / "version").read_bytes() == b"1"
+    subprocess.run(["umount", str(root / "box")], check=True)
     replaced = assert_ok(pull(registry, "ovl/broken:v2", root, "--force", local="box"))
     assert ("replacing machine box as found on disk" in replaced.err) == unreadable
     assert (root / "box" / "version").read_bytes() == b"2"
@@ -214,6 +221,38 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
     assert state_dirs(root, "box") == []
     assert_ok(run_dkr("gc", "--image-root", root))
     assert not any(layer.exists() for layer in needed)
+
+
+# dkr with the swap of a --force pull failing (a file system without
+# RENAME_EXCHANGE, say): an OSError after the old machine was taken down.
+EXCHANGE_FAILS = """
+import errno, sys
+from dkr import pull
+def refuse(a, b):
+    raise OSError(errno.EINVAL, "Invalid argument", str(b))
+pull.exchange_paths = refuse
+from dkr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("mounted", [True, False], ids=["up", "down"])
+def test_a_failed_swap_leaves_the_old_machine_up_or_down_as_it_was(registry, root, mounted):
+    images.push_image(registry, "ovl/swapfail", "v1", Image([Layer([File("version", b"1")])]))
+    images.push_image(registry, "ovl/swapfail", "v2", Image([Layer([File("version", b"2")])]))
+    assert_ok(pull(registry, "ovl/swapfail:v1", root, local="box"))
+    if not mounted:
+        assert_ok(run_dkr("umount", "--image-root", root, "box"))
+    record = (root / ".dkr" / "machines" / "box.json").read_bytes()
+    failed = subprocess.run([sys.executable, "-c", EXCHANGE_FAILS, "pull", "--insecure",
+                             "--image-root", str(root), "--force",
+                             f"{registry.host}/ovl/swapfail:v2", "box"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 1 and "dkr: error: Invalid argument" in failed.stderr
+    assert (overlay.mount_type(root / "box") == "overlay") == mounted
+    if mounted:
+        assert (root / "box" / "version").read_bytes() == b"1"
+    assert (root / ".dkr" / "machines" / "box.json").read_bytes() == record
 
 
 def test_a_refused_remove_leaves_each_machine_up_or_down_as_it_was(registry, root, tmp_path):
