@@ -361,6 +361,10 @@ def _mount(root: ImageRoot, local: str, backend, info: dict) -> None:
         _machine_lock(root, local, stack)
         if not machine.is_dir():
             raise DkrError(f"machine directory {machine} is missing")
+        if info.get("swap_layers"):
+            raise DkrError(f"machine {local} was being replaced by a pull that stopped, and "
+                           "its record cannot say which image it holds: pull it again with "
+                           "--force, or remove it")
         was = _is_mount_point(machine)
         with _wrap_os_error(f"cannot mount machine {local}"):
             backend.activate_machine(machine, root.machine_layers(info))

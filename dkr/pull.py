@@ -17,13 +17,14 @@ import asyncio
 import ctypes
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
 from .auth import Credentials, docker_config_credentials
-from .errors import DkrError
+from .errors import DkrError, os_error_text
 from .fsinfo import mount_type
 from .events import Events
 from .glue import CurlGlue
@@ -567,9 +568,9 @@ class Puller:
         they were.
         """
         machine = self.root.machine_path(local)
-        old = old_info = None
+        old = old_info = unreadable = None
         if os.path.lexists(machine):
-            old_info = self._old_record(local)
+            old_info, unreadable = self._old_record(local)
             old = backends().get((old_info or {}).get("backend", "")) or \
                 backend_on_disk(machine, self.root.path)
         # A record comes first: a crash must never leave a machine that no record
@@ -581,7 +582,10 @@ class Puller:
         relative = f"machines/{local}.json"
         old_record = _read_or_none(self.root.meta / relative)
         before = self._old_layers(local, old_info) if old is not None else None
+        if unreadable:
+            log.warning("%s; replacing machine %s as found on disk.", unreadable, local)
         was_up = old is not None and mount_type(machine) is not None
+        stays = False
         if old is None:
             self.root.write_json(relative, record)
         elif before is not None:
@@ -604,14 +608,17 @@ class Puller:
                     self.root.write_json(relative, record if before is None else
                                          {**record, "swap_layers": before})
                 backend.activate_machine(machine, layers)
-            except BaseException:
-                self._swap_back(local, tmp, backend, old, old_info, was_up)
-                raise
+            except BaseException as failure:
+                if self._swap_back(local, tmp, backend, old, old_info, was_up):
+                    raise
+                stays = True              # the new tree stays, and so does its record
+                kept = self._keep_aside(tmp, local)
+                why = os_error_text(failure) if isinstance(failure, OSError) else failure
+                raise DkrError(f"machine {local} could not be activated ({why}), nor the "
+                               f"machine it replaced put back: that one is kept at {kept}") from None
         except BaseException:
-            if old_record is None:
-                (self.root.meta / relative).unlink(missing_ok=True)
-            else:
-                self.root.write_bytes(relative, old_record)
+            if not stays:
+                self._put_back_record(relative, old_record)
             raise
         if old is None:
             return
@@ -622,6 +629,12 @@ class Puller:
                         local, tmp, e)
         if before is not None:
             self.root.write_json(relative, record)
+
+    def _put_back_record(self, relative: str, old_record: bytes | None) -> None:
+        if old_record is None:
+            (self.root.meta / relative).unlink(missing_ok=True)
+        else:
+            self.root.write_bytes(relative, old_record)
 
     def _old_layers(self, local: str, old_info: dict | None) -> list[str] | None:
         """What the machine a --force pull replaces may stand on: its layers, and
@@ -638,38 +651,48 @@ class Puller:
         return _union(layers, old_info.get("swap_layers", []))
 
     def _swap_back(self, local: str, tmp: Path, backend: StorageBackend,
-                   old: StorageBackend | None, old_info: dict | None, was_up: bool) -> None:
+                   old: StorageBackend | None, old_info: dict | None, was_up: bool) -> bool:
         """The new machine could not be activated: it goes back to ``tmp``, and an old
-        one back in place, up again if it was."""
+        one back in place, up again if it was. False: the old one could not be."""
         machine = self.root.machine_path(local)
         try:
             backend.deactivate_machine(machine)    # in case it got that far
-        except Exception:
-            pass
+        except Exception as e:
+            log.warning("Could not take the new machine %s down again: %s", local, e)
         if old is None:
             os.rename(machine, tmp)
-            return
-        exchange_paths(tmp, machine)
+            return True
+        try:
+            exchange_paths(tmp, machine)
+        except OSError as e:
+            log.warning("Could not put machine %s back in place: %s", local, e)
+            return False
         self._back_up(local, old, old_info, was_up)
+        return True
+
+    def _keep_aside(self, tree: Path, local: str) -> Path:
+        """Out of a temp name (which clean-ups and gc remove) to one nothing removes."""
+        kept = self.root.path / f".dkr-kept-{local}-{secrets.token_hex(4)}"
+        os.rename(tree, kept)
+        return kept
 
     def _back_up(self, local: str, old: StorageBackend, old_info: dict | None,
                  was_up: bool) -> None:
         """The old machine, in place again, goes back up if it was up."""
         try:
-            if was_up and old_info is not None:
+            if was_up and old_info is not None and not old_info.get("swap_layers"):
                 old.activate_machine(self.root.machine_path(local),
                                      self.root.machine_layers(old_info))
         except Exception as e:     # the first failure is the one to report
             log.warning("Machine %s is back, but not active: %s", local, e)
 
-    def _old_record(self, local: str) -> dict | None:
-        """The record of the machine a --force pull replaces; one that cannot be read
-        must not keep it (the replacement is the way out of a broken record)."""
+    def _old_record(self, local: str) -> tuple[dict | None, str | None]:
+        """The record of the machine a --force pull replaces, or why it cannot be
+        read: that must not keep the machine (the replacement is the way out)."""
         try:
-            return self.root.machine_info(local)
+            return self.root.machine_info(local), None
         except DkrError as e:
-            log.warning("%s; replacing machine %s as found on disk.", e, local)
-            return None
+            return None, str(e)
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str) -> AsyncFlock:

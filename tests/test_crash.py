@@ -395,3 +395,56 @@ def test_a_second_force_pull_over_a_crashed_swap_keeps_what_both_trees_need(push
     assert set(visible_layers(image_root)) >= {layer_dir(image_root, c) for c in chain_ids(NEW)}
     assert len(os.listdir(image_root / "mc" / "many")) == MANY
 
+
+def test_a_machine_left_mid_swap_is_not_mounted_from_a_record_that_may_be_behind(
+        pushed, image_root):
+    pull_and_die(pushed, image_root, "activate_machine", "crash/old")
+    pull_and_die(pushed, image_root, "exchange_paths", "crash/new", "--force")
+    refused = run_dkr("mount", "--image-root", image_root, "mc")
+    assert refused.rc == 1 and "dkr: error: machine mc was being replaced by a pull that " \
+        "stopped" in refused.err, refused.err
+    assert_ok(pull(pushed, "crash/new", image_root, "--backend", "dir", "--force", local="mc"))
+    assert "needs no mount" in assert_ok(run_dkr("mount", "--image-root", image_root, "mc")).err
+
+
+# dkr whose new machine cannot be activated, nor the old one swapped back.
+SWAP_BACK_FAILS = """
+import errno, sys
+from dkr import pull
+from dkr_plugins import dir
+def refuse(*_):
+    raise OSError(errno.EIO, "Input/output error")
+dir.DirBackend.activate_machine = refuse
+exchange, calls = pull.exchange_paths, []
+def second_fails(a, b):
+    calls.append(a)
+    if len(calls) == 2:
+        raise OSError(errno.EBUSY, "Device or resource busy", str(b))
+    exchange(a, b)
+pull.exchange_paths = second_fails
+from dkr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_old_machine_that_cannot_be_swapped_back_is_kept(pushed, image_root):
+    """A double failure: the new machine cannot be activated, and the old one cannot
+    go back in place. The old one, and what was written in it, must survive."""
+    assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
+    (image_root / "mc" / "mine").write_text("written in the machine\n")
+    failed = subprocess.run([sys.executable, "-c", SWAP_BACK_FAILS, "pull", "--insecure",
+                             "--image-root", str(image_root), "--backend", "dir", "--force",
+                             f"{pushed.host}/crash/new", "mc"], capture_output=True, text=True)
+    errors = error_lines(failed.stderr)
+    assert failed.returncode == 1 and len(errors) == 1, failed.stderr
+    assert "could not be activated (Input/output error), nor the machine it replaced put " \
+        "back: that one is kept at" in errors[0], errors
+    [kept] = [p for p in image_root.iterdir() if p.name.startswith(".dkr-kept-mc-")]
+    assert (kept / "mine").read_text() == "written in the machine\n"
+    assert (image_root / "mc" / "version").read_bytes() == b"new\n"
+    assert listed_reference(image_root) == [f"{pushed.host}/crash/new:latest"]
+    assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert (kept / "mine").exists()
+    assert set(visible_layers(image_root)) >= {layer_dir(image_root, c)
+                                               for c in chain_ids(OLD) + chain_ids(NEW)}
+

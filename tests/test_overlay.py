@@ -208,6 +208,7 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
     refused = pull(registry, "ovl/broken:v2", root, "--force", local="box")
     assert_clean_failure(refused, root, r"machine box is mounted, and its record cannot say "
                                         r"how to mount it again should this pull fail")
+    assert "as found on disk" not in refused.err
     assert overlay.mount_type(root / "box") == "overlay"
     assert (root / "box" / "version").read_bytes() == b"1"
     subprocess.run(["umount", str(root / "box")], check=True)
