@@ -361,7 +361,7 @@ def _mount(root: ImageRoot, local: str, backend, info: dict) -> None:
         _machine_lock(root, local, stack)
         if not machine.is_dir():
             raise DkrError(f"machine directory {machine} is missing")
-        if info.get("swap_layers"):
+        if info.get("swap_pending"):
             raise DkrError(f"machine {local} was being replaced by a pull that stopped, and "
                            "its record cannot say which image it holds: pull it again with "
                            "--force, or remove it")

@@ -562,56 +562,76 @@ class Puller:
                       backend: StorageBackend, record: dict) -> None:
         """Record the new machine ``tmp``, move it to ``IMAGE_ROOT/LOCAL``, activate it.
 
-        A machine already there is swapped out, and removed only once the new
-        one is active. If a step fails, the new machine goes back to ``tmp``
-        (the caller removes it), and an old one and its record are back as
-        they were.
+        A record comes first: a crash must never leave a machine that no record
+        names (list and remove would not know it, gc would take its layers). If
+        a step fails, the new machine goes back to ``tmp`` (the caller removes
+        it), and the record is back as it was.
         """
         machine = self.root.machine_path(local)
-        old = old_info = unreadable = None
         if os.path.lexists(machine):
-            old_info, unreadable = self._old_record(local)
-            old = backends().get((old_info or {}).get("backend", "")) or \
-                backend_on_disk(machine, self.root.path)
-        # A record comes first: a crash must never leave a machine that no record
-        # names (list and remove would not know it, gc would take its layers).
-        # While a --force swap has two trees, the record also names the other
-        # tree's layers (swap_layers), which gc keeps until a pull or remove of
-        # LOCAL ends the swap: which tree a crash left at LOCAL, only the record
-        # written after the exchange tells, and it may not have been written.
+            self._swap_in(local, tmp, layers, backend, record)
+            return
+        relative = f"machines/{local}.json"
+        stale = _read_or_none(self.root.meta / relative)     # (left by a crashed remove)
+        self.root.write_json(relative, record)
+        try:
+            os.rename(tmp, machine)
+            try:
+                backend.activate_machine(machine, layers)
+            except BaseException:
+                self._swap_back(local, tmp, backend, None, None, False)
+                raise
+        except BaseException:
+            self._put_back_record(relative, stale)
+            raise
+
+    def _swap_in(self, local: str, tmp: Path, layers: list[Path], backend: StorageBackend,
+                 record: dict) -> None:
+        """``_put_in_place`` over a machine already there (--force): swapped out at once,
+        removed only once the new one is active.
+
+        While two trees exist, the record also names the other tree's layers
+        (swap_layers), which gc keeps until a pull or remove of LOCAL ends the
+        swap. Before the exchange, and while it is undone, the record is the old
+        one marked pending: a crash right after either exchange leaves the tree
+        at LOCAL in doubt, and nothing must mount it from that record. An old
+        machine without a usable record keeps it until the exchange: gc goes on
+        refusing meanwhile, so it takes none of the old tree's layers.
+        """
+        machine = self.root.machine_path(local)
+        old_info, unreadable = self._old_record(local)
+        old = backends().get((old_info or {}).get("backend", "")) or \
+            backend_on_disk(machine, self.root.path)
         relative = f"machines/{local}.json"
         old_record = _read_or_none(self.root.meta / relative)
-        before = self._old_layers(local, old_info) if old is not None else None
+        before = self._old_layers(local, old_info)
         if unreadable:
             log.warning("%s; replacing machine %s as found on disk.", unreadable, local)
-        was_up = old is not None and mount_type(machine) is not None
+        was_up = mount_type(machine) is not None
+        pending = None if before is None else {**old_info, "swap_pending": True, "swap_layers":
+                                               _union(old_info.get("swap_layers", []),
+                                                      record["layers"])}
+        swapped = record if before is None else {**record, "swap_layers": before}
         stays = False
-        if old is None:
-            self.root.write_json(relative, record)
-        elif before is not None:
-            self.root.write_json(relative, {**old_info, "swap_layers": _union(
-                old_info.get("swap_layers", []), record["layers"])})
-        # (An old machine without a usable record keeps it until the exchange: gc
-        # keeps refusing to run meanwhile, so it takes none of the old tree's layers.)
+        if pending:
+            self.root.write_json(relative, pending)
         try:
-            if old is None:
-                os.rename(tmp, machine)
-            else:
-                old.deactivate_machine(machine)
-                try:
-                    exchange_paths(tmp, machine)      # never a moment without a machine
-                except BaseException:
-                    self._back_up(local, old, old_info, was_up)
-                    raise
+            old.deactivate_machine(machine)
             try:
-                if old is not None:
-                    self.root.write_json(relative, record if before is None else
-                                         {**record, "swap_layers": before})
+                exchange_paths(tmp, machine)      # never a moment without a machine
+            except BaseException:
+                self._back_up(local, old, old_info, was_up)
+                raise
+            try:
+                self.root.write_json(relative, swapped)
                 backend.activate_machine(machine, layers)
             except BaseException as failure:
+                if pending:
+                    self.root.write_json(relative, pending)
                 if self._swap_back(local, tmp, backend, old, old_info, was_up):
                     raise
                 stays = True              # the new tree stays, and so does its record
+                self.root.write_json(relative, swapped)
                 kept = self._keep_aside(tmp, local)
                 why = os_error_text(failure) if isinstance(failure, OSError) else failure
                 raise DkrError(f"machine {local} could not be activated ({why}), nor the "
@@ -620,8 +640,6 @@ class Puller:
             if not stays:
                 self._put_back_record(relative, old_record)
             raise
-        if old is None:
-            return
         try:
             remove_entry(old, tmp)
         except Exception as e:         # the new machine is in place: that is the pull
@@ -679,8 +697,12 @@ class Puller:
     def _back_up(self, local: str, old: StorageBackend, old_info: dict | None,
                  was_up: bool) -> None:
         """The old machine, in place again, goes back up if it was up."""
+        if was_up and (old_info or {}).get("swap_pending"):
+            log.warning("Machine %s is back, but not active: a pull that stopped left its "
+                        "record in doubt (pull it again with --force).", local)
+            return
         try:
-            if was_up and old_info is not None and not old_info.get("swap_layers"):
+            if was_up and old_info is not None:
                 old.activate_machine(self.root.machine_path(local),
                                      self.root.machine_layers(old_info))
         except Exception as e:     # the first failure is the one to report

@@ -80,6 +80,7 @@ _MACHINE_FIELDS = {
     "layers": lambda value: isinstance(value, list) and all(map(_text, value)),
     # While a --force pull swaps trees: the other tree's layers (see dkr.pull).
     "swap_layers": lambda value: isinstance(value, list) and all(map(_text, value)),
+    "swap_pending": lambda value: value is True,
 }
 
 

@@ -405,6 +405,11 @@ def test_a_machine_left_mid_swap_is_not_mounted_from_a_record_that_may_be_behind
         "stopped" in refused.err, refused.err
     assert_ok(pull(pushed, "crash/new", image_root, "--backend", "dir", "--force", local="mc"))
     assert "needs no mount" in assert_ok(run_dkr("mount", "--image-root", image_root, "mc")).err
+    # Killed after the new record, while the old tree goes: the record is right, and
+    # the machine mounts from it.
+    pull_and_die(pushed, image_root, "remove", "crash/old", "--force")
+    assert listed_reference(image_root) == [f"{pushed.host}/crash/old:latest"]
+    assert "needs no mount" in assert_ok(run_dkr("mount", "--image-root", image_root, "mc")).err
 
 
 # dkr whose new machine cannot be activated, nor the old one swapped back.

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import random
+import signal
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer, Opaque
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
 from dkr_plugins import overlay
+from test_crash import DIES_AT
 
 
 def need(reason: str | None) -> None:
@@ -237,11 +239,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("mounted", [True, False], ids=["up", "down"])
-def test_a_failed_swap_leaves_the_old_machine_up_or_down_as_it_was(registry, root, mounted):
+@pytest.mark.parametrize("mounted, after_a_crash", [(True, False), (False, False), (True, True)],
+                         ids=["up", "down", "up-after-a-crash"])
+def test_a_failed_swap_leaves_the_old_machine_up_or_down_as_it_was(registry, root, mounted,
+                                                                   after_a_crash):
+    """Also when an earlier --force was killed while it removed the tree it replaced:
+    its record is right, and what it made goes back up."""
     images.push_image(registry, "ovl/swapfail", "v1", Image([Layer([File("version", b"1")])]))
     images.push_image(registry, "ovl/swapfail", "v2", Image([Layer([File("version", b"2")])]))
-    assert_ok(pull(registry, "ovl/swapfail:v1", root, local="box"))
+    assert_ok(pull(registry, "ovl/swapfail:v2" if after_a_crash else "ovl/swapfail:v1", root,
+                   local="box"))
+    if after_a_crash:
+        died = subprocess.run([sys.executable, "-c", DIES_AT, "remove", "pull", "--insecure",
+                               "--image-root", str(root), "--force",
+                               f"{registry.host}/ovl/swapfail:v1", "box"])
+        assert died.returncode == -signal.SIGKILL
+        assert_ok(run_dkr("umount", "--image-root", root, "box"))
+        assert_ok(run_dkr("mount", "--image-root", root, "box"))
     if not mounted:
         assert_ok(run_dkr("umount", "--image-root", root, "box"))
     record = (root / ".dkr" / "machines" / "box.json").read_bytes()
