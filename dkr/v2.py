@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import NamedTuple
 
 from .errors import DkrError
@@ -124,6 +125,22 @@ def _descriptor(value: object, what: str) -> tuple[str, int, str]:
     return digest, size, media_type
 
 
+def _variant_rank(arch: str, want: str | None, offered: str | None) -> float | None:
+    """How well an entry's variant suits ours (higher is better); None: not at all.
+
+    An arm CPU runs code built for the arm variants before its own (v7 runs v6
+    and v5), as containerd's platform matcher has it.
+    """
+    if (offered or None) == want:
+        return 2
+    if not want or not offered:
+        return 1
+    if arch == "arm" and re.fullmatch(r"v[0-9]", want) and re.fullmatch(r"v[0-9]", offered) \
+            and offered < want:
+        return 0.5 - (int(want[1]) - int(offered[1])) / 100
+    return None
+
+
 class ManifestResolver:
     def __init__(self, client: RegistryClient, reference: Reference, platform: Platform | None):
         self.client = client
@@ -209,8 +226,9 @@ class ManifestResolver:
 
     def _choose_platform(self, index: dict) -> tuple[str, str | None]:
         """The entry for our platform and the platform it names: an exact match, else
-        one that differs only in a variant one side leaves out, else an image entry
-        that names no platform at all (OCI makes ``platform`` optional); its config
+        one that differs only in a variant one side leaves out, else an older arm
+        variant ours runs (the closest), else an image entry that names no
+        platform at all (OCI makes ``platform`` optional); its config
         must then say that it fits (None: not known yet). Artifacts (an
         artifactType other than an image config: SBOMs, signatures) are no
         images; only the chosen entry's digest must be usable."""
@@ -237,9 +255,9 @@ class ManifestResolver:
                 offered.append(name)
                 if os_ != want.os or arch != want.architecture:
                     continue
-                if want.variant and variant and variant != want.variant:
+                rank = _variant_rank(arch, want.variant, variant)
+                if rank is None:
                     continue
-                rank = 2 if (variant or None) == want.variant else 1
             if rank > best_rank:
                 best, best_rank = (entry, name), rank
         if best is None:

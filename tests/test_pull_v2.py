@@ -186,6 +186,26 @@ def test_what_a_server_says_cannot_break_the_error_line(registry, image_root):
     assert "linux\ndkr: error: forged" in error["message"]    # JSON keeps it exact, escaped
 
 
+def test_an_arm_machine_takes_the_closest_older_arm_variant(registry, image_root):
+    """A v7 CPU runs v6 and v5 code (and v5 only is what v6 finds); arm64 is another
+    architecture."""
+    def image(variant):
+        return Image([Layer([File("which", variant.encode())])], arch="arm", variant=variant)
+    images.push_index(registry, "multi/arm", "latest",
+                      {"linux/arm/v5": image("v5"), "linux/arm/v6": image("v6")})
+    for platform, expected in (("linux/arm/v7", b"v6"), ("linux/arm/v6", b"v6"),
+                               ("linux/arm/v8", b"v6"), ("linux/arm/v5", b"v5")):
+        local = platform.replace("/", "-")
+        run = assert_ok(pull(registry, "multi/arm", image_root, "--platform", platform,
+                             "--backend", "dir", "--json", local=local))
+        assert (image_root / local / "which").read_bytes() == expected
+        [resolved] = [e for e in run.events if e["event"] == "resolved"]
+        assert resolved["platform"] == f"linux/arm/{expected.decode()}"
+    failed = pull(registry, "multi/arm", image_root, "--platform", "linux/arm64",
+                  "--backend", "dir", local="arm64")
+    assert_clean_failure(failed, image_root, r"no image for platform linux/arm64", "arm64")
+
+
 def test_second_pull_reuses_layers(registry, image_root):
     images.push_image(registry, "reuse/img", "latest", images.sample_image())
     first = assert_ok(pull(registry, "reuse/img", image_root, "--backend", "dir", "--json",
