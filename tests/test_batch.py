@@ -161,20 +161,15 @@ def test_an_image_that_comes_late_builds_on_the_committed_base(shared_base, prox
     assert len(built) == 2 + 2 and set(built.values()) == {1}
 
 
-def test_an_image_that_cannot_claim_its_top_layer_still_builds_the_base_it_shares(
-        shared_base, proxy, image_root, tmp_path):
-    """app0 takes on the base layers (a lock held from outside keeps it waiting there),
-    app1 arrives and joins that build, then app0 fails to claim its own top layer:
-    app0 fails alone, and app1 still gets the base it waited for."""
-    top0 = Layer([File("app0", b"app 0")])
-    keys = [c.split(":")[1] for c in chain_ids([layer.diff_id for layer in [*shared_base, top0]])]
+def _batch_where_app0_cannot_claim(image_root, listing, base_key, top_key):
+    """Pull ``listing`` (app0 first, then app1 whose manifest comes late) while the
+    base layer's lock is held from outside until app1 is resolved, so that app0
+    waits at the base and app1 joins its build; app0's top layer has no lock to
+    be had. The DkrProcess (its events), the exit status and stderr."""
     locks = image_root / ".dkr" / "locks"
     locks.mkdir(parents=True)
-    (locks / f"layer-{keys[2]}.lock").mkdir()            # app0's top layer: no lock to be had
-    proxy.add_fault("/batch/app1/manifests/", "stall_after", times=1, bytes=0, seconds=1)
-    listing = tmp_path / "images.txt"
-    listing.write_text(f"{proxy.host}/batch/app0 first\n{proxy.host}/batch/app1 second\n")
-    with open(locks / f"layer-{keys[0]}.lock", "w") as held:
+    (locks / f"layer-{top_key}.lock").mkdir()
+    with open(locks / f"layer-{base_key}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         pull = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
                           "--json", "--batch", listing)
@@ -184,6 +179,20 @@ def test_an_image_that_cannot_claim_its_top_layer_still_builds_the_base_it_share
             rc, err = pull.finish()
         finally:
             pull.stop()
+    return pull, rc, err
+
+
+def test_an_image_that_cannot_claim_its_top_layer_still_builds_the_base_it_shares(
+        shared_base, proxy, image_root, tmp_path):
+    """app0 takes on the base layers (a lock held from outside keeps it waiting there),
+    app1 arrives and joins that build, then app0 fails to claim its own top layer:
+    app0 fails alone, and app1 still gets the base it waited for."""
+    top0 = Layer([File("app0", b"app 0")])
+    keys = [c.split(":")[1] for c in chain_ids([layer.diff_id for layer in [*shared_base, top0]])]
+    proxy.add_fault("/batch/app1/manifests/", "stall_after", times=1, bytes=0, seconds=1)
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{proxy.host}/batch/app0 first\n{proxy.host}/batch/app1 second\n")
+    _, rc, err = _batch_where_app0_cannot_claim(image_root, listing, keys[0], keys[2])
     assert rc == 1, err
     errors = [line for line in err.splitlines() if line.startswith("dkr: error: ")]
     assert len(errors) == 1 and "app0" in errors[0] and keys[2][:12] in errors[0], err
@@ -205,24 +214,12 @@ def test_what_a_failing_image_gives_up_is_taken_on_by_an_image_that_comes_later(
     for n, layers in stacks.items():
         images.push_image(registry, f"claim/app{n}", "latest", Image(layers))
     keys = [c.split(":")[1] for c in chain_ids([layer.diff_id for layer in stacks[0]])]
-    locks = image_root / ".dkr" / "locks"
-    locks.mkdir(parents=True)
-    (locks / f"layer-{keys[2]}.lock").mkdir()            # app0's top layer: no lock to be had
     proxy.add_fault("/claim/app1/manifests/", "stall_after", times=1, bytes=0, seconds=1)
     proxy.add_fault("/claim/app2/manifests/", "stall_after", times=1, bytes=0, seconds=2)
     proxy.add_fault(f"/blobs/{base[0].digest}", "stall_after", times=1, bytes=0, seconds=3)
     listing = tmp_path / "images.txt"
     listing.write_text("".join(f"{proxy.host}/claim/app{n} m{n}\n" for n in range(3)))
-    with open(locks / f"layer-{keys[0]}.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        pull = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
-                          "--json", "--batch", listing)
-        try:
-            pull.wait_event(lambda e: e["event"] == "resolved" and "app1" in e["reference"])
-            fcntl.flock(held, fcntl.LOCK_UN)
-            rc, err = pull.finish()
-        finally:
-            pull.stop()
+    pull, rc, err = _batch_where_app0_cannot_claim(image_root, listing, keys[0], keys[2])
     errors = [line for line in err.splitlines() if line.startswith("dkr: error: ")]
     assert rc == 1 and len(errors) == 1 and "claim/app0" in errors[0], err
     for n in (1, 2):
