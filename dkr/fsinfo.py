@@ -47,6 +47,14 @@ def mount_type(path: Path | str) -> str | None:
     return found
 
 
+def is_mount_point(path: Path | str) -> bool:
+    """Is anything mounted right on ``path``? (A btrfs subvolume alone is not a mount.)"""
+    try:
+        return mount_type(path) is not None
+    except OSError:
+        return os.path.ismount(path)
+
+
 def mounts_below(top: Path | str) -> list[Path]:
     """Mount points at or below ``top``, deepest (most recently mounted) first."""
     top = Path(os.path.realpath(top))

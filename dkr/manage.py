@@ -28,8 +28,8 @@ from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, fallback_backend
 from .reference import validate_existing_machine_name
 from .store import (LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot,
-                    refuse_mounts_in, remove_entry)
-from .fsinfo import mount_type
+                    refuse_mounts_in, remove_entry, text_list)
+from .fsinfo import is_mount_point
 from .treeops import tree_size
 
 log = logging.getLogger("dkr.manage")
@@ -120,14 +120,6 @@ def _try_flock_into(root: ImageRoot, name: str, stack: ExitStack) -> bool:
 def _machine_lock(root: ImageRoot, local: str, stack: ExitStack) -> None:
     if not _try_flock_into(root, f"machine-{local}", stack):
         raise DkrError(f"machine {local!r} is busy: another dkr process is working on it")
-
-
-def _is_mount_point(path: Path) -> bool:
-    """Is anything mounted right on ``path``? (A btrfs subvolume alone is not a mount.)"""
-    try:
-        return mount_type(path) is not None
-    except OSError:
-        return os.path.ismount(path)
 
 
 def _human(n: int | None) -> str:
@@ -268,7 +260,7 @@ def _deactivate_all(root: ImageRoot, plan: list) -> list:
     Returns those of ``plan`` that were up (mounted), to put back up if need be."""
     taken_down = []
     for local, backend, info in plan:
-        was_up = _is_mount_point(root.machine_path(local))
+        was_up = is_mount_point(root.machine_path(local))
         try:
             with _wrap_os_error(f"cannot take machine {local} down"):
                 backend.deactivate_machine(root.machine_path(local))
@@ -307,29 +299,16 @@ def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> Non
 
 # --- mount and umount -----------------------------------------------------------------------
 
-def _selected(root: ImageRoot, args) -> list[tuple[str, dict]]:
+def _selected(root: ImageRoot, args) -> list[tuple[str, dict | DkrError]]:
+    """The machines named, or --all with the records that cannot be read too: --all
+    must not pass over a machine in silence (a boot script would think it mounted)."""
     if args.all and args.locals:
         raise DkrError("give machine names or --all, not both")
     if args.all:
-        return _every_machine(root) if root.meta.is_dir() else []
+        return root.machine_records() if root.meta.is_dir() else []
     if not args.locals:
         raise DkrError("which machine? (give LOCAL or --all)")
     return [(local, _machine(root, local)) for local in dict.fromkeys(args.locals)]
-
-
-def _every_machine(root: ImageRoot) -> list[tuple[str, dict | DkrError]]:
-    """Every machine and its record, or why its record cannot be read: --all must
-    not pass over a machine in silence (a boot script would think it mounted)."""
-    found = []
-    for path in sorted((root.meta / "machines").glob("*.json")):
-        try:
-            info = root.machine_info(path.stem)
-        except DkrError as e:
-            found.append((path.stem, e))
-            continue
-        if info is not None:
-            found.append((path.stem, info))
-    return found
 
 
 def cmd_mount(args) -> int:
@@ -365,12 +344,12 @@ def _mount(root: ImageRoot, local: str, backend, info: dict) -> None:
             raise DkrError(f"machine {local} was being replaced by a pull that stopped, and "
                            "its record cannot say which image it holds: pull it again with "
                            "--force, or remove it")
-        was = _is_mount_point(machine)
+        was = is_mount_point(machine)
         with _wrap_os_error(f"cannot mount machine {local}"):
             backend.activate_machine(machine, root.machine_layers(info))
         if was:
             log.info("Machine %s is already mounted.", local)
-        elif _is_mount_point(machine):
+        elif is_mount_point(machine):
             log.info("Mounted machine %s.", local)
         else:
             log.info("Machine %s (backend %s) needs no mount.", local, backend.name)
@@ -385,7 +364,7 @@ def _umount(root: ImageRoot, local: str, backend, info: dict) -> None:
     machine = root.machine_path(local)
     with ExitStack() as stack:
         _machine_lock(root, local, stack)
-        was = _is_mount_point(machine)
+        was = is_mount_point(machine)
         with _wrap_os_error(f"cannot unmount machine {local}"):
             backend.deactivate_machine(machine)
         log.info("Unmounted machine %s." if was else "Machine %s is not mounted.", local)
@@ -438,8 +417,7 @@ class _Collector:
             else:
                 if info is None:
                     continue              # removed meanwhile
-                lists = [info.get("layers"), info.get("swap_layers", [])]
-                if all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in lists):
+                if text_list(info.get("layers")) and text_list(info.get("swap_layers", [])):
                     found.append((local, info))
                     continue
                 problem = f"{path} has no list of layers"

@@ -25,7 +25,7 @@ from typing import Awaitable, Callable, Protocol
 
 from .auth import Credentials, docker_config_credentials
 from .errors import DkrError, os_error_text
-from .fsinfo import mount_type
+from .fsinfo import is_mount_point
 from .events import Events
 from .glue import CurlGlue
 from .hookspecs import StorageBackend
@@ -607,7 +607,7 @@ class Puller:
         before = self._old_layers(local, old_info)
         if unreadable:
             log.warning("%s; replacing machine %s as found on disk.", unreadable, local)
-        was_up = mount_type(machine) is not None
+        was_up = is_mount_point(machine)
         pending = None if before is None else {**old_info, "swap_pending": True, "swap_layers":
                                                _union(old_info.get("swap_layers", []),
                                                       record["layers"])}
@@ -661,7 +661,7 @@ class Puller:
         be put back up should this pull fail."""
         layers = (old_info or {}).get("layers")
         if layers is None:
-            if mount_type(self.root.machine_path(local)) is not None:
+            if is_mount_point(self.root.machine_path(local)):
                 raise DkrError(f"machine {local} is mounted, and its record cannot say how to "
                                "mount it again should this pull fail: unmount it, or remove "
                                f"it with 'dkr remove {local}', first")

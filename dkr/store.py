@@ -65,6 +65,11 @@ def _text(value) -> bool:
     return isinstance(value, str)
 
 
+def text_list(value) -> bool:
+    """A list of strings (a record's layers)."""
+    return isinstance(value, list) and all(map(_text, value))
+
+
 def _digest(value) -> bool:
     return isinstance(value, str) and ":" in value
 
@@ -77,9 +82,9 @@ _LAYER_FIELDS = {"backend": _text, "tar_bytes": _count}
 _MACHINE_FIELDS = {
     "local": _text, "backend": _text, "reference": _text, "created": _text,
     "manifest_digest": _digest, "config_digest": _digest,
-    "layers": lambda value: isinstance(value, list) and all(map(_text, value)),
+    "layers": text_list,
     # While a --force pull swaps trees: the other tree's layers (see dkr.pull).
-    "swap_layers": lambda value: isinstance(value, list) and all(map(_text, value)),
+    "swap_layers": text_list,
     "swap_pending": lambda value: value is True,
 }
 
@@ -190,14 +195,24 @@ class ImageRoot:
         """The layers a machine record names, base first."""
         return [self.layer_path(key) for key in info.get("layers", [])]
 
-    def machines(self) -> list[dict]:
+    def machine_records(self) -> list[tuple[str, dict | DkrError]]:
+        """Every machine that has a record, and the record, or why it cannot be read."""
         found = []
         for path in sorted((self.meta / "machines").glob("*.json")):
             try:
                 info = self._record(f"machines/{path.name}", _MACHINE_FIELDS)
-            except DkrError as e:        # one broken record must not hide the others
-                log.warning("%s; skipped.", e)
+            except DkrError as e:
+                found.append((path.stem, e))
                 continue
-            if info:
+            if info is not None:
+                found.append((path.stem, info))
+        return found
+
+    def machines(self) -> list[dict]:
+        found = []
+        for _, info in self.machine_records():
+            if isinstance(info, DkrError):   # one broken record must not hide the others
+                log.warning("%s; skipped.", info)
+            elif info:
                 found.append(info)
         return found
