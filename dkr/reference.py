@@ -156,10 +156,9 @@ def validate_machine_name(name: str) -> str:
 def validate_existing_machine_name(name: str) -> str:
     """``name`` of a machine dkr may have made (older versions were less strict);
     anything else, and anything that is not a plain file name, is a DkrError."""
-    if not (machine_name_is_valid(name) or 0 < len(name) <= _MACHINE_MAX
-            and _OLD_MACHINE_RE.fullmatch(name) and not name.startswith(("-", ".dkr"))):
-        return validate_machine_name(name)
-    return name
+    older = 0 < len(name) <= _MACHINE_MAX and _OLD_MACHINE_RE.fullmatch(name) \
+        and not name.startswith("-")        # (nor can it start with "." and be ".dkr-…")
+    return name if older else validate_machine_name(name)
 
 
 def default_machine_name(name: str) -> str:
