@@ -572,7 +572,7 @@ class Puller:
             self._swap_in(local, tmp, layers, backend, record)
             return
         relative = f"machines/{local}.json"
-        stale = _read_or_none(self.root.meta / relative)     # (left by a crashed remove)
+        stale = _read_or_none(self.root.meta / relative)     # (a crash may leave one)
         self.root.write_json(relative, record)
         try:
             os.rename(tmp, machine)
