@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+from urllib.parse import urlsplit
 
 import pycurl
 
@@ -54,6 +55,12 @@ RETRYABLE_CURL_ERRORS = {
     pycurl.E_RECV_ERROR, 16, 92,   # HTTP/2 framing and stream errors
 }
 
+# libcurl errors whose text does not say what the user can do about them.
+CURL_HINTS = {
+    pycurl.E_PEER_FAILED_VERIFICATION:
+        "no trusted CA signed the certificate of {host}: give its CA with --ca-file",
+}
+
 
 class JobState(enum.Enum):
     INIT = "init"
@@ -78,7 +85,7 @@ class TransferOptions:
     """TLS and transport settings that apply to every request to one registry."""
 
     insecure: bool = False
-    ca_file: str | None = None
+    ca_pem: bytes | None = None  # trust.trusted_pem(): None leaves libcurl's default
     connect_timeout: int = 30
     low_speed_time: int = 60    # a transfer slower than 1 B/s this long is stalled
     retries: int = 4            # further attempts after a failed one
@@ -150,8 +157,8 @@ class Job:
             c.setopt(pycurl.NOBODY, 1)
         if self.range_start:
             c.setopt(pycurl.RANGE, f"{self.range_start}-")
-        if options.ca_file:
-            c.setopt(pycurl.CAINFO, options.ca_file)
+        if options.ca_pem:
+            c.setopt(pycurl.CAINFO_BLOB, options.ca_pem)
         if options.insecure:
             c.setopt(pycurl.SSL_VERIFYPEER, 0)
             c.setopt(pycurl.SSL_VERIFYHOST, 0)
@@ -189,7 +196,9 @@ class Job:
         if self._abort_reason:
             self._fail(self._abort_reason, retryable=False)
         elif code != 0:
-            self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code})",
+            hint = CURL_HINTS.get(code, "").format(host=urlsplit(self.url).netloc)
+            hint = f"; {hint}" if hint else ""
+            self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code}){hint}",
                        retryable=code in RETRYABLE_CURL_ERRORS)
         elif self._is_success() and self.expected_size is not None and \
                 self.range_start + self.received != self.expected_size:

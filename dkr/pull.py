@@ -38,6 +38,7 @@ from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from .store import ImageRoot, remove_entry
 from .tasks import failed, retrieved, to_the_end
 from .treeops import remove_tree
+from .trust import trusted_pem
 from .unpack import ExtractorPool, LayerUnpacker
 from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
 
@@ -124,7 +125,8 @@ class Puller:
         self.options = options
         self.events = events or Events()
         self.root = ImageRoot(options.image_root)
-        self.transfer = TransferOptions(insecure=options.insecure, ca_file=options.ca_file,
+        self.transfer = TransferOptions(insecure=options.insecure,
+                                        ca_pem=trusted_pem(options.ca_file),
                                         retries=options.retries,
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
