@@ -71,9 +71,30 @@ def docker_config_credentials(host: str) -> Credentials | None:
 _PARAM_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*,?')
 
 
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# A parameter (name=value) or, where no "=" follows the token, a scheme starting a challenge.
+_CHALLENGE_ITEM_RE = re.compile(
+    rf'[\s,]*(?:{_TOKEN}\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^,\s]*)|(?P<scheme>{_TOKEN}))')
+
+
+def split_challenges(value: str) -> list[str]:
+    """The challenges in one WWW-Authenticate value, which may hold several
+    (RFC 7235): ``Bearer realm="a",service="b", Basic realm="c"`` → the two."""
+    starts, pos = [], 0
+    while pos < len(value):
+        m = _CHALLENGE_ITEM_RE.match(value, pos)
+        if not m or m.end() == pos:
+            break
+        if m.group("scheme"):
+            starts.append(m.start("scheme"))
+        pos = m.end()
+    return [value[start:end].strip().rstrip(",").rstrip()
+            for start, end in zip(starts, starts[1:] + [len(value)])]
+
+
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """``Bearer realm="…",service="…",scope="…"`` → ("bearer", {...})."""
-    scheme, _, rest = header.strip().partition(" ")
+    scheme, _, rest = header.strip().replace("\t", " ").partition(" ")
     params: dict[str, str] = {}
     pos = 0
     while pos < len(rest):

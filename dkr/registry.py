@@ -17,7 +17,7 @@ import time
 from typing import Awaitable, Callable
 from urllib.parse import urljoin, urlsplit
 
-from .auth import Authenticator, Credentials, RequestAuth
+from .auth import Authenticator, Credentials, RequestAuth, split_challenges
 from .errors import DkrError
 from .glue import CurlGlue
 from .job import Job, Response, Sink, TransferError, TransferOptions
@@ -41,8 +41,9 @@ def backoff(attempt: int) -> float:
 
 def auth_challenge(response: Response) -> str | None:
     """The WWW-Authenticate challenge to answer: Bearer where a server offers it too."""
-    offered = response.headers.get("www-authenticate") or []
-    bearer = [c for c in offered if c.strip().lower().startswith("bearer ")]
+    offered = [challenge for value in response.headers.get("www-authenticate") or []
+               for challenge in split_challenges(value)]
+    bearer = [c for c in offered if c.split(None, 1)[0].lower() == "bearer"]
     return (bearer or offered or [None])[-1]
 
 

@@ -99,3 +99,20 @@ def test_creds_are_not_handed_to_every_registry_of_a_batch(tmp_path):
                          r"\(127\.0\.0\.1:1, 127\.0\.0\.2:1\)")
     [error] = [e for e in run.events if e["event"] == "error"]
     assert error["reference"] == str(listing) and "--creds would go" in error["message"]
+
+
+@pytest.mark.parametrize("values", [
+    ['Basic realm="r", Bearer realm="https://auth.example/token",service="reg"'],
+    ['Bearer realm="https://auth.example/token",service="reg", Basic realm="r"'],
+    ['Basic realm="a, Bearer b=c"', 'Bearer realm="https://auth.example/token",service="reg"'],
+])
+def test_bearer_is_found_among_challenges_in_one_header(values):
+    challenge = auth_challenge(Response("https://r/v2/", 401, {"www-authenticate": values}))
+    assert challenge == 'Bearer realm="https://auth.example/token",service="reg"'
+    [(url, _)] = _answer(challenge).asked
+    assert url.startswith("https://auth.example/token?scope=") and url.endswith("&service=reg")
+
+
+def test_a_tab_may_follow_the_scheme():
+    [(url, _)] = _answer('Bearer\trealm="https://auth.example/token",service="reg"').asked
+    assert url.startswith("https://auth.example/token?")
