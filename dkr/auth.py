@@ -1,7 +1,7 @@
 """Registry credentials and the 401 challenge dance (Basic and Bearer tokens).
 
-Credentials come from ``--creds USER:PASS`` or the ``auths`` of
-``~/.docker/config.json``. Bearer tokens are cached per scope until shortly
+Credentials come from ``--creds USER:PASS`` or, failing that, from where
+``podman login`` and ``docker login`` leave them (``keychain``). Bearer tokens are cached per scope until shortly
 before ``expires_in`` runs out. Tokens and passwords are never logged.
 """
 
@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import time
-from typing import NamedTuple
-from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, NamedTuple, Protocol
 from urllib.parse import urlencode
 
 from .errors import DkrError
-from .reference import DOCKER_HUB_ALIASES, split_url
+from .reference import split_url
 
 DEFAULT_TOKEN_LIFETIME = 60
 REFRESH_MARGIN = 10
@@ -38,34 +35,6 @@ def parse_creds(text: str) -> Credentials:
     if not sep or not user:
         raise DkrError("invalid --creds: want USER:PASS")
     return Credentials(user, password)
-
-
-def docker_config_credentials(host: str) -> Credentials | None:
-    """Look ``host`` up in the Docker client's config file, as ``docker login`` wrote it."""
-    config_dir = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
-    path = Path(config_dir) / "config.json"
-    try:
-        auths = json.loads(path.read_text()).get("auths", {})
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError) as e:
-        raise DkrError(f"cannot read credentials from {path}: {e}") from None
-    keys = [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"]
-    if host in DOCKER_HUB_ALIASES:
-        keys += ["https://index.docker.io/v1/", "index.docker.io", "docker.io"]
-    for key in keys:
-        entry = auths.get(key) if isinstance(auths, dict) else None
-        if not isinstance(entry, dict):
-            continue
-        if entry.get("auth"):
-            try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, TypeError, UnicodeDecodeError):
-                raise DkrError(f"{path}: the auth entry for {key} is not base64 USER:PASS") from None
-            return Credentials(user, password)
-        if entry.get("username"):
-            return Credentials(entry["username"], entry.get("password", ""))
-    return None
 
 
 _PARAM_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*,?')

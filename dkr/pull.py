@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
-from .auth import Credentials, docker_config_credentials
+from .auth import Credentials
 from .errors import DkrError, os_error_text
 from .fsinfo import is_mount_point
 from .events import Events
 from .glue import CurlGlue
 from .hookspecs import StorageBackend
+from .keychain import find_credentials
 from .job import TransferOptions
 from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, choose_backend
@@ -178,7 +179,8 @@ class Puller:
             raise
 
     async def _connect(self, ref: Reference) -> RegistryClient:
-        creds = self.options.credentials or docker_config_credentials(ref.host)
+        creds = self.options.credentials or \
+            await asyncio.to_thread(find_credentials, ref.host, ref.name)
         client = RegistryClient(self.glue, ref.endpoint, credentials=creds, options=self.transfer)
         await client.ping()
         return client

@@ -14,9 +14,10 @@ import json
 import pytest
 from helpers import assert_clean_failure, run_dkr
 
-from dkr.auth import Authenticator, Credentials, docker_config_credentials
+from dkr.auth import Authenticator, Credentials
 from dkr.errors import DkrError
 from dkr.job import Response
+from dkr.keychain import find_credentials
 from dkr.registry import auth_challenge, retry_after
 
 ALICE = Credentials("alice", "s3cret")
@@ -82,11 +83,13 @@ def test_retry_after_takes_plain_digits_only(value, seconds):
 def test_a_docker_config_auth_that_is_not_text_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"auths": {"reg": {"auth": 123}}}))
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "no-auth.json"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
     with pytest.raises(DkrError, match=r"the auth entry for reg is not base64 USER:PASS"):
-        docker_config_credentials("reg")
+        find_credentials("reg")
     good = base64.b64encode(b"alice:s3cret").decode()
     (tmp_path / "config.json").write_text(json.dumps({"auths": {"reg": {"auth": good}}}))
-    assert docker_config_credentials("reg") == ALICE
+    assert find_credentials("reg") == ALICE
 
 
 def test_creds_are_not_handed_to_every_registry_of_a_batch(tmp_path):

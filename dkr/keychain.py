@@ -1,0 +1,142 @@
+"""A registry's credentials, where ``--creds`` does not give them.
+
+Looked up where ``podman login`` and ``docker login`` leave them, in the order
+podman and skopeo read them (containers-auth.json(5)):
+
+1. ``$REGISTRY_AUTH_FILE``, else ``$XDG_RUNTIME_DIR/containers/auth.json``
+   (``/run/containers/UID/auth.json`` without it);
+2. ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config/...``);
+3. ``$DOCKER_CONFIG/config.json`` (``~/.docker/config.json``).
+
+The first file that speaks for the registry decides. In it, a credential
+helper named for the host (``credHelpers``) comes first, then one for all
+hosts (``credsStore``), then the ``auths`` entries, the one naming the
+longest part of ``host/repository`` first. A helper is the program
+``docker-credential-NAME``, asked with ``get`` and the server on stdin.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from .auth import Credentials
+from .errors import DkrError
+from .reference import DOCKER_HUB_ALIASES
+
+HELPER_TIMEOUT = 60                      # a helper may ask a keyring to unlock
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
+NOT_FOUND = "credentials not found"      # what helpers print for an unknown server
+
+
+def find_credentials(host: str, repository: str = "") -> Credentials | None:
+    """The credentials the first auth file that speaks for ``host`` gives, or None."""
+    for path in auth_files():
+        config = _read_config(path)
+        if config is None:
+            continue
+        helper = _helper_for(config, host)
+        if helper:
+            return _ask_helper(helper, host, path)
+        entry = _auths_entry(config, host, repository)
+        if entry is not None:
+            return _decode_entry(*entry, path)
+    return None
+
+
+def auth_files() -> list[Path]:
+    env, home = os.environ, Path.home()
+    runtime = Path(env.get("XDG_RUNTIME_DIR") or f"/run/containers/{os.getuid()}")
+    primary = Path(env["REGISTRY_AUTH_FILE"]) if env.get("REGISTRY_AUTH_FILE") else \
+        runtime / "containers" / "auth.json"
+    config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+    docker = Path(env.get("DOCKER_CONFIG") or home / ".docker") / "config.json"
+    return [primary, config_home / "containers" / "auth.json", docker]
+
+
+def _read_config(path: Path) -> dict | None:
+    try:
+        config = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise DkrError(f"cannot read credentials from {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise DkrError(f"cannot read credentials from {path}: not a JSON object")
+    return config
+
+
+def _server_names(host: str) -> list[str]:
+    """How a login may have written ``host``."""
+    names = [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/",
+             f"https://{host}/v2/"]
+    if host in DOCKER_HUB_ALIASES:
+        names += [DOCKER_HUB_SERVER, "index.docker.io", "docker.io"]
+    return names
+
+
+def _helper_for(config: dict, host: str) -> str | None:
+    helpers = config.get("credHelpers")
+    if isinstance(helpers, dict):
+        for name in _server_names(host):
+            if isinstance(helpers.get(name), str) and helpers[name]:
+                return helpers[name]
+    store = config.get("credsStore")
+    return store if isinstance(store, str) and store else None
+
+
+def _auths_entry(config: dict, host: str, repository: str) -> tuple[str, dict] | None:
+    auths = config.get("auths")
+    if not isinstance(auths, dict):
+        return None
+    parts = repository.split("/") if repository else []
+    scoped = [f"{host}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
+    for key in scoped + _server_names(host):
+        entry = auths.get(key)
+        if isinstance(entry, dict) and (entry.get("auth") or entry.get("username")):
+            return key, entry
+    return None
+
+
+def _decode_entry(key: str, entry: dict, path: Path) -> Credentials:
+    if entry.get("auth"):
+        try:
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise DkrError(f"{path}: the auth entry for {key} is not base64 USER:PASS") from None
+        return Credentials(user, password)
+    return Credentials(str(entry["username"]), str(entry.get("password", "")))
+
+
+def _ask_helper(helper: str, host: str, path: Path) -> Credentials | None:
+    program = f"docker-credential-{helper}"
+    server = DOCKER_HUB_SERVER if host in DOCKER_HUB_ALIASES else host
+    try:
+        done = subprocess.run([program, "get"], input=server, capture_output=True, text=True,
+                              timeout=HELPER_TIMEOUT)
+    except FileNotFoundError:
+        raise DkrError(f"credential helper {program} (named in {path}) is not installed") \
+            from None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DkrError(f"credential helper {program}: {e}") from None
+    said = (done.stdout.strip() or done.stderr.strip()).splitlines()
+    if done.returncode != 0:
+        if said and NOT_FOUND in said[0].lower():
+            return None
+        raise DkrError(f"credential helper {program} failed for {server}: "
+                       f"{said[0] if said else f'exit status {done.returncode}'}")
+    try:
+        answer = json.loads(done.stdout)
+        username, secret = answer["Username"], answer["Secret"]
+    except (ValueError, KeyError, TypeError):
+        raise DkrError(f"credential helper {program} gave an unreadable answer for {server}") \
+            from None
+    if not isinstance(username, str) or not isinstance(secret, str):
+        raise DkrError(f"credential helper {program} gave an unreadable answer for {server}")
+    if username == "<token>":
+        raise DkrError(f"credential helper {program} gives an identity token for {server}, "
+                       "which dkr cannot use: pass --creds")
+    return Credentials(username, secret)
