@@ -3,16 +3,18 @@
 Looked up where ``podman login`` and ``docker login`` leave them, in the order
 podman and skopeo read them (containers-auth.json(5)):
 
-1. ``$REGISTRY_AUTH_FILE``, else ``$XDG_RUNTIME_DIR/containers/auth.json``
-   (``/run/containers/UID/auth.json`` without it);
+1. ``$XDG_RUNTIME_DIR/containers/auth.json`` (``/run/containers/UID/auth.json``
+   without it);
 2. ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config/...``);
 3. ``$DOCKER_CONFIG/config.json`` (``~/.docker/config.json``).
 
-The first file that speaks for the registry decides. In it, a credential
-helper named for the host (``credHelpers``) comes first, then one for all
-hosts (``credsStore``), then the ``auths`` entries, the one naming the
-longest part of ``host/repository`` first. A helper is the program
-``docker-credential-NAME``, asked with ``get`` and the server on stdin.
+``$REGISTRY_AUTH_FILE``, like podman's ``--authfile``, is the only file read
+when it is set. The first file that has a login for the registry gives it.
+In a file, a credential helper named for the host (``credHelpers``) comes
+first, then one for all hosts (``credsStore``), then the ``auths`` entries,
+the one naming the longest part of ``host/repository`` first. A helper is
+the program ``docker-credential-NAME``, asked with ``get`` and the server on
+stdin; one that knows no login for it passes the question to the next file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import base64
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 from .auth import Credentials
@@ -40,7 +43,10 @@ def find_credentials(host: str, repository: str = "") -> Credentials | None:
             continue
         helper = _helper_for(config, host)
         if helper:
-            return _ask_helper(helper, host, path)
+            found = _ask_helper(helper, host, path)
+            if found:
+                return found
+            continue
         entry = _auths_entry(config, host, repository)
         if entry is not None:
             return _decode_entry(*entry, path)
@@ -49,12 +55,13 @@ def find_credentials(host: str, repository: str = "") -> Credentials | None:
 
 def auth_files() -> list[Path]:
     env, home = os.environ, Path.home()
-    runtime = Path(env.get("XDG_RUNTIME_DIR") or f"/run/containers/{os.getuid()}")
-    primary = Path(env["REGISTRY_AUTH_FILE"]) if env.get("REGISTRY_AUTH_FILE") else \
-        runtime / "containers" / "auth.json"
+    if env.get("REGISTRY_AUTH_FILE"):
+        return [Path(env["REGISTRY_AUTH_FILE"])]
+    runtime = Path(env["XDG_RUNTIME_DIR"]) / "containers" if env.get("XDG_RUNTIME_DIR") else \
+        Path(f"/run/containers/{os.getuid()}")
     config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
     docker = Path(env.get("DOCKER_CONFIG") or home / ".docker") / "config.json"
-    return [primary, config_home / "containers" / "auth.json", docker]
+    return [runtime / "auth.json", config_home / "containers" / "auth.json", docker]
 
 
 def _read_config(path: Path) -> dict | None:
@@ -112,24 +119,38 @@ def _decode_entry(key: str, entry: dict, path: Path) -> Credentials:
 
 
 def _ask_helper(helper: str, host: str, path: Path) -> Credentials | None:
+    """What ``docker-credential-HELPER`` says for ``host``; asked once per run, since a
+    batch's images ask at once and a helper may prompt to unlock a keyring."""
     program = f"docker-credential-{helper}"
     server = DOCKER_HUB_SERVER if host in DOCKER_HUB_ALIASES else host
+    with _helper_lock:
+        if (program, server) not in _helper_answers:
+            _helper_answers[program, server] = _run_helper(program, server, path)
+        return _helper_answers[program, server]
+
+
+_helper_lock = threading.Lock()
+_helper_answers: dict[tuple[str, str], Credentials | None] = {}
+
+
+def _run_helper(program: str, server: str, path: Path) -> Credentials | None:
     try:
-        done = subprocess.run([program, "get"], input=server, capture_output=True, text=True,
+        done = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
                               timeout=HELPER_TIMEOUT)
     except FileNotFoundError:
         raise DkrError(f"credential helper {program} (named in {path}) is not installed") \
             from None
     except (OSError, subprocess.TimeoutExpired) as e:
         raise DkrError(f"credential helper {program}: {e}") from None
-    said = (done.stdout.strip() or done.stderr.strip()).splitlines()
+    stdout, stderr = (done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
+    said = (stdout.strip() or stderr.strip()).splitlines()
     if done.returncode != 0:
         if said and NOT_FOUND in said[0].lower():
             return None
         raise DkrError(f"credential helper {program} failed for {server}: "
-                       f"{said[0] if said else f'exit status {done.returncode}'}")
+                       f"{said[0][:200] if said else f'exit status {done.returncode}'}")
     try:
-        answer = json.loads(done.stdout)
+        answer = json.loads(stdout)
         username, secret = answer["Username"], answer["Secret"]
     except (ValueError, KeyError, TypeError):
         raise DkrError(f"credential helper {program} gave an unreadable answer for {server}") \

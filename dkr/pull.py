@@ -127,12 +127,12 @@ class Puller:
         self.events = events or Events()
         self.root = ImageRoot(options.image_root)
         self.transfer = TransferOptions(insecure=options.insecure,
-                                        ca_pem=trusted_pem(options.ca_file),
+                                        ca_pem=trusted_pem(options.ca_file, options.insecure),
                                         retries=options.retries,
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
         self.spool = Spool(self.root.meta / "partial", options.spool_limit)
-        self._clients: dict[str, asyncio.Future] = {}
+        self._clients: dict[tuple[str, Credentials | None], asyncio.Future] = {}
         self._backend: StorageBackend | None = None
         self._builds: dict[str, LayerClaim] = {}
         self._extractors: asyncio.Semaphore | None = None
@@ -168,20 +168,22 @@ class Puller:
         return self._backend
 
     async def client(self, ref: Reference) -> RegistryClient:
-        """One client per registry host, pinged once even when many images ask at once."""
-        host = ref.endpoint
-        if host not in self._clients:
-            self._clients[host] = asyncio.ensure_future(self._connect(ref))
-        try:
-            return await asyncio.shield(self._clients[host])
-        except DkrError:
-            self._clients.pop(host, None)
-            raise
-
-    async def _connect(self, ref: Reference) -> RegistryClient:
+        """One client per registry host and login, pinged once even when many images
+        ask at once. Images of a batch on one host may have different logins: an
+        auth file may name a repository's namespace."""
         creds = self.options.credentials or \
             await asyncio.to_thread(find_credentials, ref.host, ref.name)
-        client = RegistryClient(self.glue, ref.endpoint, credentials=creds, options=self.transfer)
+        key = (ref.endpoint, creds)
+        if key not in self._clients:
+            self._clients[key] = asyncio.ensure_future(self._connect(ref.endpoint, creds))
+        try:
+            return await asyncio.shield(self._clients[key])
+        except DkrError:
+            self._clients.pop(key, None)
+            raise
+
+    async def _connect(self, endpoint: str, creds: Credentials | None) -> RegistryClient:
+        client = RegistryClient(self.glue, endpoint, credentials=creds, options=self.transfer)
         await client.ping()
         return client
 

@@ -83,7 +83,8 @@ def test_retry_after_takes_plain_digits_only(value, seconds):
 def test_a_docker_config_auth_that_is_not_text_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"auths": {"reg": {"auth": 123}}}))
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "no-auth.json"))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-runtime"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
     with pytest.raises(DkrError, match=r"the auth entry for reg is not base64 USER:PASS"):
         find_credentials("reg")
@@ -108,6 +109,8 @@ def test_creds_are_not_handed_to_every_registry_of_a_batch(tmp_path):
     ['Basic realm="r", Bearer realm="https://auth.example/token",service="reg"'],
     ['Bearer realm="https://auth.example/token",service="reg", Basic realm="r"'],
     ['Basic realm="a, Bearer b=c"', 'Bearer realm="https://auth.example/token",service="reg"'],
+    ['Negotiate YII+/abc==, Bearer realm="https://auth.example/token",service="reg"'],
+    ['Mystery @@ odd, Bearer realm="https://auth.example/token",service="reg"'],
 ])
 def test_bearer_is_found_among_challenges_in_one_header(values):
     challenge = auth_challenge(Response("https://r/v2/", 401, {"www-authenticate": values}))

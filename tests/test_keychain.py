@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import os
+from pathlib import Path
 
 import pytest
 from helpers import assert_clean_failure, assert_ok, run_dkr
 
 from dkr.testing import images
 from dkr.testing.images import File, Image, Layer
+from dkr.keychain import auth_files
 from dkr.testing.registry import Registry
+from dkr.testing.tokenserver import TokenServer
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +28,11 @@ def private_registry():
 def home(tmp_path):
     """An environment whose auth files are all under tmp_path, none of them written yet."""
     env = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "docker"),
-           "REGISTRY_AUTH_FILE": str(tmp_path / "run" / "auth.json"),
+           "XDG_RUNTIME_DIR": str(tmp_path / "run"),
            "XDG_CONFIG_HOME": str(tmp_path / "config"),
            "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
-    for directory in ("docker", "run", "config/containers", "bin"):
+    env.pop("REGISTRY_AUTH_FILE", None)
+    for directory in ("docker", "run/containers", "config/containers", "bin"):
         (tmp_path / directory).mkdir(parents=True)
     return tmp_path, env
 
@@ -87,7 +91,7 @@ def test_a_helper_that_cannot_answer_is_one_clear_error(private_registry, image_
     assert_clean_failure(_pull(private_registry, image_root, env), image_root, pattern, "img")
 
 
-@pytest.mark.parametrize("auth_file", ["run/auth.json", "config/containers/auth.json"])
+@pytest.mark.parametrize("auth_file", ["run/containers/auth.json", "config/containers/auth.json"])
 def test_a_podman_login_comes_before_a_docker_login(private_registry, image_root, home,
                                                    auth_file):
     """podman's auth.json is read first; its entry may name the repository's namespace."""
@@ -102,6 +106,72 @@ def test_a_podman_login_comes_before_a_docker_login(private_registry, image_root
 
 def test_an_auth_file_that_is_not_json_is_named(private_registry, image_root, home):
     tmp, env = home
-    (tmp / "run" / "auth.json").write_text("{not json")
+    (tmp / "run" / "containers" / "auth.json").write_text("{not json")
     assert_clean_failure(_pull(private_registry, image_root, env), image_root,
-                         r"cannot read credentials from .*/run/auth\.json", "img")
+                         r"cannot read credentials from .*/run/containers/auth\.json", "img")
+
+
+def test_registry_auth_file_is_the_only_file_read(private_registry, image_root, home):
+    """Like podman's --authfile: a robot's auth file without this registry does not
+    send the user's own docker login."""
+    tmp, env = home
+    (tmp / "robot.json").write_text(json.dumps({"auths": {}}))
+    (tmp / "docker" / "config.json").write_text(json.dumps(
+        {"auths": {private_registry.host: _auth("alice", "wonderland")}}))
+    robot = {**env, "REGISTRY_AUTH_FILE": str(tmp / "robot.json")}
+    assert_clean_failure(_pull(private_registry, image_root, robot), image_root,
+                         r"requires a login.*--creds", "img")
+    assert_ok(_pull(private_registry, image_root, env))
+
+
+def test_without_xdg_runtime_dir_podman_s_file_is_under_run_containers(monkeypatch, tmp_path):
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert auth_files()[0] == Path(f"/run/containers/{os.getuid()}/auth.json")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert auth_files()[0] == tmp_path / "containers" / "auth.json"
+
+
+def test_a_helper_that_knows_no_login_passes_to_the_next_file(private_registry, image_root,
+                                                              home):
+    tmp, env = home
+    _helper(tmp / "bin", "empty", "echo 'credentials not found in native keychain'; exit 1\n")
+    (tmp / "config" / "containers" / "auth.json").write_text(json.dumps(
+        {"credHelpers": {private_registry.host: "empty"}}))
+    (tmp / "docker" / "config.json").write_text(json.dumps(
+        {"auths": {private_registry.host: _auth("alice", "wonderland")}}))
+    assert_ok(_pull(private_registry, image_root, env))
+
+
+def test_a_helper_that_says_bytes_not_text_is_one_clear_error(private_registry, image_root,
+                                                              home):
+    tmp, env = home
+    _helper(tmp / "bin", "odd", "printf '\\377\\376 locked'; exit 1\n")
+    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "odd"}))
+    assert_clean_failure(_pull(private_registry, image_root, env), image_root,
+                         r"credential helper docker-credential-odd failed for .*locked", "img")
+
+
+def test_each_image_of_a_batch_uses_its_own_login(image_root, home):
+    """Two teams' logins on one registry, each for its own namespace."""
+    tmp, env = home
+    owners = {"alice": "team-a/", "bob": "team-b/", "pusher": ""}
+
+    def grant(user, rtype, name, actions):
+        return actions if user and name.startswith(owners[user]) else []
+
+    users = {"pusher": "push-secret", "alice": "a-pass", "bob": "b-pass"}  # the first pushes
+    with TokenServer(users=users, grant=grant) as tokens, \
+            Registry(auth=("token", tokens)) as reg:
+        for team in ("team-a", "team-b"):
+            images.push_image(reg, f"{team}/app", "latest",
+                              Image([Layer([File("team", team.encode())])]))
+        (tmp / "run" / "containers" / "auth.json").write_text(json.dumps({"auths": {
+            f"{reg.host}/team-a": _auth("alice", "a-pass"),
+            f"{reg.host}/team-b": _auth("bob", "b-pass")}}))
+        listing = tmp / "images.txt"
+        listing.write_text(f"{reg.host}/team-a/app a\n{reg.host}/team-b/app b\n")
+        assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                          "--batch", listing, env=env))
+    assert (image_root / "a" / "team").read_bytes() == b"team-a"
+    assert (image_root / "b" / "team").read_bytes() == b"team-b"
