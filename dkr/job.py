@@ -55,11 +55,19 @@ RETRYABLE_CURL_ERRORS = {
     pycurl.E_RECV_ERROR, 16, 92,   # HTTP/2 framing and stream errors
 }
 
-# libcurl errors whose text does not say what the user can do about them.
-CURL_HINTS = {
-    pycurl.E_PEER_FAILED_VERIFICATION:
-        "no trusted CA signed the certificate of {host}: give its CA with --ca-file",
-}
+# OpenSSL's words for a certificate chain that ends at no CA we trust (curl error 60
+# also covers names that do not match and expired certificates, which say so).
+UNKNOWN_ISSUER = ("unable to get local issuer", "unable to get issuer", "self-signed",
+                  "self signed")
+
+
+def curl_hint(code: int, message: str, url: str) -> str:
+    """What the user can do about a libcurl error whose text does not say it."""
+    if code == pycurl.E_PEER_FAILED_VERIFICATION and \
+            any(words in message for words in UNKNOWN_ISSUER):
+        return f"; no trusted CA signed the certificate of {urlsplit(url).netloc}: " \
+               "give its CA with --ca-file"
+    return ""
 
 
 class JobState(enum.Enum):
@@ -196,9 +204,8 @@ class Job:
         if self._abort_reason:
             self._fail(self._abort_reason, retryable=False)
         elif code != 0:
-            hint = CURL_HINTS.get(code, "").format(host=urlsplit(self.url).netloc)
-            hint = f"; {hint}" if hint else ""
-            self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code}){hint}",
+            self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code})"
+                       f"{curl_hint(code, message, self.url)}",
                        retryable=code in RETRYABLE_CURL_ERRORS)
         elif self._is_success() and self.expected_size is not None and \
                 self.range_start + self.received != self.expected_size:

@@ -9,39 +9,55 @@ Go programs (podman, skopeo), names the bundle that stands for the system's.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from .errors import DkrError
 
+log = logging.getLogger("dkr.trust")
+
 SYSTEM_BUNDLES = (
-    "/etc/ssl/certs/ca-certificates.crt",      # Debian, Ubuntu, Arch
-    "/etc/pki/tls/certs/ca-bundle.crt",        # Fedora, RHEL
-    "/etc/ssl/ca-bundle.pem",                  # openSUSE
-    "/etc/ssl/cert.pem",                       # Alpine
+    "/etc/ssl/certs/ca-certificates.crt",                  # Debian, Ubuntu, Arch
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",   # Fedora, RHEL
+    "/etc/pki/tls/certs/ca-bundle.crt",                    # older Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",                              # openSUSE
+    "/etc/pki/tls/cacert.pem",                             # OpenELEC
+    "/etc/ssl/cert.pem",                                   # Alpine
 )
 MAX_BUNDLE = 16 * 1024 * 1024                  # the system's bundle is ~0.2 MB
 PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 
-def trusted_pem(ca_file: str | None) -> bytes | None:
+def trusted_pem(ca_file: str | None, insecure: bool = False) -> bytes | None:
     """The PEM certificates every TLS connection trusts; None leaves libcurl's default.
 
-    Raises DkrError, naming the file, if a named file cannot be read or holds
-    no certificate: better said before the pull than as a handshake failure.
+    Raises DkrError, naming the file, if ``ca_file`` cannot be read or holds no
+    certificate: better said before the pull than as a handshake failure. A
+    stale ``SSL_CERT_FILE`` is warned about and the system's bundle used, as Go
+    programs do; with ``insecure`` nothing is verified, so it is not read.
     """
-    named_system = os.environ.get("SSL_CERT_FILE")
+    named_system = None if insecure else os.environ.get("SSL_CERT_FILE")
     if not ca_file and not named_system:
         return None
-    parts = []
-    if named_system:
-        parts.append(_read_pem(named_system, "SSL_CERT_FILE"))
-    else:
-        system = next((path for path in SYSTEM_BUNDLES if os.path.isfile(path)), None)
-        if system:
-            parts.append(_read_pem(system, "system CA bundle"))
-    if ca_file:
-        parts.append(_read_pem(ca_file, "CA file"))
-    return b"\n".join(parts)
+    system = _system_pem(named_system)
+    if not ca_file:
+        return system
+    return (system + b"\n" if system else b"") + _read_pem(ca_file, "CA file")
+
+
+def _system_pem(named: str | None) -> bytes | None:
+    if named:
+        try:
+            return _read_pem(named, "SSL_CERT_FILE")
+        except DkrError as e:
+            log.warning("%s; trusting the system's CA bundle instead.", e)
+    for path in SYSTEM_BUNDLES:
+        if os.path.isfile(path):
+            try:
+                return _read_pem(path, "system CA bundle")
+            except DkrError as e:
+                log.warning("%s; passed over.", e)
+    return None
 
 
 def _read_pem(path: str, what: str) -> bytes:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
 import re
+import socket
 import threading
 import time
 
@@ -134,3 +136,31 @@ def test_without_the_system_bundle_the_blob_store_is_not_trusted(
     assert_clean_failure(run, image_root, r"certificate of localhost:\d+: give its CA with --ca-file",
                          local="img")
     assert served == []
+
+
+def test_a_stale_ssl_cert_file_is_warned_about_and_the_system_bundle_used(image_root, tmp_path):
+    with Registry(tls=True) as reg:
+        images.push_image(reg, "secure/img", "v1", _image(1))
+        env = dict(os.environ, SSL_CERT_FILE=str(tmp_path / "gone.pem"))
+        run = assert_ok(_pull(reg, "secure/img:v1", image_root, "--ca-file", reg.ca_file,
+                              env=env))
+    assert re.search(r"SSL_CERT_FILE .*/gone\.pem: No such file or directory; trusting the "
+                     r"system's CA bundle instead", run.err), run.err
+
+
+def test_a_certificate_for_another_name_is_not_blamed_on_the_ca(image_root, tmp_path):
+    """curl error 60 also means a name that does not match: the CA hint would mislead."""
+    ca = TestCA(tmp_path / "ca")
+    context = ca.server_context(hosts=("other.example",))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve():
+            with contextlib.suppress(OSError):       # the client hangs up on the handshake
+                while True:
+                    with context.wrap_socket(listener.accept()[0], server_side=True) as conn:
+                        conn.recv(1)
+        threading.Thread(target=serve, daemon=True).start()
+        run = run_dkr("pull", "--image-root", image_root, "--backend", "dir", "--ca-file",
+                      ca.cert_path, f"127.0.0.1:{port}/secure/img")
+    assert_clean_failure(run, image_root, r"subject name.*curl error 60\)$", local="img")
