@@ -41,19 +41,26 @@ _PARAM_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*
 
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-# A parameter (name=value) or, where no "=" follows the token, a scheme starting a challenge.
+# A parameter (name=value) or, where no "=" follows the token, a scheme starting a
+# challenge, perhaps with a token68 (Negotiate's base64) after it.
 _CHALLENGE_ITEM_RE = re.compile(
-    rf'[\s,]*(?:{_TOKEN}\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^,\s]*)|(?P<scheme>{_TOKEN}))')
+    rf'[\s,]*(?:{_TOKEN}\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^,\s]*)'
+    rf'|(?P<scheme>{_TOKEN})(?:[ \t]+[A-Za-z0-9._~+/-]+=*(?=\s*(?:,|$)))?)')
 
 
 def split_challenges(value: str) -> list[str]:
     """The challenges in one WWW-Authenticate value, which may hold several
-    (RFC 7235): ``Bearer realm="a",service="b", Basic realm="c"`` → the two."""
+    (RFC 7235): ``Bearer realm="a",service="b", Basic realm="c"`` → the two.
+    What cannot be read is passed over up to the next comma."""
     starts, pos = [], 0
     while pos < len(value):
         m = _CHALLENGE_ITEM_RE.match(value, pos)
         if not m or m.end() == pos:
-            break
+            comma = value.find(",", pos)
+            if comma < 0:
+                break
+            pos = comma + 1
+            continue
         if m.group("scheme"):
             starts.append(m.start("scheme"))
         pos = m.end()
