@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import NamedTuple
@@ -18,6 +19,8 @@ from typing import NamedTuple
 from .errors import DkrError
 from .reference import Reference, validate_digest
 from .registry import RegistryClient
+
+log = logging.getLogger("dkr.v2")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -135,8 +138,8 @@ def _variant_rank(arch: str, want: str | None, offered: str | None) -> float | N
         return 2
     if not want or not offered:
         return 1
-    if arch == "arm" and re.fullmatch(r"v[0-9]", want) and re.fullmatch(r"v[0-9]", offered) \
-            and offered < want:
+    if arch == "arm" and isinstance(offered, str) and re.fullmatch(r"v[0-9]", want) and \
+            re.fullmatch(r"v[0-9]", offered) and offered < want:
         return 0.5 - (int(want[1]) - int(offered[1])) / 100
     return None
 
@@ -151,8 +154,8 @@ class ManifestResolver:
 
     async def resolve(self) -> ImagePlan:
         body, media_type, digest = await self._manifest(self.ref.ref, self.ref.digest)
-        chosen: str | None = str(self.platform)
-        if media_type in INDEX_TYPES:
+        chosen, from_index = None, media_type in INDEX_TYPES
+        if from_index:
             entry_digest, chosen = self._choose_platform(_json(body, f"{self.where}: index"))
             body, media_type, digest = await self._manifest(entry_digest, entry_digest)
             if media_type not in MANIFEST_TYPES:
@@ -176,7 +179,7 @@ class ManifestResolver:
                 raise DkrError(f"{self.where}: layer {digest_} has unsupported media type "
                                f"{layer_type!r}")
         config = await self._blob_payload(config_digest, config_size, "config")
-        chosen = chosen or self._config_platform(config)
+        chosen = chosen or self._config_platform(config, from_index)
         diff_ids = self._diff_ids(config, len(descriptors))
         return ImagePlan(
             reference=self.ref, manifest_digest=digest, manifest=body,
@@ -253,9 +256,7 @@ class ManifestResolver:
                     continue          # attestations and other non-images
                 name = "/".join(str(p) for p in (os_, arch, variant) if p)
                 offered.append(name)
-                if os_ != want.os or arch != want.architecture:
-                    continue
-                rank = _variant_rank(arch, want.variant, variant)
+                rank = self._fit(os_, arch, variant)
                 if rank is None:
                     continue
             if rank > best_rank:
@@ -266,16 +267,27 @@ class ManifestResolver:
         digest, _, _ = _descriptor(best[0], f"{self.where}: index entry")
         return digest, best[1]
 
-    def _config_platform(self, config_body: bytes) -> str:
-        """The platform an image's config names, which must be ours."""
+    def _fit(self, os_, arch, variant) -> float | None:
+        """How well a platform suits ours (higher is better); None: not at all."""
+        if os_ != self.platform.os or arch != self.platform.architecture:
+            return None
+        return _variant_rank(arch, self.platform.variant, variant)
+
+    def _config_platform(self, config_body: bytes, from_index: bool) -> str:
+        """The platform an image's config names. An index entry that named none was
+        taken on the understanding that it is ours; an image pulled by its own
+        manifest is what the user asked for, and is only warned about."""
         config = _json(config_body, f"{self.where}: config")
         os_, arch, variant = (config.get(k) for k in ("os", "architecture", "variant"))
-        want = self.platform
+        if not from_index and not os_ and not arch:
+            return str(self.platform)          # the config does not say
         found = "/".join(str(p) for p in (os_, arch, variant) if p) or "unknown"
-        if os_ != want.os or arch != want.architecture or \
-                want.variant and variant and variant != want.variant:
-            raise DkrError(f"{self.where}: no image for platform {want} (the index entry "
-                           f"without a platform is {found})")
+        if self._fit(os_, arch, variant) is None:
+            if from_index:
+                raise DkrError(f"{self.where}: no image for platform {self.platform} (the "
+                               f"index entry without a platform is {found})")
+            log.warning("%s: the image is for %s, not %s: it may not run here.",
+                        self.where, found, self.platform)
         return found
 
     async def _blob_payload(self, digest: str, size: int, what: str) -> bytes:

@@ -206,6 +206,44 @@ def test_an_arm_machine_takes_the_closest_older_arm_variant(registry, image_root
     assert_clean_failure(failed, image_root, r"no image for platform linux/arm64", "arm64")
 
 
+def test_an_image_for_another_platform_is_pulled_with_a_warning(registry, image_root):
+    """Asked for by its own manifest, an arm64 image is what the user wants; dkr says
+    that it may not run here and records what it is."""
+    images.push_image(registry, "single/arm64", "latest",
+                      Image([Layer([File("which", b"arm64")])]).with_platform("linux/arm64"))
+    run = assert_ok(pull(registry, "single/arm64", image_root, "--platform", "linux/amd64",
+                         "--backend", "dir", "--json", local="arm"))
+    assert re.search(r"single/arm64: the image is for linux/arm64, not linux/amd64: it may "
+                     r"not run here\.", run.err), run.err
+    [resolved] = [e for e in run.events if e["event"] == "resolved"]
+    assert resolved["platform"] == "linux/arm64"
+    mine = assert_ok(pull(registry, "single/arm64", image_root, "--platform", "linux/arm64/v8",
+                          "--backend", "dir", local="arm-v8"))
+    assert "may not run here" not in mine.err
+
+
+def test_a_bare_index_entry_for_an_older_arm_variant_suits_a_newer_arm(registry, index_proxy,
+                                                                       image_root):
+    """Its config is judged as an index entry naming that platform would be; a variant
+    that is no text is no match, not a crash."""
+    v6 = Image([Layer([File("which", b"v6")])], arch="arm", variant="v6")
+    images.push_image(registry, "multi/bare-arm", None, v6)
+    bare = {k: v for k, v in v6.descriptor().items() if k != "platform"}
+    odd = {**v6.descriptor(), "platform": {"os": "linux", "architecture": "arm", "variant": 6}}
+    index_proxy.serve("multi/bare-arm", {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [odd, bare]})
+    run = assert_ok(pull(index_proxy, "multi/bare-arm", image_root, "--platform", "linux/arm/v7",
+                         "--backend", "dir", "--json", local="v7"))
+    assert (image_root / "v7" / "which").read_bytes() == b"v6"
+    [resolved] = [e for e in run.events if e["event"] == "resolved"]
+    assert resolved["platform"] == "linux/arm/v6"
+    failed = pull(index_proxy, "multi/bare-arm", image_root, "--platform", "linux/arm/v5",
+                  "--backend", "dir", local="v5")
+    assert_clean_failure(failed, image_root, r"no image for platform linux/arm/v5 \(the index "
+                                             r"entry without a platform is linux/arm/v6\)", "v5")
+
+
 def test_second_pull_reuses_layers(registry, image_root):
     images.push_image(registry, "reuse/img", "latest", images.sample_image())
     first = assert_ok(pull(registry, "reuse/img", image_root, "--backend", "dir", "--json",
