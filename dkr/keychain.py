@@ -15,6 +15,7 @@ first, then one for all hosts (``credsStore``), then the ``auths`` entries,
 the one naming the longest part of ``host/repository`` first. A helper is
 the program ``docker-credential-NAME``, asked with ``get`` and the server on
 stdin; one that knows no login for it passes the question to the next file.
+A pull asks each helper question once (``Puller._login``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import base64
 import json
 import os
 import subprocess
-import threading
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 from .auth import Credentials
 from .errors import DkrError
@@ -35,21 +36,46 @@ DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
 NOT_FOUND = "credentials not found"      # what helpers print for an unknown server
 
 
-def find_credentials(host: str, repository: str = "") -> Credentials | None:
-    """The credentials the first auth file that speaks for ``host`` gives, or None."""
+class HelperQuestion(NamedTuple):
+    """A credential helper to ask, and the server names to ask it for, in order."""
+
+    program: str
+    servers: tuple[str, ...]
+    path: Path                     # the auth file that named it
+
+    def ask(self) -> Credentials | None:
+        """The first login the helper knows for one of the servers, or None."""
+        for server in self.servers:
+            found = _run_helper(self.program, server, self.path)
+            if found:
+                return found
+        return None
+
+
+def credential_sources(host: str, repository: str = "") \
+        -> Iterator[Credentials | HelperQuestion]:
+    """Where a login for ``host`` may come from, in the order to try them: a login
+    ends the search, a helper that knows none passes it to the next file."""
     for path in auth_files():
         config = _read_config(path)
         if config is None:
             continue
-        helper = _helper_for(config, host)
-        if helper:
-            found = _ask_helper(helper, host, path)
-            if found:
-                return found
+        question = _helper_question(config, host, path)
+        if question:
+            yield question
             continue
         entry = _auths_entry(config, host, repository)
         if entry is not None:
-            return _decode_entry(*entry, path)
+            yield _decode_entry(*entry, path)
+            return
+
+
+def find_credentials(host: str, repository: str = "") -> Credentials | None:
+    """The login for ``host`` (and ``repository``, which an auth file may name), or None."""
+    for source in credential_sources(host, repository):
+        found = source.ask() if isinstance(source, HelperQuestion) else source
+        if found:
+            return found
     return None
 
 
@@ -85,14 +111,19 @@ def _server_names(host: str) -> list[str]:
     return names
 
 
-def _helper_for(config: dict, host: str) -> str | None:
+def _helper_question(config: dict, host: str, path: Path) -> HelperQuestion | None:
+    """The helper the file names for ``host``, asked for the name that chose it.
+    Docker keeps Docker Hub's logins under its v1 URL, podman under docker.io."""
     helpers = config.get("credHelpers")
     if isinstance(helpers, dict):
         for name in _server_names(host):
             if isinstance(helpers.get(name), str) and helpers[name]:
-                return helpers[name]
+                return HelperQuestion(f"docker-credential-{helpers[name]}", (name,), path)
     store = config.get("credsStore")
-    return store if isinstance(store, str) and store else None
+    if not isinstance(store, str) or not store:
+        return None
+    servers = (DOCKER_HUB_SERVER, "docker.io") if host in DOCKER_HUB_ALIASES else (host,)
+    return HelperQuestion(f"docker-credential-{store}", servers, path)
 
 
 def _auths_entry(config: dict, host: str, repository: str) -> tuple[str, dict] | None:
@@ -116,21 +147,6 @@ def _decode_entry(key: str, entry: dict, path: Path) -> Credentials:
             raise DkrError(f"{path}: the auth entry for {key} is not base64 USER:PASS") from None
         return Credentials(user, password)
     return Credentials(str(entry["username"]), str(entry.get("password", "")))
-
-
-def _ask_helper(helper: str, host: str, path: Path) -> Credentials | None:
-    """What ``docker-credential-HELPER`` says for ``host``; asked once per run, since a
-    batch's images ask at once and a helper may prompt to unlock a keyring."""
-    program = f"docker-credential-{helper}"
-    server = DOCKER_HUB_SERVER if host in DOCKER_HUB_ALIASES else host
-    with _helper_lock:
-        if (program, server) not in _helper_answers:
-            _helper_answers[program, server] = _run_helper(program, server, path)
-        return _helper_answers[program, server]
-
-
-_helper_lock = threading.Lock()
-_helper_answers: dict[tuple[str, str], Credentials | None] = {}
 
 
 def _run_helper(program: str, server: str, path: Path) -> Credentials | None:

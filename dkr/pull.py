@@ -29,7 +29,7 @@ from .fsinfo import is_mount_point
 from .events import Events
 from .glue import CurlGlue
 from .hookspecs import StorageBackend
-from .keychain import find_credentials
+from .keychain import HelperQuestion, credential_sources
 from .job import TransferOptions
 from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, choose_backend
@@ -133,6 +133,7 @@ class Puller:
         self.glue: CurlGlue | None = None
         self.spool = Spool(self.root.meta / "partial", options.spool_limit)
         self._clients: dict[tuple[str, Credentials | None], asyncio.Future] = {}
+        self._helper_answers: dict[HelperQuestion, asyncio.Future] = {}
         self._backend: StorageBackend | None = None
         self._builds: dict[str, LayerClaim] = {}
         self._extractors: asyncio.Semaphore | None = None
@@ -171,8 +172,7 @@ class Puller:
         """One client per registry host and login, pinged once even when many images
         ask at once. Images of a batch on one host may have different logins: an
         auth file may name a repository's namespace."""
-        creds = self.options.credentials or \
-            await asyncio.to_thread(find_credentials, ref.host, ref.name)
+        creds = self.options.credentials or await self._login(ref)
         key = (ref.endpoint, creds)
         if key not in self._clients:
             self._clients[key] = asyncio.ensure_future(self._connect(ref.endpoint, creds))
@@ -181,6 +181,22 @@ class Puller:
         except DkrError:
             self._clients.pop(key, None)
             raise
+
+    async def _login(self, ref: Reference) -> Credentials | None:
+        """The login for ``ref`` from the auth files, read for each image (one may name
+        its namespace). Each credential helper question is put once per run, off the
+        event loop (a helper may wait for a keyring to unlock), and what it answered,
+        or how it failed, serves every image that asks it."""
+        for source in credential_sources(ref.host, ref.name):
+            if isinstance(source, HelperQuestion):
+                if source not in self._helper_answers:
+                    asking = asyncio.ensure_future(asyncio.to_thread(source.ask))
+                    asking.add_done_callback(retrieved)
+                    self._helper_answers[source] = asking
+                source = await asyncio.shield(self._helper_answers[source])
+            if source:
+                return source
+        return None
 
     async def _connect(self, endpoint: str, creds: Credentials | None) -> RegistryClient:
         client = RegistryClient(self.glue, endpoint, credentials=creds, options=self.transfer)

@@ -12,7 +12,9 @@ from helpers import assert_clean_failure, assert_ok, run_dkr
 
 from dkr.testing import images
 from dkr.testing.images import File, Image, Layer
-from dkr.keychain import auth_files
+from dkr import api
+from dkr.errors import DkrError
+from dkr.keychain import auth_files, find_credentials
 from dkr.testing.registry import Registry
 from dkr.testing.tokenserver import TokenServer
 
@@ -175,3 +177,57 @@ def test_each_image_of_a_batch_uses_its_own_login(image_root, home):
                           "--batch", listing, env=env))
     assert (image_root / "a" / "team").read_bytes() == b"team-a"
     assert (image_root / "b" / "team").read_bytes() == b"team-b"
+
+
+def test_a_failing_helper_is_asked_once_for_a_whole_batch(private_registry, registry,
+                                                          image_root, home):
+    """Its failure is the answer for every image that needs it; an image on another
+    registry, which needs no login, is pulled all the same."""
+    tmp, env = home
+    _helper(tmp / "bin", "locked", f"echo asked >> {tmp}/asked\n"
+            "sleep 1; echo 'keyring is locked' >&2; exit 1\n")
+    (tmp / "docker" / "config.json").write_text(json.dumps(
+        {"credHelpers": {private_registry.host: "locked"}}))
+    images.push_image(registry, "public/img", "latest", Image([Layer([File("open", b"o")])]))
+    listing = tmp / "images.txt"
+    listing.write_text("".join(f"{private_registry.host}/private/img p{i}\n" for i in range(4))
+                       + f"{registry.host}/public/img open\n")
+    run = run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                  "--json", "--batch", listing, env=env)
+    assert run.rc == 1, run.err
+    assert (tmp / "asked").read_text() == "asked\n"
+    failures = [e for e in run.events if e["event"] == "error"]
+    assert len(failures) == 4 and all("keyring is locked" in e["message"] for e in failures)
+    assert (image_root / "open" / "open").read_bytes() == b"o"
+
+
+def test_each_pull_of_a_process_asks_the_helper_anew(private_registry, image_root, home,
+                                                     monkeypatch):
+    """A login made between two API pulls (or a helper's short-lived token renewed)
+    is what the second pull uses."""
+    tmp, env = home
+    for name in ("DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "PATH"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    _helper(tmp / "bin", "file", f'cat {tmp}/login 2>/dev/null || '
+            '{ echo "credentials not found in native keychain"; exit 1; }\n')
+    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "file"}))
+    options = api.PullOptions(image_root=image_root, backend="dir", insecure=True, retries=0)
+    with pytest.raises(DkrError, match="requires a login"):
+        api.pull(f"{private_registry.host}/private/img", "first", options=options)
+    (tmp / "login").write_text('{"Username": "alice", "Secret": "wonderland"}')
+    api.pull(f"{private_registry.host}/private/img", "second", options=options)
+    assert (image_root / "second" / "secret").read_bytes() == b"s"
+
+
+@pytest.mark.parametrize("config", [{"credHelpers": {"docker.io": "hub"}}, {"credsStore": "hub"}])
+def test_a_podman_login_to_docker_hub_in_a_helper_is_found(home, monkeypatch, config):
+    """podman keeps Docker Hub's login under docker.io, docker under its v1 URL."""
+    tmp, env = home
+    for name in ("DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "PATH"):
+        monkeypatch.setenv(name, env[name])
+    _helper(tmp / "bin", "hub", 'read server; [ "$server" = docker.io ] || '
+            '{ echo "credentials not found in native keychain"; exit 1; }\n'
+            'echo \'{"Username": "hubuser", "Secret": "hubpass"}\'\n')
+    (tmp / "config" / "containers" / "auth.json").write_text(json.dumps(config))
+    assert find_credentials("docker.io", "library/debian") == ("hubuser", "hubpass")
