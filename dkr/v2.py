@@ -68,6 +68,19 @@ def host_platform() -> Platform:
     return Platform("linux", _ARCH.get(machine, machine), _VARIANT.get(machine))
 
 
+PLATFORM_TEXT_LIMIT = 64
+
+
+def platform_named(os_, arch, variant=None) -> str | None:
+    """OS/ARCH[/VARIANT] as an index entry or a config names it; None unless the OS
+    and architecture are text. Cut short: it goes into log lines, events and
+    machine records."""
+    if not (isinstance(os_, str) and os_ and isinstance(arch, str) and arch):
+        return None
+    text = "/".join([os_, arch] + ([variant] if isinstance(variant, str) and variant else []))
+    return text if len(text) <= PLATFORM_TEXT_LIMIT else text[:PLATFORM_TEXT_LIMIT] + "…"
+
+
 def parse_platform(text: str) -> Platform:
     parts = text.split("/")
     if not 2 <= len(parts) <= 3 or not all(p and p.replace("_", "").isalnum() for p in parts):
@@ -254,8 +267,8 @@ class ManifestResolver:
                 os_, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant")
                 if os_ == "unknown" or arch == "unknown":
                     continue          # attestations and other non-images
-                name = "/".join(str(p) for p in (os_, arch, variant) if p)
-                offered.append(name)
+                name = platform_named(os_, arch, variant)
+                offered.append(name or "(unreadable platform)")
                 rank = self._fit(os_, arch, variant)
                 if rank is None:
                     continue
@@ -279,13 +292,13 @@ class ManifestResolver:
         manifest is what the user asked for, and is only warned about."""
         config = _json(config_body, f"{self.where}: config")
         os_, arch, variant = (config.get(k) for k in ("os", "architecture", "variant"))
-        if not from_index and not os_ and not arch:
+        found = platform_named(os_, arch, variant)
+        if found is None and not from_index:
             return str(self.platform)          # the config does not say
-        found = "/".join(str(p) for p in (os_, arch, variant) if p) or "unknown"
         if self._fit(os_, arch, variant) is None:
             if from_index:
                 raise DkrError(f"{self.where}: no image for platform {self.platform} (the "
-                               f"index entry without a platform is {found})")
+                               f"index entry without a platform is {found or 'unknown'})")
             log.warning("%s: the image is for %s, not %s: it may not run here.",
                         self.where, found, self.platform)
         return found

@@ -222,6 +222,23 @@ def test_an_image_for_another_platform_is_pulled_with_a_warning(registry, image_
     assert "may not run here" not in mine.err
 
 
+@pytest.mark.parametrize("os_name,arch,recorded,warned", [
+    ("linux", "x" * 100_000, "linux/" + "x" * 58 + "…", True),
+    ({"a": 1}, ["amd64"], "linux/amd64", False),
+], ids=["long", "not-text"])
+def test_what_a_config_says_its_platform_is_goes_into_the_record_with_care(
+        registry, image_root, os_name, arch, recorded, warned):
+    """Cut short where long, and taken for nothing where it is no text."""
+    images.push_image(registry, "single/odd", "latest",
+                      Image([Layer([File("f", b"f")])], os=os_name, arch=arch))
+    run = assert_ok(pull(registry, "single/odd", image_root, "--platform", "linux/amd64",
+                         "--backend", "dir", "--json", local="odd"))
+    [resolved] = [e for e in run.events if e["event"] == "resolved"]
+    assert resolved["platform"] == recorded
+    assert ("may not run here" in run.err) == warned
+    assert len(run.err) < 2000, len(run.err)
+
+
 def test_a_bare_index_entry_for_an_older_arm_variant_suits_a_newer_arm(registry, index_proxy,
                                                                        image_root):
     """Its config is judged as an index entry naming that platform would be; a variant
