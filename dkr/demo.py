@@ -14,6 +14,7 @@ import time
 from . import api
 from .errors import DkrError
 from .events import Events, log_renderer
+from .v2 import host_platform
 
 log = logging.getLogger("dkr")
 
@@ -29,7 +30,9 @@ def run_demo(image_root, backend: str = "auto") -> int:
     except (RegistryError, OSError) as e:
         raise DkrError(f"cannot start a local registry (is docker-registry installed?): {e}") from None
     try:
-        digest = images.push_image(registry, "demo/sample", "latest", images.sample_image())
+        host = host_platform()            # the sample is made for this machine
+        sample = images.sample_image(arch=host.architecture, variant=host.variant)
+        digest = images.push_image(registry, "demo/sample", "latest", sample)
         log.info("Started a registry at %s with demo/sample:latest (%s).", registry.host, digest)
         reference = f"{registry.host}/demo/sample:latest"
         options = api.PullOptions(image_root=image_root, backend=backend, force=True, insecure=True)

@@ -66,6 +66,25 @@ def test_the_demo_pulls_its_sample_and_leaves_no_registry_running(tmp_path):
     assert _registry_servers() - before == set()
 
 
+def test_the_demo_makes_its_sample_for_this_machine(tmp_path, monkeypatch, caplog):
+    """On an arm64 host (which this one can only pretend to be) the sample is an
+    arm64 image, and nothing warns that it may not run."""
+    import json
+    import types
+
+    from dkr.cli import main
+
+    real_uname = os.uname()
+    monkeypatch.setattr(os, "uname", lambda: types.SimpleNamespace(
+        **{field: getattr(real_uname, field) for field in
+           ("sysname", "nodename", "release", "version")}, machine="aarch64"))
+    assert main(["demo", "--image-root", str(tmp_path), "--backend", "dir"]) == 0
+    assert "may not run here" not in caplog.text
+    monkeypatch.undo()
+    inspected = run_dkr("inspect", "--image-root", tmp_path, "sample")
+    assert json.loads(inspected.out)["machine"]["platform"] == "linux/arm64"
+
+
 def test_log_lines_show_control_characters_escaped(capsys):
     """Log lines carry server text too (a redirect's host, a record's field)."""
     import logging
