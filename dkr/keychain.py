@@ -156,8 +156,8 @@ def _run_helper(program: str, server: str, path: Path) -> Credentials | None:
     except FileNotFoundError:
         raise DkrError(f"credential helper {program} (named in {path}) is not installed") \
             from None
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DkrError(f"credential helper {program}: {e}") from None
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:   # ValueError: a NUL in it
+        raise DkrError(f"credential helper {program!r} (named in {path}): {e}") from None
     stdout, stderr = (done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
     said = (stdout.strip() or stderr.strip()).splitlines()
     if done.returncode != 0:

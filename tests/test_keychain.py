@@ -231,3 +231,12 @@ def test_a_podman_login_to_docker_hub_in_a_helper_is_found(home, monkeypatch, co
             'echo \'{"Username": "hubuser", "Secret": "hubpass"}\'\n')
     (tmp / "config" / "containers" / "auth.json").write_text(json.dumps(config))
     assert find_credentials("docker.io", "library/debian") == ("hubuser", "hubpass")
+
+
+def test_a_helper_name_no_program_can_have_is_one_clear_error(private_registry, image_root,
+                                                              home):
+    tmp, env = home
+    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "pass\u0000word"}))
+    assert_clean_failure(_pull(private_registry, image_root, env), image_root,
+                         r"credential helper 'docker-credential-pass\\x00word' \(named in "
+                         r".*/docker/config\.json\): embedded null byte", "img")
