@@ -6,6 +6,8 @@ import argparse
 import functools
 import logging
 import os
+import select
+import signal
 import sys
 from pathlib import Path
 
@@ -226,6 +228,16 @@ def _setup_logging(args) -> None:
     root.propagate = False
 
 
+def _reader_gone(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reading end was closed."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -236,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         print(one_line(f"dkr: error: {e}"), file=sys.stderr)
         return e.exit_code
     except OSError as e:
+        if isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout):
+            # `dkr inspect X | head`: stop without a word, as a program that
+            # SIGPIPE ends would (and so that the exit's flush cannot fail again).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         # A file system refusing something (full, read-only, permissions) is the
         # user's to fix, not a bug: say what and where, in one line.
         print(one_line(f"dkr: error: {os_error_text(e)}"), file=sys.stderr)

@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -99,6 +101,20 @@ def test_list_and_inspect(registry, pushed, populated):
     stored = image_root / ".dkr" / "blobs" / "sha256" / pushed["sample"].config_digest.split(":")[1]
     config_digest = out["machine"]["config_digest"]
     assert f"sha256:{hashlib.sha256(stored.read_bytes()).hexdigest()}" == config_digest
+
+
+@pytest.mark.parametrize("command", [["inspect", "box"], ["list", "--json"]])
+def test_a_reader_that_stops_reading_ends_dkr_without_a_word(populated, command):
+    """`dkr inspect box | head -1`: no error line, and the exit status of SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)                       # the reader is gone before dkr writes
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dkr", command[0], "--image-root",
+                               str(populated), *command[1:]],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, "")
 
 
 def test_list_of_an_empty_or_missing_root(image_root):
