@@ -184,12 +184,21 @@ def cmd_pull(args) -> int:
             else:
                 api.pull(args.reference, args.local, options=options, events=events)
         except DkrError as e:         # (one image's failure in a batch has its own event)
-            events.emit("error", reference=args.reference or args.batch, message=str(e))
+            _emit_error(events, args.reference or args.batch, str(e))
             raise
         return 0
     finally:
         if stats:
             stats.print()
+
+
+def _emit_error(events: Events, reference: str, message: str) -> None:
+    """The error event; if stdout's reader is gone, the error line on stderr still
+    tells what failed (the event must not turn it into a broken pipe)."""
+    try:
+        events.emit("error", reference=reference, message=message)
+    except BrokenPipeError:
+        pass
 
 
 def _pull_batch(path: str, options, events) -> int:
@@ -201,7 +210,7 @@ def _pull_batch(path: str, options, events) -> int:
     outcomes = api.pull_batch(items, options=options, events=events)
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
     for (reference, _), error in failed:
-        events.emit("error", reference=reference, message=str(error))
+        _emit_error(events, reference, str(error))
         print(one_line(f"dkr: error: {reference}: {error}"), file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")
@@ -233,7 +242,7 @@ def _reader_gone(stream) -> bool:
     try:
         poller = select.poll()
         poller.register(stream.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (OSError, ValueError):
         return False
 
@@ -243,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()            # a reader that went away is found out here, not at exit
+        return status
     except DkrError as e:
         print(one_line(f"dkr: error: {e}"), file=sys.stderr)
         return e.exit_code

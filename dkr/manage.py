@@ -544,6 +544,8 @@ def cmd_gc(args) -> int:
         collector = _Collector(root, args.dry_run)
         try:
             collector.run()
+        except BrokenPipeError:
+            raise                     # the reader of --dry-run's list went away
         except OSError as e:
             raise DkrError(f"gc in {root.path}: {e.strerror or e}") from None
     counts = ", ".join(f"{n} {kind}{'s' if n != 1 else ''}"

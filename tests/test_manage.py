@@ -18,6 +18,7 @@ import pytest
 from helpers import assert_clean_failure, assert_ok, pull, run_dkr
 
 from dkr.testing import images, loopfs
+from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
 
 BASE = [Layer([Dir("etc"), File("etc/base", b"base layer\n")]),
@@ -103,18 +104,43 @@ def test_list_and_inspect(registry, pushed, populated):
     assert f"sha256:{hashlib.sha256(stored.read_bytes()).hexdigest()}" == config_digest
 
 
-@pytest.mark.parametrize("command", [["inspect", "box"], ["list", "--json"]])
-def test_a_reader_that_stops_reading_ends_dkr_without_a_word(populated, command):
-    """`dkr inspect box | head -1`: no error line, and the exit status of SIGPIPE."""
+def _with_stdout_unread(*args) -> subprocess.CompletedProcess:
+    """dkr ARGS writing into a pipe whose reader has gone (`dkr ... | head -1`)."""
     read_end, write_end = os.pipe()
-    os.close(read_end)                       # the reader is gone before dkr writes
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as a user has it
     try:
-        proc = subprocess.run([sys.executable, "-m", "dkr", command[0], "--image-root",
-                               str(populated), *command[1:]],
-                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "dkr", *map(str, args)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, env=env)
     finally:
         os.close(write_end)
+
+
+@pytest.mark.parametrize("command", [["inspect", "box"], ["list", "--json"], ["list"],
+                                     ["gc", "--dry-run"]])
+def test_a_reader_that_stops_reading_ends_dkr_without_a_word(populated, command):
+    """`dkr inspect box | head -1`: no error line, and the exit status of SIGPIPE."""
+    proc = _with_stdout_unread(command[0], "--image-root", populated, *command[1:])
     assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, "")
+
+
+def test_a_pull_whose_event_reader_left_still_says_why_it_failed(registry, image_root):
+    """The reader takes the first event and goes; the pull then fails (its manifest
+    comes late, and is unknown): the error event cannot be written, the error line is."""
+    host, port = registry.host.split(":")
+    with FaultProxy(host, int(port)) as proxy:
+        proxy.add_fault("/no/such/manifests/", "stall_after", bytes=0, seconds=1)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        proc = subprocess.Popen([sys.executable, "-m", "dkr", "pull", "--insecure", "--json",
+                                 "--image-root", str(image_root), "--backend", "dir",
+                                 f"{proxy.host}/no/such:tag"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        errors, status = proc.stderr.read(), proc.wait(timeout=60)
+    assert json.loads(first)["event"] == "backend"
+    assert status == 1
+    assert re.search(r"^dkr: error: .*no/such:tag: manifest unknown", errors, re.M), errors
 
 
 def test_list_of_an_empty_or_missing_root(image_root):
