@@ -24,6 +24,8 @@ import base64
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -32,6 +34,7 @@ from .errors import DkrError
 from .reference import DOCKER_HUB_ALIASES
 
 HELPER_TIMEOUT = 60                      # a helper may ask a keyring to unlock
+HELPER_POLL = 0.2                        # how soon a stopped pull stops its helper
 DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
 NOT_FOUND = "credentials not found"      # what helpers print for an unknown server
 
@@ -43,10 +46,12 @@ class HelperQuestion(NamedTuple):
     servers: tuple[str, ...]
     path: Path                     # the auth file that named it
 
-    def ask(self) -> Credentials | None:
-        """The first login the helper knows for one of the servers, or None."""
+    def ask(self, stop: threading.Event | None = None) -> Credentials | None:
+        """The first login the helper knows for one of the servers, or None. Setting
+        ``stop`` kills the helper and ends the question: a pull that stops does not
+        wait for a keyring prompt."""
         for server in self.servers:
-            found = _run_helper(self.program, server, self.path)
+            found = _run_helper(self.program, server, self.path, stop or threading.Event())
             if found:
                 return found
         return None
@@ -149,22 +154,53 @@ def _decode_entry(key: str, entry: dict, path: Path) -> Credentials:
     return Credentials(str(entry["username"]), str(entry.get("password", "")))
 
 
-def _run_helper(program: str, server: str, path: Path) -> Credentials | None:
+def _talk(proc: subprocess.Popen, server: str,
+          stop: threading.Event) -> tuple[bytes, bytes] | None:
+    """The helper's stdout and stderr; None if ``stop`` was set or it took too long.
+    It is killed then, without waiting for programs it started (a keyring's
+    prompt) to let go of its pipes."""
+    deadline = time.monotonic() + HELPER_TIMEOUT
+    given: bytes | None = server.encode()
+    while True:
+        try:
+            return proc.communicate(given, timeout=HELPER_POLL)
+        except subprocess.TimeoutExpired:
+            given = None                   # (sent already; communicate goes on from there)
+            if stop.is_set() or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                proc.stdout.close()
+                proc.stderr.close()
+                return None
+
+
+def _run_helper(program: str, server: str, path: Path,
+                stop: threading.Event) -> Credentials | None:
     try:
-        done = subprocess.run([program, "get"], input=server.encode(), capture_output=True,
-                              timeout=HELPER_TIMEOUT)
+        proc = subprocess.Popen([program, "get"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise DkrError(f"credential helper {program} (named in {path}) is not installed") \
             from None
-    except (OSError, ValueError, subprocess.TimeoutExpired) as e:   # ValueError: a NUL in it
+    except (OSError, ValueError) as e:                 # ValueError: a NUL in its name
         raise DkrError(f"credential helper {program!r} (named in {path}): {e}") from None
-    stdout, stderr = (done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
+    output = _talk(proc, server, stop)
+    if output is None:
+        raise DkrError(f"credential helper {program}: no answer for {server}"
+                       f"{'' if stop.is_set() else f' in {HELPER_TIMEOUT} s'}")
+    return _answer(program, server, proc.returncode, *output)
+
+
+def _answer(program: str, server: str, status: int, out: bytes, err: bytes) \
+        -> Credentials | None:
+    """What a helper's exit status and output say: a login, none, or an error."""
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     said = (stdout.strip() or stderr.strip()).splitlines()
-    if done.returncode != 0:
+    if status != 0:
         if said and NOT_FOUND in said[0].lower():
             return None
         raise DkrError(f"credential helper {program} failed for {server}: "
-                       f"{said[0][:200] if said else f'exit status {done.returncode}'}")
+                       f"{said[0][:200] if said else f'exit status {status}'}")
     try:
         answer = json.loads(stdout)
         username, secret = answer["Username"], answer["Secret"]

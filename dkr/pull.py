@@ -18,6 +18,7 @@ import ctypes
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ class Puller:
         self.spool = Spool(self.root.meta / "partial", options.spool_limit)
         self._clients: dict[tuple[str, Credentials | None], asyncio.Future] = {}
         self._helper_answers: dict[HelperQuestion, asyncio.Future] = {}
+        self._helpers_stop = threading.Event()
         self._backend: StorageBackend | None = None
         self._builds: dict[str, LayerClaim] = {}
         self._extractors: asyncio.Semaphore | None = None
@@ -151,6 +153,7 @@ class Puller:
         try:
             await self.extractor_pool.close()
         finally:                      # also when that wait is cancelled (by an API user)
+            self._helpers_stop.set()  # a helper still asked is killed: no waiting for it
             self.spool.close()
             self._no_gc.release()
             if self.glue is not None:
@@ -190,7 +193,8 @@ class Puller:
         for source in credential_sources(ref.host, ref.name):
             if isinstance(source, HelperQuestion):
                 if source not in self._helper_answers:
-                    asking = asyncio.ensure_future(asyncio.to_thread(source.ask))
+                    asking = asyncio.ensure_future(
+                        asyncio.to_thread(source.ask, self._helpers_stop))
                     asking.add_done_callback(retrieved)
                     self._helper_answers[source] = asking
                 source = await asyncio.shield(self._helper_answers[source])

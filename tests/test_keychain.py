@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +244,26 @@ def test_a_helper_name_no_program_can_have_is_one_clear_error(private_registry, 
     assert_clean_failure(_pull(private_registry, image_root, env), image_root,
                          r"credential helper 'docker-credential-pass\\x00word' \(named in "
                          r".*/docker/config\.json\): embedded null byte", "img")
+
+
+def test_a_pull_stopped_while_a_helper_waits_takes_the_helper_with_it(private_registry,
+                                                                      image_root, home):
+    """A helper waiting on a keyring prompt must not keep a stopped pull alive."""
+    tmp, env = home
+    _helper(tmp / "bin", "slow", f"echo $$ > {tmp}/helper.pid\n"
+            f"sleep 20; echo done > {tmp}/finished\n")
+    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "slow"}))
+    proc = subprocess.Popen([sys.executable, "-m", "dkr", "pull", "--insecure", "--image-root",
+                             str(image_root), "--backend", "dir",
+                             f"{private_registry.host}/private/img"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    for _ in range(300):                         # until the helper runs
+        if (tmp / "helper.pid").exists() and (tmp / "helper.pid").read_text().strip():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    errors, status = proc.communicate(timeout=60)[1], proc.returncode
+    assert status == 128 + signal.SIGTERM, errors
+    assert not (tmp / "finished").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp / "helper.pid").read_text()), 0)
