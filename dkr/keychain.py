@@ -50,8 +50,11 @@ class HelperQuestion(NamedTuple):
         """The first login the helper knows for one of the servers, or None. Setting
         ``stop`` kills the helper and ends the question: a pull that stops does not
         wait for a keyring prompt."""
+        stop = stop or threading.Event()
         for server in self.servers:
-            found = _run_helper(self.program, server, self.path, stop or threading.Event())
+            if stop.is_set():
+                raise DkrError(f"credential helper {self.program}: not asked, the pull stopped")
+            found = _run_helper(self.program, server, self.path, stop)
             if found:
                 return found
         return None
@@ -161,17 +164,20 @@ def _talk(proc: subprocess.Popen, server: str,
     prompt) to let go of its pipes."""
     deadline = time.monotonic() + HELPER_TIMEOUT
     given: bytes | None = server.encode()
-    while True:
-        try:
-            return proc.communicate(given, timeout=HELPER_POLL)
-        except subprocess.TimeoutExpired:
-            given = None                   # (sent already; communicate goes on from there)
-            if stop.is_set() or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                proc.stdout.close()
-                proc.stderr.close()
-                return None
+    try:
+        while True:
+            try:
+                return proc.communicate(given, timeout=HELPER_POLL)
+            except subprocess.TimeoutExpired:
+                given = None               # (sent already; communicate goes on from there)
+                if stop.is_set() or time.monotonic() > deadline:
+                    return None
+    finally:                               # also on Ctrl-C in a caller's own thread
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
 
 
 def _run_helper(program: str, server: str, path: Path,

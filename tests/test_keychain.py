@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from dkr.testing import images
 from dkr.testing.images import File, Image, Layer
 from dkr import api
 from dkr.errors import DkrError
-from dkr.keychain import auth_files, find_credentials
+from dkr.keychain import HelperQuestion, auth_files, find_credentials
 from dkr.testing.registry import Registry
 from dkr.testing.tokenserver import TokenServer
 
@@ -267,3 +268,36 @@ def test_a_pull_stopped_while_a_helper_waits_takes_the_helper_with_it(private_re
     assert not (tmp / "finished").exists()
     with pytest.raises(ProcessLookupError):
         os.kill(int((tmp / "helper.pid").read_text()), 0)
+
+
+def _wait_for(path, attempts=300):
+    for _ in range(attempts):
+        if path.exists() and path.read_text().strip():
+            return
+        time.sleep(0.05)
+
+
+def test_ctrl_c_during_a_lookup_of_ones_own_takes_the_helper_with_it(home, monkeypatch):
+    """An API user's own thread (no pull around it) is interrupted while a helper runs."""
+    tmp, env = home
+    for name in ("DOCKER_CONFIG", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "PATH"):
+        monkeypatch.setenv(name, env[name])
+    _helper(tmp / "bin", "slow", f"echo $$ > {tmp}/helper.pid\nsleep 5\n")
+    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "slow"}))
+
+    def interrupt():
+        _wait_for(tmp / "helper.pid")
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        find_credentials("reg.example")
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp / "helper.pid").read_text()), 0)
+
+
+def test_a_question_put_after_its_pull_stopped_starts_no_helper(tmp_path):
+    stopped = threading.Event()
+    stopped.set()
+    question = HelperQuestion(f"{tmp_path}/never-started", ("reg.example",), tmp_path / "a.json")
+    with pytest.raises(DkrError, match="not asked, the pull stopped"):
+        question.ask(stopped)
