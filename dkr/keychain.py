@@ -88,14 +88,20 @@ def find_credentials(host: str, repository: str = "") -> Credentials | None:
 
 
 def auth_files() -> list[Path]:
-    env, home = os.environ, Path.home()
+    env = os.environ
     if env.get("REGISTRY_AUTH_FILE"):
         return [Path(env["REGISTRY_AUTH_FILE"])]
     runtime = Path(env["XDG_RUNTIME_DIR"]) / "containers" if env.get("XDG_RUNTIME_DIR") else \
         Path(f"/run/containers/{os.getuid()}")
-    config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
-    docker = Path(env.get("DOCKER_CONFIG") or home / ".docker") / "config.json"
-    return [runtime / "auth.json", config_home / "containers" / "auth.json", docker]
+    try:
+        home: Path | None = Path.home()
+    except RuntimeError:               # no $HOME, and a user with no passwd entry
+        home = None
+    config_home = env.get("XDG_CONFIG_HOME") or home and home / ".config"
+    docker = env.get("DOCKER_CONFIG") or home and home / ".docker"
+    return [runtime / "auth.json"] + \
+        ([Path(config_home) / "containers" / "auth.json"] if config_home else []) + \
+        ([Path(docker) / "config.json"] if docker else [])
 
 
 def _read_config(path: Path) -> dict | None:

@@ -14,6 +14,7 @@ machine.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -57,9 +58,10 @@ def user_root():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run_as_nobody(*args, home: Path) -> Run:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
-    proc = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+def run_as_nobody(*args, home: Path | None, uid: int = NOBODY) -> Run:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+           **({"HOME": str(home)} if home else {})}
+    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                            sys.executable, "-m", "dkr", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
@@ -156,3 +158,18 @@ def test_rootless_extractor_is_still_confined(registry, user_root):
     assert fingerprint(sentinel) == before
     assert run.rc != 0 and run.err.count("dkr: error: ") == 1, run.err
     assert temp_entries(root) == [] and not os.path.lexists(root / "hostile")
+
+
+def test_a_user_with_no_home_pulls(registry, user_root):
+    """No $HOME and no passwd entry (an arbitrary uid in a CI container): there is
+    no home to look for logins in, and the pull goes on without."""
+    base, root = user_root
+    stranger = 54321
+    with pytest.raises(KeyError):
+        pwd.getpwuid(stranger)
+    os.chown(root, stranger, stranger)
+    images.push_image(registry, "rootless/nohome", "latest", Image([Layer([File("f", b"f")])]))
+    run = run_as_nobody("pull", "--insecure", "--image-root", root, "--backend", "dir",
+                        f"{registry.host}/rootless/nohome", home=None, uid=stranger)
+    assert run.rc == 0, run.err
+    assert (root / "nohome" / "f").read_bytes() == b"f"
