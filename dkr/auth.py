@@ -1,8 +1,9 @@
 """Registry credentials and the 401 challenge dance (Basic and Bearer tokens).
 
 Credentials come from ``--creds USER:PASS`` or, failing that, from where
-``podman login`` and ``docker login`` leave them (``keychain``). Bearer tokens are cached per scope until shortly
-before ``expires_in`` runs out. Tokens and passwords are never logged.
+``podman login`` and ``docker login`` leave them (``keychain``). Bearer tokens
+are cached per scope until shortly before ``expires_in`` runs out. Tokens and
+passwords are never logged.
 """
 
 from __future__ import annotations

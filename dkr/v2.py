@@ -192,8 +192,9 @@ class ManifestResolver:
                 raise DkrError(f"{self.where}: layer {digest_} has unsupported media type "
                                f"{layer_type!r}")
         config = await self._blob_payload(config_digest, config_size, "config")
-        chosen = chosen or self._config_platform(config, from_index)
-        diff_ids = self._diff_ids(config, len(descriptors))
+        config_doc = _json(config, f"{self.where}: config")
+        chosen = chosen or self._config_platform(config_doc, from_index)
+        diff_ids = self._diff_ids(config_doc, len(descriptors))
         return ImagePlan(
             reference=self.ref, manifest_digest=digest, manifest=body,
             config_digest=config_digest, config=config, platform=chosen,
@@ -286,11 +287,10 @@ class ManifestResolver:
             return None
         return _variant_rank(arch, self.platform.variant, variant)
 
-    def _config_platform(self, config_body: bytes, from_index: bool) -> str:
+    def _config_platform(self, config: dict, from_index: bool) -> str:
         """The platform an image's config names. An index entry that named none was
         taken on the understanding that it is ours; an image pulled by its own
         manifest is what the user asked for, and is only warned about."""
-        config = _json(config_body, f"{self.where}: config")
         os_, arch, variant = (config.get(k) for k in ("os", "architecture", "variant"))
         found = platform_named(os_, arch, variant)
         if found is None and not from_index:
@@ -313,8 +313,7 @@ class ManifestResolver:
             raise DkrError(f"{label}: content does not match its digest")
         return response.body
 
-    def _diff_ids(self, config_body: bytes, count: int) -> list[str]:
-        config = _json(config_body, f"{self.where}: config")
+    def _diff_ids(self, config: dict, count: int) -> list[str]:
         rootfs = config.get("rootfs")
         if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
             raise DkrError(f"{self.where}: config has no rootfs of type 'layers'")
