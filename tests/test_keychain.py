@@ -72,25 +72,20 @@ def test_a_helper_named_for_the_host_gives_the_login(private_registry, image_roo
     assert (image_root / "img" / "secret").read_bytes() == b"s"
 
 
-def test_a_helper_that_knows_no_login_leaves_the_pull_anonymous(private_registry, image_root,
-                                                                 home):
-    tmp, env = home
-    _helper(tmp / "bin", "empty", "echo 'credentials not found in native keychain'; exit 1\n")
-    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "empty"}))
-    assert_clean_failure(_pull(private_registry, image_root, env), image_root,
-                         r"requires a login.*--creds", "img")
-
-
 @pytest.mark.parametrize("script,pattern", [
+    # One that knows no login leaves the pull anonymous.
+    ("echo 'credentials not found in native keychain'; exit 1\n", r"requires a login.*--creds"),
     (None, r"credential helper docker-credential-store \(named in .*/docker/config\.json\) "
            r"is not installed"),
+    ("printf '\\377\\376 locked'; exit 1\n",          # bytes that are no text
+     r"credential helper docker-credential-store failed for .*locked"),
     ("echo 'keyring is locked' >&2; exit 3\n",
      r"credential helper docker-credential-store failed for 127\.0\.0\.1:\d+: keyring is locked"),
     ("echo '{\"Username\": \"<token>\", \"Secret\": \"refresh\"}'\n",
      r"gives an identity token for 127\.0\.0\.1:\d+, which dkr cannot use: pass --creds"),
 ])
-def test_a_helper_that_cannot_answer_is_one_clear_error(private_registry, image_root, home,
-                                                        script, pattern):
+def test_a_helper_that_gives_no_login_is_one_clear_error(private_registry, image_root, home,
+                                                         script, pattern):
     tmp, env = home
     if script is not None:
         _helper(tmp / "bin", "store", script)
@@ -148,15 +143,6 @@ def test_a_helper_that_knows_no_login_passes_to_the_next_file(private_registry, 
     (tmp / "docker" / "config.json").write_text(json.dumps(
         {"auths": {private_registry.host: _auth("alice", "wonderland")}}))
     assert_ok(_pull(private_registry, image_root, env))
-
-
-def test_a_helper_that_says_bytes_not_text_is_one_clear_error(private_registry, image_root,
-                                                              home):
-    tmp, env = home
-    _helper(tmp / "bin", "odd", "printf '\\377\\376 locked'; exit 1\n")
-    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "odd"}))
-    assert_clean_failure(_pull(private_registry, image_root, env), image_root,
-                         r"credential helper docker-credential-odd failed for .*locked", "img")
 
 
 def test_each_image_of_a_batch_uses_its_own_login(image_root, home):
