@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,3 +126,32 @@ def backend_registered_by_hand(backend, name: str):
         # It may have loaded an installed plugin that goes away with its test module:
         # later pulls in this process must not hand it to their servers.
         plugins.manager.cache_clear()
+
+
+class _StorageHandler(http.server.SimpleHTTPRequestHandler):
+    seen: list
+
+    def do_GET(self):
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def storage_server(registry, port: int, ssl_context=None):
+    """Serves ``registry``'s storage directory on ``port``, as a bucket behind a CDN
+    does for a registry that redirects blob GETs there (over TLS with
+    ``ssl_context``). Yields the (path, Authorization) of each GET, as they come."""
+    handler = type("Handler", (_StorageHandler,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", port), functools.partial(handler, directory=str(registry.storage)))
+    if ssl_context is not None:
+        server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()

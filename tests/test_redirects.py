@@ -2,46 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
-
 import pytest
-from helpers import assert_ok, pull
+from helpers import assert_ok, pull, storage_server
 
 from dkr.testing import images
 from dkr.testing.oracle import diff_trees, tree_snapshot
 from dkr.testing.registry import Registry, free_port
 
 
-class _Recorder(http.server.SimpleHTTPRequestHandler):
-    """Serves the registry's storage directory, as a CDN in front of a bucket would."""
-
-    seen: list
-
-    def do_GET(self):
-        self.seen.append((self.path, self.headers.get("Authorization")))
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def redirecting_registry():
     port = free_port()
     with Registry(auth=("htpasswd", {"carol": "s3cret"}),
-                  redirect_blobs_to=f"http://localhost:{port}/") as reg:
-        handler = type("Handler", (_Recorder,), {"seen": []})
-        server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", port), functools.partial(handler, directory=str(reg.storage)))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield reg, handler.seen
-        finally:
-            server.shutdown()
-            server.server_close()
+                  redirect_blobs_to=f"http://localhost:{port}/") as reg, \
+            storage_server(reg, port) as seen:
+        yield reg, seen
 
 
 def test_blob_redirect_drops_authorization(redirecting_registry, image_root, tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import os
 import re
 import socket
@@ -12,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import assert_clean_failure, assert_ok, run_dkr
+from helpers import assert_clean_failure, assert_ok, run_dkr, storage_server
 
 from dkr.testing import images
 from dkr.testing.images import File, Image, Layer
@@ -82,36 +80,14 @@ def test_a_ca_file_that_cannot_serve_is_named_before_the_pull(image_root, tmp_pa
     assert requests == []
 
 
-class _BlobStore(http.server.SimpleHTTPRequestHandler):
-    """The registry's storage directory over HTTPS, as a bucket behind a CDN serves it."""
-
-    served: list
-
-    def do_GET(self):
-        self.served.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def registry_with_blobs_elsewhere(tmp_path):
     """A registry on one CA whose blob GETs redirect to a store on another CA."""
     store_ca = TestCA(tmp_path / "store-ca", name="public CA stand-in")
     port = free_port()
-    with Registry(tls=True, redirect_blobs_to=f"https://localhost:{port}/") as reg:
-        handler = type("Handler", (_BlobStore,), {"served": []})
-        server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", port), functools.partial(handler, directory=str(reg.storage)))
-        server.socket = store_ca.server_context().wrap_socket(server.socket, server_side=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield reg, store_ca, handler.served
-        finally:
-            server.shutdown()
-            server.server_close()
+    with Registry(tls=True, redirect_blobs_to=f"https://localhost:{port}/") as reg, \
+            storage_server(reg, port, store_ca.server_context()) as seen:
+        yield reg, store_ca, seen
 
 
 def test_ca_file_adds_to_the_system_bundle(registry_with_blobs_elsewhere, image_root):
@@ -122,7 +98,7 @@ def test_ca_file_adds_to_the_system_bundle(registry_with_blobs_elsewhere, image_
     images.push_image(reg, "private/img", "v1", _image(2))
     env = dict(os.environ, SSL_CERT_FILE=str(store_ca.cert_path))
     assert_ok(_pull(reg, "private/img:v1", image_root, "--ca-file", reg.ca_file, env=env))
-    assert len([path for path in served if path.endswith("/data")]) == 3, served
+    assert len([path for path, _ in served if path.endswith("/data")]) == 3, served
     assert (image_root / "img" / "layer1" / "data").read_bytes() == bytes([1]) * 300_000
 
 
