@@ -1,6 +1,6 @@
 """The confined extractor: one child process per layer.
 
-dkr starts it as ``python -m dkr.extract --serve`` ahead of need and sends
+dkr starts it (isolated: see dkr.forkserver) ahead of need and sends
 the job as one JSON line on stdin (``root``, ``format`` and, for a blob that
 is still downloading, ``spool`` and ``size``); ``--root DIR --format F``
 runs a job directly. It reads the layer blob (gzip, zstd or plain tar,

@@ -1,4 +1,4 @@
-"""The extractors' fork server process (``python -m dkr.extract --fork-server``).
+"""The extractors' fork server process (``dkr.extract --fork-server``).
 
 This module imports nothing but what the interpreter has already loaded, so
 that ``dkr pull`` can start the server first thing: the server's start-up
@@ -16,6 +16,27 @@ import _socket
 
 _early: "ForkServer | None" = None
 
+# The server runs as root and reads layers: it must run the dkr that started
+# it and nothing else. ``-I`` keeps the working directory (which ``-m`` would
+# put first on sys.path: a ``dkr/`` planted in /tmp would run as root), the
+# user's site-packages and every PYTHON* variable out; the one directory
+# added is where this process's own dkr package lives, where an isolated
+# interpreter would not find it by itself (a source tree on PYTHONPATH).
+_BOOT = ("import gc, sys; gc.disable(); home = sys.argv.pop(1)\n"
+         "if home not in sys.path: sys.path.insert(0, home)\n"
+         "sys.argv[0] = 'dkr.extract'\n"
+         "from dkr.extract import main; sys.exit(main())")
+
+
+def package_home() -> str:
+    """The directory that holds the ``dkr`` package this process runs."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def isolated_python(*args: str) -> list[str]:
+    """The command line of ``dkr.extract`` with ``args``, isolated from the caller's environment."""
+    return [sys.executable, "-I", "-c", _BOOT, package_home(), *args]
+
 
 class ForkServer:
     """The server process and our end of its request socket (SOCK_SEQPACKET)."""
@@ -28,9 +49,9 @@ class ForkServer:
             # its children itself.
             actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), 0)]
             actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()]
+            argv = isolated_python("--fork-server", "--parent", str(os.getpid()))
             self.pid = os.posix_spawn(
-                sys.executable,
-                [sys.executable, "-m", "dkr.extract", "--fork-server", "--parent", str(os.getpid())],
+                sys.executable, argv,
                 os.environ if env is None else env, file_actions=actions, setpgroup=0)
         except BaseException:
             ours.close()

@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 import types
 from contextlib import contextmanager
@@ -29,11 +31,31 @@ class Run:
         return [json.loads(line) for line in self.out.splitlines() if line.startswith("{")]
 
 
-def run_dkr(*args, env=None, timeout=TIMEOUT, input=None) -> Run:
-    """The CLI as a user runs it: a separate process, real stdout/stderr."""
-    proc = subprocess.run([sys.executable, "-m", "dkr", *map(str, args)], capture_output=True,
+# The installed command, run from a directory of its own: a user's working
+# directory has no dkr sources in it (the checkout's must not stand in for them).
+DKR = str(Path(sys.executable).parent / "dkr")
+ELSEWHERE = tempfile.mkdtemp(prefix="dkr-test-cwd-")
+
+
+def run_dkr(*args, env=None, timeout=TIMEOUT, input=None, cwd=ELSEWHERE) -> Run:
+    """The CLI as a user runs it: the installed command, real stdout/stderr."""
+    proc = subprocess.run([DKR, *map(str, args)], capture_output=True, cwd=cwd,
                           text=True, timeout=timeout, env=env, input=input)
     return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def interpreter_with_site_hook(where: Path, hook: str) -> Path:
+    """A Python that runs the installed dkr and, first thing in every process, ``hook``
+    (from a ``.pth`` file of its own installation): dkr's child processes ignore
+    PYTHONPATH and the working directory, so a test reaches into them the way an
+    installation would. (Not a sitecustomize: Debian's own comes first.)"""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    [site] = (where / "lib").glob("python3*/site-packages")
+    installed = sysconfig.get_paths()["purelib"]
+    (site / "installed.pth").write_text(f"import site; site.addsitedir({installed!r})\n")
+    (site / "dkr_test_hook.py").write_text(hook)
+    (site / "zz-dkr-test-hook.pth").write_text("import dkr_test_hook\n")
+    return where / "bin" / "python"
 
 
 def pull(registry, repo_ref: str, root: Path, *extra, local=None) -> Run:

@@ -143,8 +143,8 @@ def backend_mount(name: str):
 class DkrProcess:
     """``python -m dkr ARGS`` in its own session, its --json events readable as they come."""
 
-    def __init__(self, *args, env=None):
-        self.args = [sys.executable, "-m", "dkr", *map(str, args)]
+    def __init__(self, *args, env=None, python=sys.executable):
+        self.args = [str(python), "-m", "dkr", *map(str, args)]
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env, start_new_session=True)
         self.events: list[dict] = []

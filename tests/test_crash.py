@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import assert_ok, pull, run_dkr, temp_entries
+from helpers import assert_ok, interpreter_with_site_hook, pull, run_dkr, temp_entries
 from reliability_helpers import (
     DkrProcess,
     backend_mount,
@@ -273,13 +273,11 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
     dkr.extract ignores SIGINT); a sitecustomize that makes the fork server
     start slowly holds it open, so the test does not depend on timing.
     """
-    hook = tmp_path / "slow-start"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_START)
+    python = interpreter_with_site_hook(tmp_path / "slow-start", SLOW_START)
     proxy.add_fault(f"/blobs/{SLOW.digest}", "slow", times=None, rate=RATE)
     proc = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
                       "--json", "--retries", "2", f"{proxy.host}/crash/between", "it",
-                      env={**os.environ, "PYTHONPATH": str(hook)})
+                      python=python)
     try:
         # dkr starts the server first thing, then loads itself (a Ctrl-C during
         # Python's own imports is not ours to handle). Once dkr is pulling, wait
