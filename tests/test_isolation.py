@@ -58,7 +58,8 @@ def test_pull_list_and_demo_from_a_planted_directory(registry, planted, tmp_path
         assert (root / "box" / "etc").is_dir()
         listed = assert_ok(run_dkr("list", "--image-root", root, cwd=cwd))
         assert "box" in listed.out
-    assert_ok(run_dkr("demo", "--image-root", tmp_path / "demo", cwd=cwd))
+        assert_ok(run_dkr("remove", "--image-root", root, "box", cwd=cwd))
+    assert_ok(run_dkr("demo", "--image-root", tmp_path / "demo", "--backend", "dir", cwd=cwd))
     assert sorted(os.listdir(marks)) == []
 
 
