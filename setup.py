@@ -2,5 +2,5 @@
 # ext_modules from code only).
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("dkr._tarcore", ["dkr/_tarcore.c"],
+setup(ext_modules=[Extension("dkr.unpack._tarcore", ["dkr/unpack/_tarcore.c"],
                              extra_compile_args=["-O2", "-Wall", "-Wextra"])])

@@ -8,7 +8,7 @@ from smaps_rollup, added up) are samples, so brief spikes between polls can
 be missed. ``Pss`` counts a page shared by N processes as 1/N in each: a
 tree of forked processes (dkr's extractors) is not counted N times over.  Processes are put in
 classes by a `classify(pid, cmdline)` callback — for dkr: "main" (the CLI
-process) and "extractor" (``python -m dkr.extract`` children).
+process) and "extractor" (``dkr.unpack.extract`` children).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class ProcWatch(threading.Thread):
 def dkr_classes(pid: int, cmdline: bytes, is_root: bool) -> str:
     if is_root:
         return "main"
-    if b"dkr.extract" in cmdline:
+    if b"dkr.unpack.extract" in cmdline:
         return "extractor"
     return "child"
 

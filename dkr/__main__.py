@@ -1,5 +1,5 @@
 import sys
 
-from .launch import main
+from dkr.cli.launch import main
 
 sys.exit(main())

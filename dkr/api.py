@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from .errors import DkrError, Interrupted, os_error_text
-from .events import Events
-from .pull import PullOptions, PullResult, Puller
-from .reference import default_machine_name, parse_reference
+from dkr.errors import DkrError, Interrupted, os_error_text
+from dkr.events import Events
+from dkr.pull.puller import Puller, PullOptions, PullResult
+from dkr.registry.reference import default_machine_name, parse_reference
 
 __all__ = ["PullOptions", "PullResult", "pull", "pull_async", "pull_batch", "pull_batch_async",
            "pull_v1", "pull_v1_async"]
@@ -88,7 +88,7 @@ async def pull_v1_async(name: str, local: str | None = None, *, index_url: str,
                         options: PullOptions | None = None,
                         events: Events | None = None) -> PullResult:
     """Pull ``NAMESPACE/REPO[:TAG]`` over the Docker Registry v1 protocol."""
-    from .v1 import pull_v1 as _pull_v1
+    from dkr.pull.v1 import pull_v1 as _pull_v1
     async with Puller(options or PullOptions(), events) as puller:
         return await _pull_v1(puller, name, local, index_url)
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pluggy
 
-from . import hookspecs
-from .errors import DkrError
-from .hookspecs import StorageBackend
-
+from dkr import hookspecs
+from dkr.errors import DkrError
+from dkr.hookspecs import StorageBackend
 
 # Set by dkr for its extractor children: the plugin modules it found, as JSON
 # [[name, module], ...], so that each child imports them instead of scanning
@@ -145,7 +144,7 @@ def fallback_backend(image_root: Path) -> StorageBackend:
 def backend_on_disk(machine: Path, image_root: Path) -> StorageBackend:
     """The backend to take down a machine whose record names none it has (the record
     is unreadable, or gone): overlay if an overlay is mounted on it, else the fallback."""
-    from .fsinfo import mount_type
+    from dkr.fsinfo import mount_type
     if mount_type(machine) == "overlay" and "overlay" in backends():
         return backends()["overlay"]
     return fallback_backend(image_root)

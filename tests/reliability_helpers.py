@@ -88,7 +88,7 @@ def layer_dir(root: Path, chain_id: str) -> Path:
 
 
 def chain_ids(image) -> list[str]:
-    from dkr.v2 import chain_ids as _chain_ids
+    from dkr.registry.v2 import chain_ids as _chain_ids
     return _chain_ids([layer.diff_id for layer in image.layers])
 
 
@@ -255,8 +255,8 @@ def session_pids(sid: int, needle: bytes = b"") -> list[int]:
 
 
 def extractor_pids(sid: int) -> list[int]:
-    """Extractor children (python -m dkr.extract) of the dkr process that leads session ``sid``."""
-    return session_pids(sid, b"dkr.extract")
+    """Extractor children (dkr.unpack.extract) of the dkr process that leads session ``sid``."""
+    return session_pids(sid, b"dkr.unpack.extract")
 
 
 def _signal_masks(pid: int) -> dict[str, int]:

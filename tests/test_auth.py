@@ -14,11 +14,11 @@ import json
 import pytest
 from helpers import assert_clean_failure, run_dkr
 
-from dkr.auth import Authenticator, Credentials
+from dkr.registry.auth import Authenticator, Credentials
 from dkr.errors import DkrError
-from dkr.job import Response
-from dkr.keychain import find_credentials
-from dkr.registry import auth_challenge, retry_after
+from dkr.transport.job import Response
+from dkr.registry.keychain import find_credentials
+from dkr.registry.client import auth_challenge, retry_after
 
 ALICE = Credentials("alice", "s3cret")
 

@@ -13,7 +13,7 @@ from reliability_helpers import DkrProcess
 from dkr.testing import images
 from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import File, Image, Layer
-from dkr.v2 import chain_ids
+from dkr.registry.v2 import chain_ids
 
 
 @pytest.fixture(scope="module")

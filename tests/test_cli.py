@@ -72,7 +72,7 @@ def test_the_demo_makes_its_sample_for_this_machine(tmp_path, monkeypatch, caplo
     import json
     import types
 
-    from dkr.cli import main
+    from dkr.cli.main import main
 
     real_uname = os.uname()
     monkeypatch.setattr(os, "uname", lambda: types.SimpleNamespace(
@@ -89,7 +89,7 @@ def test_log_lines_show_control_characters_escaped(capsys):
     """Log lines carry server text too (a redirect's host, a record's field)."""
     import logging
 
-    from dkr.cli import _setup_logging
+    from dkr.cli.main import _setup_logging
 
     root = logging.getLogger("dkr")
     saved = root.handlers[:], root.level, root.propagate

@@ -270,7 +270,7 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
     """Ctrl-C (SIGINT to the foreground process group) while the extractors' server starts up.
 
     The window is real but short (Python's start-up and imports, before
-    dkr.extract ignores SIGINT); a sitecustomize that makes the fork server
+    dkr.unpack.extract ignores SIGINT); a sitecustomize that makes the fork server
     start slowly holds it open, so the test does not depend on timing.
     """
     python = interpreter_with_site_hook(tmp_path / "slow-start", SLOW_START)
@@ -302,7 +302,7 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
 # rename or the swap), or right after the swap itself ("exchange_paths").
 DIES_AT = """
 import os, signal, sys
-from dkr import pull
+from dkr.pull import puller as pull
 from dkr_plugins import btrfs, dir, overlay
 step = sys.argv.pop(1)
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
@@ -312,7 +312,7 @@ if step == "exchange_paths":
 else:
     for backend in (btrfs.BtrfsBackend, dir.DirBackend, overlay.OverlayBackend):
         setattr(backend, step, die)
-from dkr.cli import main
+from dkr.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -413,7 +413,7 @@ def test_a_machine_left_mid_swap_is_not_mounted_from_a_record_that_may_be_behind
 # dkr whose new machine cannot be activated, nor the old one swapped back.
 SWAP_BACK_FAILS = """
 import errno, sys
-from dkr import pull
+from dkr.pull import puller as pull
 from dkr_plugins import dir
 def refuse(*_):
     raise OSError(errno.EIO, "Input/output error")
@@ -425,7 +425,7 @@ def second_fails(a, b):
         raise OSError(errno.EBUSY, "Device or resource busy", str(b))
     exchange(a, b)
 pull.exchange_paths = second_fails
-from dkr.cli import main
+from dkr.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

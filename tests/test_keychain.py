@@ -19,7 +19,7 @@ from dkr.testing import images
 from dkr.testing.images import File, Image, Layer
 from dkr import api
 from dkr.errors import DkrError
-from dkr.keychain import HelperQuestion, auth_files, find_credentials
+from dkr.registry.keychain import HelperQuestion, auth_files, find_credentials
 from dkr.testing.registry import Registry
 from dkr.testing.tokenserver import TokenServer
 

@@ -42,7 +42,7 @@ from reliability_helpers import (
 from dkr.testing import images, loopfs
 from dkr.testing.faultproxy import FaultProxy
 from dkr.testing.images import Dir, File, Image, Layer
-from dkr.v2 import chain_ids as v2_chain_ids
+from dkr.registry.v2 import chain_ids as v2_chain_ids
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -230,11 +230,11 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
 # RENAME_EXCHANGE, say): an OSError after the old machine was taken down.
 EXCHANGE_FAILS = """
 import errno, sys
-from dkr import pull
+from dkr.pull import puller as pull
 def refuse(a, b):
     raise OSError(errno.EINVAL, "Invalid argument", str(b))
 pull.exchange_paths = refuse
-from dkr.cli import main
+from dkr.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -3,7 +3,7 @@
 import pytest
 
 from dkr.errors import DkrError
-from dkr.reference import (default_machine_name, host_is_valid, machine_name_is_valid,
+from dkr.registry.reference import (default_machine_name, host_is_valid, machine_name_is_valid,
                            parse_reference, validate_digest, validate_existing_machine_name)
 
 

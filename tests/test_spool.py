@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from dkr.spool import SPOOL_WRITE, SpoolSink
+from dkr.pull.spool import SPOOL_WRITE, SpoolSink
 
 
 def test_pieces_are_gathered_before_they_are_written_and_announced(tmp_path):

@@ -1,6 +1,6 @@
 """The extractor's C fast path for plain files: what it takes, and what it leaves to Python.
 
-`dkr._tarcore.create_plain_files` must create exactly what the Python path
+`dkr.unpack._tarcore.create_plain_files` must create exactly what the Python path
 would, and stop, untouched, before any member it does not take.
 """
 
@@ -15,7 +15,9 @@ import tarfile
 
 import pytest
 
-from dkr import _tarcore, extract, tarstream
+from dkr.unpack import _tarcore
+from dkr.unpack import extract
+from dkr.unpack import tarstream
 from dkr.testing import images
 from dkr.testing.oracle import diff_trees, tree_snapshot
 
@@ -144,7 +146,7 @@ def test_a_failing_write_raises_and_closes_the_file():
     """(In a child: it lowers its file size limit until writes fail with EFBIG.)"""
     code = """if True:
         import errno, os, resource, signal, tempfile
-        from dkr import _tarcore
+        from dkr.unpack import _tarcore
         from dkr.testing import images
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         os.chdir(tempfile.mkdtemp())

@@ -16,7 +16,7 @@ import tarfile
 
 import pytest
 
-from dkr import tarstream
+from dkr.unpack import tarstream
 
 NUMBERS = [b"-0000001000\0", b"77777777777\0", b"\x80" + bytes(10) + b"\x01", b"\xff" * 12,
            b"0" * 12, b" " * 12, b"0_00000644\0 "]
@@ -161,7 +161,7 @@ def test_the_header_byte_sum_is_exact_for_any_block():
     reach 65521, so all-0xff blocks (the largest sums) are among the cases."""
     import random
 
-    from dkr.tarstream import _byte_sum
+    from dkr.unpack.tarstream import _byte_sum
     rng = random.Random(7)
     blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
     blocks += [bytes(rng.getrandbits(8) for _ in range(512)) for _ in range(300)]
@@ -174,7 +174,7 @@ def test_read_ahead_holds_what_it_is_told_to():
     import io
     import time
 
-    from dkr.tarstream import CHUNK, ReadAhead
+    from dkr.unpack.tarstream import CHUNK, ReadAhead
 
     def held_settles_at(ahead: ReadAhead, count: int) -> int:
         for _ in range(500):

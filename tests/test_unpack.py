@@ -7,7 +7,7 @@ import asyncio
 from helpers import backend_registered_by_hand
 
 from dkr.testing import images
-from dkr.unpack import ExtractorPool
+from dkr.unpack.extractors import ExtractorPool
 
 
 def test_a_cancelled_wait_leaves_the_next_one_its_watch():
@@ -59,7 +59,7 @@ def test_the_fork_server_keeps_only_its_socket_and_the_standard_streams():
     import os
     import stat
 
-    from dkr.forkserver import ForkServer
+    from dkr.unpack.forkserver import ForkServer
 
     read_end, write_end = os.pipe()
     os.set_inheritable(write_end, True)
@@ -141,7 +141,7 @@ def test_a_job_started_before_its_tree_reads_its_blob_then_fills_the_tree_it_is_
     second line names the tree."""
     import os
 
-    from dkr.unpack import LayerUnpacker
+    from dkr.unpack.extractors import LayerUnpacker
 
     members = {f"dir/file{i}": os.urandom(5000) for i in range(50)}
     layer = images.Layer([images.File(name, data) for name, data in members.items()])
@@ -179,7 +179,7 @@ def test_a_job_never_told_its_tree_ends_quietly(tmp_path):
     exits with no report, having written nothing."""
     import os
 
-    from dkr.unpack import LayerUnpacker
+    from dkr.unpack.extractors import LayerUnpacker
 
     blob = images.Layer([images.File("a", b"x" * 100)]).blob
     spool = tmp_path / "blob"

@@ -21,7 +21,7 @@ from dkr.testing import images
 from dkr.testing.images import Dir, File, Hardlink, Image, Layer, Opaque, Symlink, Whiteout
 from dkr.testing.oracle import diff_trees, tree_snapshot
 from dkr.testing.v1server import MAX_ANCESTRY, V1Server
-from dkr.v1 import MAX_ANCESTRY as OUR_MAX, TokenAuth, layer_key, parse_ancestry, parse_endpoints
+from dkr.registry.v1 import MAX_ANCESTRY as OUR_MAX, TokenAuth, layer_key, parse_ancestry, parse_endpoints
 
 NAME = "library/test"
 LOCAL = "test"

@@ -21,6 +21,7 @@ import hashlib
 import http.server
 import json
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -28,7 +29,6 @@ import urllib.parse
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-import shutil
 
 __all__ = ["TokenServer", "TokenRequest", "libtrust_key_id"]
 

@@ -32,8 +32,8 @@ import os
 import re
 import secrets
 import socket
-import sys
 import ssl
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field

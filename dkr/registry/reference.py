@@ -11,7 +11,8 @@ import re
 from typing import NamedTuple
 from urllib.parse import SplitResult, urlsplit
 
-from .errors import DkrError
+from dkr.errors import DkrError
+
 
 def split_url(url: str) -> SplitResult | None:
     """``url``'s parts, or None where urlsplit refuses it (an unclosed IPv6 bracket, say)."""

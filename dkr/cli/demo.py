@@ -11,18 +11,20 @@ import logging
 import os
 import time
 
-from . import api
-from .errors import DkrError
-from .events import Events, log_renderer
-from .v2 import host_platform
+from dkr import api
+from dkr.cli.render import log_renderer
+from dkr.errors import DkrError
+from dkr.events import Events
+from dkr.registry.v2 import host_platform
 
 log = logging.getLogger("dkr")
 
 
 def run_demo(image_root, backend: str = "auto") -> int:
     try:
-        from .testing import images
-        from .testing.registry import Registry, RegistryError
+        from dkr.testing import images
+
+        from dkr.testing.registry import Registry, RegistryError
     except ImportError as e:   # pragma: no cover - shipped with the package
         raise DkrError(f"demo support is missing: {e}") from None
     try:

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .auth import Credentials
-from .errors import DkrError
-from .reference import DOCKER_HUB_ALIASES
+from dkr.errors import DkrError
+from dkr.registry.auth import Credentials
+from dkr.registry.reference import DOCKER_HUB_ALIASES
 
 HELPER_TIMEOUT = 60                      # a helper may ask a keyring to unlock
 HELPER_POLL = 0.2                        # how soon a stopped pull stops its helper

@@ -1,4 +1,4 @@
-"""The extractors' fork server process (``dkr.extract --fork-server``).
+"""The extractors' fork server process (``dkr.unpack.extract --fork-server``).
 
 This module imports nothing but what the interpreter has already loaded, so
 that ``dkr pull`` can start the server first thing: the server's start-up
@@ -9,10 +9,9 @@ while dkr's own imports still run. (``subprocess`` and ``socket`` alone take
 
 from __future__ import annotations
 
+import _socket
 import os
 import sys
-
-import _socket
 
 _early: "ForkServer | None" = None
 
@@ -24,8 +23,8 @@ _early: "ForkServer | None" = None
 # interpreter would not find it by itself (a source tree on PYTHONPATH).
 _BOOT = ("import gc, sys; gc.disable(); home = sys.argv.pop(1)\n"
          "if home not in sys.path: sys.path.insert(0, home)\n"
-         "sys.argv[0] = 'dkr.extract'\n"
-         "from dkr.extract import main; sys.exit(main())")
+         "sys.argv[0] = 'dkr.unpack.extract'\n"
+         "from dkr.unpack.extract import main; sys.exit(main())")
 
 
 def package_home() -> str:
@@ -34,7 +33,7 @@ def package_home() -> str:
 
 
 def isolated_python(*args: str) -> list[str]:
-    """The command line of ``dkr.extract`` with ``args``, isolated from the caller's environment."""
+    """The command line of ``dkr.unpack.extract`` with ``args``, isolated from the caller's environment."""
     return [sys.executable, "-I", "-c", _BOOT, package_home(), *args]
 
 

@@ -22,15 +22,22 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DkrError, one_line
-from .hookspecs import StorageBackend
-from .locks import AsyncFlock
-from .plugins import backend_on_disk, backends, fallback_backend
-from .reference import validate_existing_machine_name
-from .store import (LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot,
-                    refuse_mounts_in, remove_entry, text_list)
-from .fsinfo import is_mount_point
-from .treeops import tree_size
+from dkr.errors import DkrError, one_line
+from dkr.fsinfo import is_mount_point
+from dkr.hookspecs import StorageBackend
+from dkr.plugins import backend_on_disk, backends, fallback_backend
+from dkr.registry.reference import validate_existing_machine_name
+from dkr.store.layout import (
+    LAYER_PREFIX,
+    MACHINE_TMP_PREFIX,
+    TMP_SUFFIX_LENGTH,
+    ImageRoot,
+    refuse_mounts_in,
+    remove_entry,
+    text_list,
+)
+from dkr.store.locks import AsyncFlock
+from dkr.treeops import tree_size
 
 log = logging.getLogger("dkr.manage")
 

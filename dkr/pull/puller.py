@@ -24,25 +24,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
-from .auth import Credentials
-from .errors import DkrError, os_error_text
-from .fsinfo import is_mount_point
-from .events import Events
-from .glue import CurlGlue
-from .hookspecs import StorageBackend
-from .keychain import HelperQuestion, credential_sources
-from .job import TransferOptions
-from .locks import AsyncFlock
-from .plugins import backend_on_disk, backends, choose_backend
-from .reference import Reference, digest_hex, validate_machine_name
-from .registry import RegistryClient
-from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
-from .store import ImageRoot, remove_entry
-from .tasks import failed, retrieved, to_the_end
-from .treeops import remove_tree
-from .trust import trusted_pem
-from .unpack import ExtractorPool, LayerUnpacker
-from .v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
+from dkr.errors import DkrError, os_error_text
+from dkr.events import Events
+from dkr.fsinfo import is_mount_point
+from dkr.hookspecs import StorageBackend
+from dkr.plugins import backend_on_disk, backends, choose_backend
+from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
+from dkr.registry.auth import Credentials
+from dkr.registry.client import RegistryClient
+from dkr.registry.keychain import HelperQuestion, credential_sources
+from dkr.registry.reference import Reference, digest_hex, validate_machine_name
+from dkr.registry.v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
+from dkr.store.layout import ImageRoot, remove_entry
+from dkr.store.locks import AsyncFlock
+from dkr.tasks import failed, retrieved, to_the_end
+from dkr.transport.glue import CurlGlue
+from dkr.transport.job import TransferOptions
+from dkr.transport.trust import trusted_pem
+from dkr.treeops import remove_tree
+from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
 
 log = logging.getLogger("dkr.pull")
 
@@ -237,7 +237,8 @@ class Puller:
         """Say what a finished pull did, including what it could not apply."""
         result.seconds = time.monotonic() - started
         if result.recorded_stats or result.device_stand_ins:
-            from .extract import OVERRIDE_STAT_XATTR   # the extractor's modules stay out of here
+            # (the extractor's modules stay out of here until needed)
+            from dkr.unpack.extract import OVERRIDE_STAT_XATTR
             log.warning("Not running as root: file owners or modes (%d entries) and device "
                         "nodes (%d) were not applied; they are recorded in the %s xattr.",
                         result.recorded_stats, result.device_stand_ins, OVERRIDE_STAT_XATTR)

@@ -30,8 +30,8 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
-from .tarstream import REGULAR, Member, TarReader
-from .treeops import write_all
+from dkr.treeops import write_all
+from dkr.unpack.tarstream import REGULAR, Member, TarReader
 
 PACK = "pack"
 MEMBERS = "members"

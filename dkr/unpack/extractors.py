@@ -1,7 +1,7 @@
 """The parent's side of extraction: a pipe into the confined extractor child.
 
 ``ExtractorPool`` gets extractor children forked from one warm server
-(``dkr.extract --fork-server``). ``LayerUnpacker`` runs one on a layer tree
+(``dkr.unpack.extract --fork-server``). ``LayerUnpacker`` runs one on a layer tree
 and offers a ``Sink`` for the blob's bytes (a non-blocking pipe with a large
 kernel buffer: when it is full the remainder waits in one small buffer and
 the transfer pauses until the loop sees the pipe writable again) or has it
@@ -19,11 +19,11 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from .errors import DkrError
-from .forkserver import ForkServer, adopt_early
-from .plugins import modules_for_children
-from .tasks import failed, to_the_end
-from .treeops import write_all
+from dkr.errors import DkrError
+from dkr.plugins import modules_for_children
+from dkr.tasks import failed, to_the_end
+from dkr.treeops import write_all
+from dkr.unpack.forkserver import ForkServer, adopt_early
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
@@ -179,7 +179,7 @@ async def _readable(fd: int) -> None:
 
 
 class ExtractorPool:
-    """Extractor children forked from one warm server (``dkr.extract --fork-server``).
+    """Extractor children forked from one warm server (``dkr.unpack.extract --fork-server``).
 
     Starting Python with the decompressors and plugins costs a fraction of a
     second of CPU; a pull that runs one or two extractors per layer would pay

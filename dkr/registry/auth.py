@@ -15,8 +15,8 @@ import time
 from typing import Awaitable, Callable, NamedTuple, Protocol
 from urllib.parse import urlencode
 
-from .errors import DkrError
-from .reference import split_url
+from dkr.errors import DkrError
+from dkr.registry.reference import split_url
 
 DEFAULT_TOKEN_LIFETIME = 60
 REFRESH_MARGIN = 10

@@ -1,6 +1,7 @@
 """The Docker Registry v1 protocol, as systemd's import-dkr.c pulled it.
 
-The seed's sequence, state for state, on the shared CurlGlue engine:
+The seed's sequence, state for state, on the shared CurlGlue engine (the
+pull that drives it is ``dkr.pull.v1``):
 
     GET {index}/v1/repositories/NAME/images   (X-Docker-Token: true)
         -> X-Docker-Token, X-Docker-Endpoints
@@ -25,17 +26,13 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import DkrError
-from .job import Response, Sink, SinkError
-from .pull import PullResult
-from .reference import (default_machine_name, host_is_valid, parse_v1_name, split_url,
-                        v1_id_is_valid, validate_machine_name)
-from .registry import RegistryClient
-from .unpack import LayerUnpacker
+from dkr.errors import DkrError
+from dkr.registry.client import RegistryClient
+from dkr.registry.reference import host_is_valid, split_url, v1_id_is_valid
+from dkr.transport.glue import CurlGlue
+from dkr.transport.job import Response, Sink, SinkError, TransferOptions
 
 log = logging.getLogger("dkr.v1")
 
@@ -49,40 +46,6 @@ FAILED = {
     "json": "Failed to retrieve json data.",
     "layer": "Failed to retrieve layer data.",
 }
-
-
-async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullResult:
-    """Pull ``NAMESPACE/REPO[:TAG]`` from a v1 index into ``IMAGE_ROOT/LOCAL``."""
-    started = time.monotonic()
-    repo, tag = parse_v1_name(name)
-    local = validate_machine_name(local or default_machine_name(repo))
-    session = V1Session(puller, index_base(index_url, puller.transfer.insecure))
-    backend = await puller.backend()
-    puller.refuse_existing(local)
-
-    await session.lookup_index(repo)
-    image_id = await session.resolve_tag(repo, tag)
-    ancestry, (config, config_body) = await both(
-        session.ancestry(image_id), session.image_json(image_id))
-
-    reference = f"v1:{session.index}/{repo}:{tag}"
-    config_digest = "sha256:" + hashlib.sha256(config_body).hexdigest()
-    puller.root.save_blob(config_digest, config_body)
-    puller.events.emit("resolved", reference=reference, digest=image_id,
-                       platform=_platform(config), layers=len(ancestry))
-    result = PullResult(reference, local, image_id, chain=list(ancestry))
-    keys = [layer_key(session.registry, layer_id) for layer_id in ancestry]
-
-    paths: list[Path] = []
-    for index in range(len(ancestry)):
-        paths.append(await _ensure_layer(puller, session, backend, ancestry, keys, index,
-                                         paths[-1] if paths else None, result))
-
-    await puller.make_machine(local, paths, backend, {
-        "reference": reference, "protocol": "v1", "index": session.index,
-        "registry": session.registry, "image_id": image_id,
-        "config_digest": config_digest, "ids": list(ancestry), "layers": keys})
-    return puller.finish(result, started)
 
 
 # --- the conversation ----------------------------------------------------------
@@ -120,10 +83,9 @@ class Unauthorized(DkrError):
 class V1Session:
     """One pull's requests: the index's answers and where its token may go."""
 
-    def __init__(self, puller, index: str):
-        self.puller = puller
-        self.glue = puller.glue
-        self.options = puller.transfer
+    def __init__(self, glue: CurlGlue, options: TransferOptions, index: str):
+        self.glue = glue
+        self.options = options
         self.index = index
         parts = urlsplit(index)
         self._index_path = parts.path
@@ -269,48 +231,6 @@ def layer_key(registry: str, layer_id: str) -> str:
     return "v1-" + hashlib.sha256(f"{registry}\n{layer_id}".encode()).hexdigest()
 
 
-async def _ensure_layer(puller, session: V1Session, backend, ancestry: list[str],
-                        keys: list[str], index: int, parent: Path | None,
-                        result: PullResult) -> Path:
-    layer_id = ancestry[index]
-    label = f"layer {index + 1}/{len(ancestry)} {layer_id}"
-    meta = {"v1_id": layer_id, "parent": ancestry[index - 1] if index else None,
-            "registry": session.registry}
-    # v1 announces no sizes; "size" becomes the bytes received once known.
-    announce = dict(index=index + 1, count=len(ancestry), digest=layer_id, size=0,
-                    chain_id=keys[index])
-
-    async def fetch(tree: Path) -> dict:
-        unpacked, response = await _fetch_layer(session, layer_id, tree,
-                                                backend.layer_format, label)
-        # ensure_layer reads these after fetch returns, to record and count the layer.
-        meta.update(blob_sha256="sha256:" + response.sha256, diff_id=unpacked.get("diff_id"))
-        announce["size"] = response.received
-        return unpacked
-
-    return await puller.ensure_layer(keys[index], parent, backend, fetch, meta, announce, result)
-
-
-async def _fetch_layer(session: V1Session, layer_id: str, tree: Path, layer_format: str,
-                       label: str) -> tuple[dict, Response]:
-    """Stream one layer into the extractor; its report once the whole tar is in."""
-    unpacker = LayerUnpacker(tree, layer_format, session.puller.extractor_pool)
-    sink = await unpacker.start()
-    try:
-        response = await session.layer(layer_id, sink, label)
-    except SinkError:
-        unpacked = await unpacker.finish()
-        raise DkrError(f"{FAILED['layer']} ({label}) "
-                       f"{unpacked.get('error', 'the extractor stopped reading')}") from None
-    except BaseException:
-        await unpacker.abort()
-        raise
-    unpacked = await unpacker.finish()
-    if "error" in unpacked:
-        raise DkrError(f"Failed to unpack {label}: {unpacked['error']}")
-    return unpacked, response
-
-
 # --- small things ------------------------------------------------------------------------
 
 async def both(first, second):
@@ -325,7 +245,7 @@ async def both(first, second):
         raise
 
 
-def _platform(config: dict) -> str:
+def platform_of(config: dict) -> str:
     os_name, arch = config.get("os"), config.get("architecture")
     if isinstance(os_name, str) and isinstance(arch, str):
         return _printable(f"{os_name}/{arch}", 40)

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import pycurl
 
-from .errors import DkrError
-from .glue import CurlGlue
+from dkr.errors import DkrError
+from dkr.transport.glue import CurlGlue
 
 log = logging.getLogger("dkr.job")
 

@@ -11,11 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, api, manage
-from .auth import parse_creds
-from .errors import DkrError, one_line, os_error_text
-from .events import Events, JsonRenderer, StatsRenderer, log_renderer
-from .v2 import parse_platform
+from dkr import __version__, api
+from dkr.cli import manage
+from dkr.cli.render import JsonRenderer, StatsRenderer, log_renderer
+from dkr.errors import DkrError, one_line, os_error_text
+from dkr.events import Events
+from dkr.registry.auth import parse_creds
+from dkr.registry.v2 import parse_platform
 
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
 # Upper bounds: libcurl takes these as C longs, and nothing sensible needs more.
@@ -218,7 +220,7 @@ def _pull_batch(path: str, options, events) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from dkr.cli.demo import run_demo
     return run_demo(args.image_root, args.backend)
 
 

@@ -26,8 +26,8 @@ applies them to the layer tree, confined like a direct extraction.
 
 from __future__ import annotations
 
-if __name__ == "__main__":                # the fork server (or a job) starting: see dkr.launch
-    from dkr.launch import loading_modules
+if __name__ == "__main__":                # a job started by hand: see dkr.startup
+    from dkr.startup import loading_modules
     loading_modules()
 
 import argparse
@@ -44,14 +44,13 @@ import sys
 import threading
 import time
 import zlib
-
 from pathlib import Path
 
-from . import _tarcore, staging, tarstream
-from .tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
-from .errors import DkrError
-from .launch import modules_loaded
-from .treeops import remove_tree
+from dkr.errors import DkrError
+from dkr.startup import modules_loaded
+from dkr.treeops import remove_tree
+from dkr.unpack import _tarcore, staging, tarstream
+from dkr.unpack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
 
 try:
     from isal import igzip as _gzip
@@ -200,7 +199,7 @@ class Extractor:
         self._handlers.get(member.kind, self._special)(path, member, reader)
 
     def create_plain_files(self, buffer: bytes, pos: int) -> int:
-        """A TarReader fast path: plain regular files, created in C (see dkr/_tarcore.c)."""
+        """A TarReader fast path: plain regular files, created in C (see dkr/unpack/_tarcore.c)."""
         pos, created = _tarcore.create_plain_files(buffer, pos, self.classify, self.added)
         self.entries += created
         return pos
@@ -517,7 +516,7 @@ def _load_classifier():
     It runs once per member; going through pluggy's machinery each time cost
     more than creating the file.
     """
-    from .plugins import manager
+    from dkr.plugins import manager
     hook = manager().hook.dkr_whiteout_classify
     impls = [impl for impl in reversed(hook.get_hookimpls())
              if not (impl.hookwrapper or getattr(impl, "wrapper", False))]
@@ -699,7 +698,7 @@ def run_seal(backend_name: str, path: str) -> dict:
     """The backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
     Python's GIL while btrfs commits a read-only flag (and flushes the
     layer), which would stop dkr's event loop, and every download with it."""
-    from .plugins import backends
+    from dkr.plugins import backends
     backend = backends().get(backend_name)
     if backend is None:
         return {"error": f"no storage backend named {backend_name!r} here", "unknown": True}
@@ -794,7 +793,7 @@ def _report(job) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dkr.extract")
+    parser = argparse.ArgumentParser(prog="dkr.unpack.extract")
     parser.add_argument("--serve", action="store_true",
                         help="start now, take the job as a JSON line on stdin")
     parser.add_argument("--fork-server", action="store_true",

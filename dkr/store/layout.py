@@ -21,9 +21,9 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import DkrError
-from .fsinfo import mounts_below
-from .reference import digest_hex
+from dkr.errors import DkrError
+from dkr.fsinfo import mounts_below
+from dkr.registry.reference import digest_hex
 
 log = logging.getLogger("dkr.store")
 

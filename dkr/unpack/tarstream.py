@@ -14,11 +14,11 @@ import queue
 import re
 import struct
 import threading
+from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 from zlib import adler32
-from dataclasses import dataclass, field
 
-from .treeops import write_all
+from dkr.treeops import write_all
 
 BLOCK = 512
 CHUNK = 1024 * 1024

@@ -1,5 +1,5 @@
 /*
- * dkr._tarcore: the extractor's fast path for the member most layers are
+ * dkr.unpack._tarcore: the extractor's fast path for the member most layers are
  * made of, a plain regular file, created as root.
  *
  * Python's per-member work (parsing the header, a dozen calls around five
@@ -9,7 +9,7 @@
  * thread runs meanwhile.
  *
  * It only ever takes the easy case and hands everything else back to
- * dkr.tarstream / dkr.extract, which stay the definition of what a member
+ * dkr.unpack.tarstream / dkr.unpack.extract, which stay the definition of what a member
  * means: anything unusual (another type, GNU extensions, pax records other
  * than a lone path, a number not in plain octal, a checksum that does not add
  * up, a path needing normalising, a whiteout, a name already taken or a
@@ -89,7 +89,7 @@ plain_header(const unsigned char *h, Header *hd)
 }
 
 /* No empty, "." or ".." component and no leading or trailing "/": the path
- * is its own normal form (dkr.extract.normalize would return it unchanged). */
+ * is its own normal form (dkr.unpack.extract.normalize would return it unchanged). */
 static int
 already_normal(const char *p, size_t n)
 {
@@ -279,7 +279,7 @@ create_plain_files(PyObject *Py_UNUSED(module), PyObject *args)
         err = fd < 0 ? 0 : fill_file(fd, &f, (const char *)buf + body);
         Py_END_ALLOW_THREADS
         if (fd < 0)
-            break;              /* taken, or no parent: dkr.extract clears the way */
+            break;              /* taken, or no parent: dkr.unpack.extract clears the way */
         if (err) {
             errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
@@ -307,8 +307,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "dkr._tarcore",
-    "The extractor's fast path for plain regular files (see dkr.extract).", -1, methods,
+    PyModuleDef_HEAD_INIT, "dkr.unpack._tarcore",
+    "The extractor's fast path for plain regular files (see dkr.unpack.extract).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

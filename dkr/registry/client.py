@@ -17,10 +17,10 @@ import time
 from typing import Awaitable, Callable
 from urllib.parse import urljoin, urlsplit
 
-from .auth import Authenticator, Credentials, RequestAuth, split_challenges
-from .errors import DkrError
-from .glue import CurlGlue
-from .job import Job, Response, Sink, TransferError, TransferOptions
+from dkr.errors import DkrError
+from dkr.registry.auth import Authenticator, Credentials, RequestAuth, split_challenges
+from dkr.transport.glue import CurlGlue
+from dkr.transport.job import Job, Response, Sink, TransferError, TransferOptions
 
 log = logging.getLogger("dkr.registry")
 

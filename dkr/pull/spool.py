@@ -20,10 +20,10 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import DkrError
-from .reference import digest_hex
-from .tasks import failed, retrieved
-from .treeops import write_all
+from dkr.errors import DkrError
+from dkr.registry.reference import digest_hex
+from dkr.tasks import failed, retrieved
+from dkr.treeops import write_all
 
 log = logging.getLogger("dkr.spool")
 

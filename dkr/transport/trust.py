@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import DkrError
+from dkr.errors import DkrError
 
 log = logging.getLogger("dkr.trust")
 

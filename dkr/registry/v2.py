@@ -16,9 +16,9 @@ import os
 import re
 from typing import NamedTuple
 
-from .errors import DkrError
-from .reference import Reference, validate_digest
-from .registry import RegistryClient
+from dkr.errors import DkrError
+from dkr.registry.client import RegistryClient
+from dkr.registry.reference import Reference, validate_digest
 
 log = logging.getLogger("dkr.v2")
 

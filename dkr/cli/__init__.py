@@ -1,0 +1,1 @@
+"""The ``dkr`` command: entry point, sub-commands, rendering of events, the demo."""

@@ -1,0 +1,1 @@
+"""The image root on disk: names of layers and machines, records, locks."""

@@ -1,0 +1,1 @@
+"""Blob to tree: the confined extractor children, inflate, the tar reader, member application."""
