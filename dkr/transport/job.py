@@ -71,11 +71,24 @@ def curl_hint(code: int, message: str, url: str) -> str:
 
 
 class JobState(enum.Enum):
+    """Where a transfer is; the callbacks act on it, as systemd's import job does.
+
+    INIT -> ANALYZING (request sent; headers, or the body of an answer that is
+    no success) -> RUNNING (a success's body flowing) <-> PAUSED (the sink is
+    full: libcurl holds the data until the sink drains). ABORTING: we refused
+    the data (over a limit, a wrong range, the sink failed) and wait for libcurl
+    to end the transfer. DONE and FAILED are final.
+    """
     INIT = "init"
-    ANALYZING = "analyzing"   # waiting for / reading response headers
-    RUNNING = "running"       # body flowing
+    ANALYZING = "analyzing"
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTING = "aborting"
     DONE = "done"
     FAILED = "failed"
+
+
+FINAL = (JobState.DONE, JobState.FAILED)
 
 
 class Sink(Protocol):
@@ -136,9 +149,8 @@ class Job:
         self.hasher = hasher if hasher is not None else hashlib.sha256()
         self._skip = 0                 # bytes to drop when a server ignored our Range
         self._body = bytearray()
-        self._abort_reason: str | None = None
-        self._sink_failed = False
-        self._hold = False             # sink is full: refuse (pause) the next chunk
+        self._abort_reason = ""        # why, in state ABORTING
+        self._sink_failed = False      # ... and whether the sink (not the server) was why
         self.stall_timeout = (options or TransferOptions()).low_speed_time
         self._last_activity = 0.0
         self._future: asyncio.Future[Response] = glue.loop.create_future()
@@ -187,11 +199,13 @@ class Job:
             self.curl.close()
 
     def _check_stall(self) -> None:
-        """No byte for the stall timeout (libcurl's own check averages over seconds more)."""
-        if self._future.done():
+        """No byte for the stall timeout (libcurl's own check averages over seconds more).
+
+        Waiting for our own sink (PAUSED) is no stall."""
+        if self.state in FINAL:
             return
         idle = time.monotonic() - self._last_activity
-        if idle >= self.stall_timeout and not self._hold:
+        if idle >= self.stall_timeout and self.state is not JobState.PAUSED:
             self.glue.remove(self)
             self._fail(f"{self.what}: no data for {self.stall_timeout} s (stalled)",
                        retryable=True)
@@ -199,9 +213,9 @@ class Job:
         self._watchdog = self.glue.loop.call_later(1.0, self._check_stall)
 
     def on_finished(self, code: int, message: str) -> None:
-        if self._future.done():
+        if self.state in FINAL:
             return
-        if self._abort_reason:
+        if self.state is JobState.ABORTING:
             self._fail(self._abort_reason, retryable=False)
         elif code != 0:
             self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code})"
@@ -275,7 +289,7 @@ class Job:
 
     def _on_write(self, data: bytes):
         self._last_activity = time.monotonic()
-        if self._abort_reason:
+        if self.state is JobState.ABORTING:
             return 0
         if not self._is_success():
             if len(self._body) < ERROR_BODY_KEEP:
@@ -293,7 +307,7 @@ class Job:
             self.received += len(data)
             self.hasher.update(data)
             return None
-        if self._hold:
+        if self.state is JobState.PAUSED:
             return pycurl.WRITEFUNC_PAUSE
         if self._skip:
             dropped = min(self._skip, len(data))
@@ -314,19 +328,20 @@ class Job:
             where = f" to {e.filename}" if e.filename else ""
             return self._abort(f"{self.what}: cannot write{where}: {e.strerror}")
         if not accepted:
-            self._hold = True
+            self.state = JobState.PAUSED
             self.sink.on_drain(self._resume)
         return None
 
     def _abort(self, reason: str) -> int:
+        self.state = JobState.ABORTING
         self._abort_reason = reason
         return 0   # any short count makes libcurl fail the transfer
 
     def _resume(self) -> None:
-        self._hold = False
+        if self.state is not JobState.PAUSED or self._future.done():
+            return                                # ended, aborted or given up meanwhile
+        self.state = JobState.RUNNING
         self._last_activity = time.monotonic()   # waiting for our sink is not a stall
-        if self._future.done() or self._abort_reason:
-            return
         try:
             self.curl.pause(pycurl.PAUSE_CONT)
         except pycurl.error:
