@@ -99,13 +99,22 @@ def modules_for_children() -> dict[str, str]:
 
 
 def backends() -> dict[str, StorageBackend]:
-    found: dict[str, StorageBackend] = {}
-    for provided in manager().hook.dkr_storage_backends():
-        for backend in provided:
-            if backend.name in found:
-                raise DkrError(f"two plugins provide a storage backend named {backend.name!r}")
-            found[backend.name] = backend
-    return found
+    """Every storage backend by name: ``dkr_storage_backends`` is asked once per
+    process (again only if plugins are registered or unregistered meanwhile)."""
+    pm = manager()
+    registered = [(name, id(plugin)) for name, plugin in pm.list_name_plugin()]
+    if _backends_of.get("plugins") != registered:
+        found: dict[str, StorageBackend] = {}
+        for provided in pm.hook.dkr_storage_backends():
+            for backend in provided:
+                if backend.name in found:
+                    raise DkrError(f"two plugins provide a storage backend named {backend.name!r}")
+                found[backend.name] = backend
+        _backends_of.update(plugins=registered, backends=found)
+    return dict(_backends_of["backends"])
+
+
+_backends_of: dict = {}
 
 
 def choose_backend(name: str, image_root: Path) -> tuple[StorageBackend, str]:

@@ -196,3 +196,22 @@ def test_a_plugin_that_fails_to_load_gets_one_error_line(registry, image_root, t
     assert run.err.splitlines() == ["dkr: error: plugin 'broken' (zz_broken_plugin) cannot be "
                                     "loaded: RuntimeError: this plugin is broken"], run.err
     assert [p.name for p in image_root.iterdir()] in ([], [".dkr"])
+
+
+def test_backends_are_asked_for_once_per_process():
+    """``dkr_storage_backends`` once, as documented; again only when plugins change."""
+    import types
+
+    from dkr import plugins
+    from dkr.hookspecs import hookimpl
+    asked = []
+    counting = types.SimpleNamespace(
+        dkr_storage_backends=hookimpl(lambda: asked.append(1) or []))
+    plugins.manager().register(counting, "counting-test")
+    try:
+        for _ in range(5):
+            assert "dir" in plugins.backends()
+        assert len(asked) == 1
+    finally:
+        plugins.manager().unregister(name="counting-test")
+    assert "dir" in plugins.backends() and len(asked) == 1
