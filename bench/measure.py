@@ -155,7 +155,7 @@ class ProcWatch(threading.Thread):
 def dkr_classes(pid: int, cmdline: bytes, is_root: bool) -> str:
     if is_root:
         return "main"
-    if b"dkr.unpack.extract" in cmdline:
+    if b"dkr.unpack.extract" in cmdline or b"dkr.extract" in cmdline:   # (older revisions)
         return "extractor"
     return "child"
 

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack  # noqa: E402
+from dkr.testing import link  # noqa: E402
 from dkr.testing.registry import Registry  # noqa: E402
 
 import measure  # noqa: E402
@@ -344,7 +345,12 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="/var/tmp", help="where loop images and the registry live")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--label", default=None,
-                   help="names the docs/bench.md section this run replaces (default 'scale=S')")
+                   help="names the docs/bench.md section this run replaces (default 'scale=S', "
+                        "with --link 'scale=S link=RATE')")
+    p.add_argument("--link", metavar="RATE", default=None,
+                   help="serve the registry from a network namespace behind a veth pair shaped "
+                        "with tbf to RATE each way (tc's syntax, e.g. 100mbit), instead of "
+                        "loopback; images are pushed before the link is shaped")
     p.add_argument("--docs", default=str(REPO / "docs" / "bench.md"),
                    help="Markdown file whose results section is updated ('' for none)")
     args = p.parse_args(argv)
@@ -389,7 +395,8 @@ def main(argv=None) -> int:
 
     data = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": command, "scale": args.scale, "runs": args.runs,
-            "label": args.label or f"scale={args.scale:g}",
+            "label": args.label or f"scale={args.scale:g}"
+                     + (f" link={args.link}" if args.link else ""), "link": args.link,
             "machine": machine_facts(), "tools": tool_versions(), "sets": {}, "results": {},
             "scaling": {}}
     fingerprint = code_fingerprint()
@@ -399,9 +406,14 @@ def main(argv=None) -> int:
         data["machine"]["dkr"] += f" (code {fingerprint})"
     log(f"machine: {data['machine']}; tools: {data['tools']}")
     bsets = setmod.build_sets(Path(args.cache), args.scale, set_names, log=log)
-    registry = Registry(workdir=args.workdir, log_level="warn")
-    try:
+    with ExitStack() as stack:
+        shaped = stack.enter_context(link.ShapedLink()) if args.link else None
+        registry = Registry(workdir=args.workdir, log_level="warn", link=shaped)
+        stack.callback(registry.stop)
         setmod.push_sets(registry, bsets, log=log)
+        if shaped:
+            shaped.shape(args.link)
+            log(f"registry at {registry.host}, behind a link of {args.link} each way")
         bench = Bench(args, rows, registry, outdir)
         for name in set_names:
             bset = bsets[name]
@@ -418,8 +430,6 @@ def main(argv=None) -> int:
                 for label, sub in bsets[name].subsets.items():
                     res = bench.run_group(f"{name}-scaling-{sub.name}", sub, srows, sruns, False)
                     data["scaling"][name][label] = {"facts": _set_facts(sub), "results": res}
-    finally:
-        registry.stop()
     data["elapsed_seconds"] = round(time.monotonic() - started, 1)
     if not frozen_commit and code_fingerprint() != fingerprint:
         data["warning"] = (f"dkr's code changed on disk during this run (now {_dkr_version()}, "

@@ -315,8 +315,11 @@ class Registry:
     """
 
     def __init__(self, auth=None, tls=False, push_credentials=None, workdir=None,
-                 log_level="info", start=True, redirect_blobs_to=None):
+                 log_level="info", start=True, redirect_blobs_to=None, link=None):
         self.auth = auth
+        # A ShapedLink (dkr.testing.link): serve from inside its namespace, reached over it.
+        self.link = link
+        self.address = link.server_address if link else "127.0.0.1"
         # Base URL of a server that serves the storage directory: blob GETs are
         # then redirected there (the registry's "redirect" storage middleware).
         self.redirect_blobs_to = redirect_blobs_to
@@ -380,7 +383,7 @@ class Registry:
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
             "http": {
-                "addr": f"127.0.0.1:{self.port}",
+                "addr": f"{self.address}:{self.port}",
                 "secret": secrets.token_hex(16),
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
@@ -406,7 +409,7 @@ class Registry:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -426,8 +429,9 @@ class Registry:
             # REGISTRY_* variables would override our config file.
             env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
             log = open(self.log_path, "ab")
+            argv = [REGISTRY_BIN, "serve", str(self.config_path)]
             self.proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(self.config_path)],
+                self.link.command(argv) if self.link else argv,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True)
             log.close()
