@@ -17,6 +17,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers import assert_ok, pull, run_dkr, temp_entries
@@ -29,6 +31,7 @@ from reliability_helpers import (
     children,
     error_lines,
     extractor_pids,
+    fingerprint,
     ignores_sigint,
     layer_dir,
     session_pids,
@@ -225,6 +228,74 @@ def test_kill_dkr_alone_leaves_no_orphan_writing(proxy, image_root):
     proxy.clear_faults()
     assert_ok(pull(proxy, "crash/download", image_root, "--backend", "dir", local="orphan"))
     assert temp_entries(image_root) == [] and spool_files(image_root) == []
+
+
+# A ``cp`` first in PATH that holds the copy whose command line names
+# $DKR_TEST_HOLD at its start (as if the disk were slow), until the test
+# creates $DKR_TEST_GATE.go: a copy that does not die with dkr starts then.
+HOLDING_CP = """#!/bin/sh
+case "$*" in *"$DKR_TEST_HOLD"*)
+    touch "$DKR_TEST_GATE.held"
+    while [ ! -e "$DKR_TEST_GATE.go" ]; do sleep 0.01; done;;
+esac
+exec /usr/bin/cp "$@"
+"""
+
+
+def _extracting(root, prefix) -> bool:
+    for entry in root.iterdir():
+        if entry.name.startswith(prefix + ".tmp-"):
+            try:
+                return len(os.listdir(entry / "many")) >= 200
+            except FileNotFoundError:
+                pass
+    return False
+
+
+@pytest.mark.parametrize("moment", ["extraction", "layer copy", "machine copy"])
+def test_kill_dkr_alone_and_every_helper_stops_writing(pushed, image_root, tmp_path, moment):
+    """The OOM killer takes only dkr's main process: while an extractor writes the
+    many-files layer, or while ``cp`` links that layer into the one above, or
+    copies it into the machine. Every child dies with dkr at once, nothing
+    writes into the image root after, nothing prints a traceback, and the next
+    ``pull --force`` cleans up and succeeds."""
+    assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="fm"))
+    many, top = (f".dkr-{c.split(':')[1]}" for c in chain_ids(NEW))
+    bin_dir, gate = tmp_path / "bin", tmp_path / "gate"
+    bin_dir.mkdir()
+    (bin_dir / "cp").write_text(HOLDING_CP)
+    (bin_dir / "cp").chmod(0o755)
+    hold = {"extraction": "no copy", "layer copy": top + ".tmp-",
+            "machine copy": ".dkr-local-fm.tmp-"}[moment]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "DKR_TEST_HOLD": hold, "DKR_TEST_GATE": str(gate)}
+    proc = DkrProcess("pull", "--insecure", "--image-root", image_root, "--json",
+                      "--backend", "dir", "--force", f"{pushed.host}/crash/new", "fm", env=env)
+    try:
+        if moment == "extraction":
+            proc.wait_until(lambda: _extracting(image_root, many), what="extraction under way")
+        else:
+            proc.wait_until(lambda: os.path.exists(f"{gate}.held"), what=f"the {moment}")
+        helpers = [pid for pid in session_pids(proc.pid) if pid != proc.pid]
+        assert helpers
+        proc.signal(signal.SIGKILL)
+        _, err = proc.finish()
+        before = fingerprint(image_root)
+        Path(f"{gate}.go").touch()
+        assert wait_gone(lambda: session_pids(proc.pid), timeout=2) == [], \
+            "a child of dkr lives on"
+    finally:
+        Path(f"{gate}.go").touch()
+        proc.stop()
+    time.sleep(0.5)
+    assert fingerprint(image_root) == before, "something wrote into the image root after dkr"
+    assert "Traceback" not in err and "Error" not in err, err
+    assert (image_root / "fm" / "version").read_bytes() == b"old\n"
+
+    assert_ok(pull(pushed, "crash/new", image_root, "--backend", "dir", "--force", local="fm"))
+    assert (image_root / "fm" / "version").read_bytes() == b"new\n"
+    assert len(os.listdir(image_root / "fm" / "many")) == MANY
+    assert temp_entries(image_root) == []
 
 
 # --- SIGINT / SIGTERM -----------------------------------------------------------------------
@@ -453,3 +524,16 @@ def test_an_old_machine_that_cannot_be_swapped_back_is_kept(pushed, image_root):
     assert set(visible_layers(image_root)) >= {layer_dir(image_root, c)
                                                for c in chain_ids(OLD) + chain_ids(NEW)}
 
+
+
+@pytest.mark.parametrize("setpriv", [True, False])
+def test_a_tied_program_is_set_to_die_with_dkr(monkeypatch, setpriv):
+    """dkr.treeops.tied: through setpriv, or Python where there is none."""
+    import shutil
+
+    from dkr.treeops import tied
+    if not setpriv:
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    asks = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
+    done = subprocess.run(tied([sys.executable, "-c", asks]), capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, f"{int(signal.SIGKILL)}\n"), done.stderr
