@@ -537,3 +537,18 @@ def test_a_tied_program_is_set_to_die_with_dkr(monkeypatch, setpriv):
     asks = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
     done = subprocess.run(tied([sys.executable, "-c", asks]), capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (0, f"{int(signal.SIGKILL)}\n"), done.stderr
+
+
+def test_an_extractor_whose_dkr_is_gone_reports_nothing_and_prints_nothing(tmp_path):
+    """Its report goes into a pipe nobody reads any more: no BrokenPipeError traceback
+    on the terminal dkr left behind."""
+    gone, report = os.pipe()
+    os.close(gone)
+    try:
+        done = subprocess.run([sys.executable, "-m", "dkr.extract", "--root",
+                               str(tmp_path / "missing"), "--format", "stacked"],
+                              stdin=subprocess.DEVNULL, stdout=report, stderr=subprocess.PIPE,
+                              text=True)
+    finally:
+        os.close(report)
+    assert done.returncode == 1 and done.stderr == ""
