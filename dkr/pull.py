@@ -280,7 +280,7 @@ class Puller:
 
         if not claim.builds:
             return await _outcome(claim.future)
-        self._remove_leftovers(claim.key, backend)
+        await self._remove_leftovers(claim.key, backend)
         stage = None
         stacked = parent is not None and backend.layer_format == "stacked"
         if stacked and not parent.tree.done() and self._stage_ahead:
@@ -376,11 +376,11 @@ class Puller:
                          commit_seconds=sealed - extracted)
         return final
 
-    def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
+    async def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
         """What an interrupted pull left of a layer we hold the lock of."""
         for leftover in self.root.leftovers(self.root.layer_path(key).name):
             log.info("Removing %s left by an interrupted pull.", leftover.name)
-            backend.remove(leftover)
+            await remove_leftover(backend.remove, leftover)
 
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
@@ -402,7 +402,7 @@ class Puller:
         claim = await self.claim_layer(key, backend, result, announce.get("digest", key))
         if not claim.builds:
             return await _outcome(claim.future)
-        self._remove_leftovers(key, backend)
+        await self._remove_leftovers(key, backend)
         return await self.build_layer(claim, parent and LayerTree(parent), backend,
                                       TreeFill(fetch), meta, announce, result)
 
@@ -513,7 +513,7 @@ class Puller:
         async with self._locked(f"machine-{local}", f"making machine {local}"):
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
-                remove_entry(backend, leftover)
+                await remove_leftover(lambda path: remove_entry(backend, path), leftover)
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
@@ -854,6 +854,31 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
                 not isinstance(stage.task.exception(), ResumedBlobMismatch):
             await stage.task
     return await _outcome(tree)
+
+
+# Seconds between tries to remove a leftover temp tree (see remove_leftover).
+LEFTOVER_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+async def remove_leftover(remove: Callable[[Path], None], leftover: Path) -> None:
+    """Remove a temp tree that a run which is gone left, under the lock it held.
+
+    The lock went with that run's process; its helpers die a moment later, by
+    their death signal, and one may still be writing into the tree meanwhile:
+    a removal that fails is tried again. If it still fails, the tree is left
+    for gc: ours has a name of its own, so the leftover is never in our way.
+    (What ``remove`` refuses outright, a DkrError, still stops us.)
+    """
+    for delay in (*LEFTOVER_RETRIES, None):
+        try:
+            remove(leftover)
+            return
+        except OSError as e:
+            if delay is None:
+                log.warning("Could not remove %s, left by an interrupted pull (gc will): %s",
+                            leftover.name, os_error_text(e))
+                return
+        await asyncio.sleep(delay)
 
 
 def _union(first: list[str], second: list[str]) -> list[str]:

@@ -552,3 +552,35 @@ def test_an_extractor_whose_dkr_is_gone_reports_nothing_and_prints_nothing(tmp_p
     finally:
         os.close(report)
     assert done.returncode == 1 and done.stderr == ""
+
+
+def test_a_leftover_still_written_for_a_moment_is_removed_once_its_writer_is_gone(
+        tmp_path, monkeypatch, caplog):
+    """The lock of a killed run goes before its helpers die: the next run may find
+    one still writing into the tree it removes (ENOTEMPTY), and tries again."""
+    import asyncio
+    import errno
+
+    from dkr import pull as pull_module
+    from dkr.treeops import remove_tree
+    monkeypatch.setattr(pull_module, "LEFTOVER_RETRIES", (0.01, 0.01, 0.01))
+    leftover = tmp_path / ".dkr-local-m.tmp-0123abcd"
+    leftover.mkdir()
+    writes = iter(range(2))
+
+    def remove_while_written(path):
+        n = next(writes, None)
+        if n is not None:                 # the dying helper writes one more file
+            (path / f"late{n}").touch()
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        remove_tree(path)
+    asyncio.run(pull_module.remove_leftover(remove_while_written, leftover))
+    assert not leftover.exists()
+
+    leftover.mkdir()
+    with caplog.at_level("WARNING"):
+        asyncio.run(pull_module.remove_leftover(
+            lambda path: (_ for _ in ()).throw(OSError(errno.EBUSY, "Device or resource busy")),
+            leftover))
+    assert leftover.exists()              # left for gc; the pull goes on with its own tree
+    assert "Could not remove .dkr-local-m.tmp-0123abcd" in caplog.text
