@@ -4,10 +4,10 @@ A layer is built under its flock (``locks/layer-<key>.lock``) so that two
 processes on one image root build it once; within one run, images that need
 the same layer share one ``LayerClaim``. A claim is a small state machine:
 
-    NEW ──acquire──► WAITING ──► OWNED ──extracted──► EXTRACTED ──commit──► DONE
-                        │          │                      │
-                        ├─(found committed)───────────────┼────────────────► DONE
-                        └──────────┴──────fail────────────┴────────────────► FAILED
+    NEW ─acquire─► WAITING ─┬─(locked, missing)─► OWNED ─extracted─► EXTRACTED
+                            │                                              │ commit
+                            └─(locked, found)─────────────────────────────►└─► DONE
+    NEW, WAITING, OWNED, EXTRACTED ─fail─► FAILED (lock released, waiters told)
 
 Lock order. Layers are claimed base first, and a layer's lock is taken only
 by a process that holds, or has found committed, every layer below it. So
@@ -19,6 +19,7 @@ anything above it: joining a claim that still waits for its lock, and
 taking the lock of the layer above at once, held a child's lock while the
 parent's was still to be had, and a process that then took the parent's
 lock waited for the child's, for ever (each waiting for the other).
+Whatever else takes more than one layer lock at a time must keep this order.
 
 A holder that dies loses its flock with its last descriptor (its helpers
 die with it and hold none): a waiter then takes the lock and finds the

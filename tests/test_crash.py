@@ -534,7 +534,8 @@ def test_a_tied_program_is_set_to_die_with_dkr(monkeypatch, setpriv):
     from dkr.treeops import tied
     if not setpriv:
         monkeypatch.setattr(shutil, "which", lambda name: None)
-    asks = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
+    asks = ("import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); "
+            "print(v.value)")
     done = subprocess.run(tied([sys.executable, "-c", asks]), capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (0, f"{int(signal.SIGKILL)}\n"), done.stderr
 
