@@ -252,14 +252,22 @@ def _extracting(root, prefix) -> bool:
     return False
 
 
-@pytest.mark.parametrize("moment", ["extraction", "layer copy", "machine copy"])
-def test_kill_dkr_alone_and_every_helper_stops_writing(pushed, image_root, tmp_path, moment):
+@pytest.mark.parametrize("backend, moment", [("dir", "extraction"), ("dir", "layer copy"),
+                                             ("dir", "machine copy"), ("btrfs", "extraction")])
+def test_kill_dkr_alone_and_every_helper_stops_writing(pushed, tmp_path, backend, moment):
     """The OOM killer takes only dkr's main process: while an extractor writes the
     many-files layer, or while ``cp`` links that layer into the one above, or
     copies it into the machine. Every child dies with dkr at once, nothing
     writes into the image root after, nothing prints a traceback, and the next
-    ``pull --force`` cleans up and succeeds."""
-    assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="fm"))
+    ``pull --force`` cleans up and succeeds. (On btrfs, layers are sealed in
+    helpers too.)"""
+    with backend_mount(backend) as mount:
+        _kill_dkr_alone(pushed, mount / "machines" if mount else tmp_path / "machines",
+                        tmp_path, backend, moment)
+
+
+def _kill_dkr_alone(pushed, image_root, tmp_path, backend, moment):
+    assert_ok(pull(pushed, "crash/old", image_root, "--backend", backend, local="fm"))
     many, top = (f".dkr-{c.split(':')[1]}" for c in chain_ids(NEW))
     bin_dir, gate = tmp_path / "bin", tmp_path / "gate"
     bin_dir.mkdir()
@@ -270,7 +278,7 @@ def test_kill_dkr_alone_and_every_helper_stops_writing(pushed, image_root, tmp_p
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "DKR_TEST_HOLD": hold, "DKR_TEST_GATE": str(gate)}
     proc = DkrProcess("pull", "--insecure", "--image-root", image_root, "--json",
-                      "--backend", "dir", "--force", f"{pushed.host}/crash/new", "fm", env=env)
+                      "--backend", backend, "--force", f"{pushed.host}/crash/new", "fm", env=env)
     try:
         if moment == "extraction":
             proc.wait_until(lambda: _extracting(image_root, many), what="extraction under way")
@@ -292,7 +300,7 @@ def test_kill_dkr_alone_and_every_helper_stops_writing(pushed, image_root, tmp_p
     assert "Traceback" not in err and "Error" not in err, err
     assert (image_root / "fm" / "version").read_bytes() == b"old\n"
 
-    assert_ok(pull(pushed, "crash/new", image_root, "--backend", "dir", "--force", local="fm"))
+    assert_ok(pull(pushed, "crash/new", image_root, "--backend", backend, "--force", local="fm"))
     assert (image_root / "fm" / "version").read_bytes() == b"new\n"
     assert len(os.listdir(image_root / "fm" / "many")) == MANY
     assert temp_entries(image_root) == []
