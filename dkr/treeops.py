@@ -43,6 +43,8 @@ def write_all(fd: int, view: memoryview) -> None:
 
 
 def _make_writable_and_retry(func, path, exc_info) -> None:
+    if isinstance(exc_info[1], FileNotFoundError):
+        return        # gone meanwhile: another run cleaning up a tree that our run left
     # Without root, a read-only directory cannot lose its entries: open it up, try again.
     parent = os.path.dirname(path)
     for p in (parent, path):

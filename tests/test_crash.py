@@ -593,3 +593,30 @@ def test_a_leftover_still_written_for_a_moment_is_removed_once_its_writer_is_gon
             leftover))
     assert leftover.exists()              # left for gc; the pull goes on with its own tree
     assert "Could not remove .dkr-local-m.tmp-0123abcd" in caplog.text
+
+
+def test_two_runs_removing_one_leftover_at_once_both_succeed(tmp_path):
+    """A run that let its lock go while it still cleans up (a stage directory after
+    a failed layer) and the next run, which finds the same tree as a leftover."""
+    import threading
+
+    from dkr.treeops import remove_tree
+    for attempt in range(3):
+        tree = tmp_path / f"leftover{attempt}"
+        for d in range(20):
+            (tree / f"d{d}").mkdir(parents=True)
+            for f in range(100):
+                (tree / f"d{d}" / f"f{f}").touch()
+        failures = []
+
+        def remove():
+            try:
+                remove_tree(tree)
+            except OSError as e:
+                failures.append(e)
+        threads = [threading.Thread(target=remove) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == [] and not tree.exists()
