@@ -14,12 +14,14 @@ from typing import Sequence
 
 from dkr.errors import DkrError
 from dkr.hookspecs import hookimpl
-from dkr.treeops import remove_tree
+from dkr.treeops import remove_tree, tied
 
 
 def _cp(args: list[str], what: str) -> None:
     import subprocess     # here: every start of dkr and of its extractors' server loads this module
-    proc = subprocess.run(["cp", *args], capture_output=True, text=True)
+    # tied: a copy that outlived a killed dkr would go on writing into the tree
+    # that the next run removes.
+    proc = subprocess.run(tied(["cp", *args]), capture_output=True, text=True)
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()
         raise DkrError(f"{what} failed: {detail[-1] if detail else 'cp exited ' + str(proc.returncode)}")

@@ -308,3 +308,21 @@ def wait_gone(pids_of, timeout: float = 20) -> list[int]:
 def spool_files(root: Path) -> list[Path]:
     partial = root / ".dkr" / "partial"
     return sorted(partial.iterdir()) if partial.exists() else []
+
+
+def flock_holders(path: Path) -> set[int]:
+    """Pids that hold an flock(2) on ``path`` now, as /proc/locks tells (no lock taken to
+    find out, so the processes being watched are never disturbed)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return set()
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF"; a waiter's line has "->"
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+                holders.add(int(fields[4]))
+    return holders

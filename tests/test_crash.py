@@ -17,6 +17,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers import assert_ok, interpreter_with_site_hook, pull, run_dkr, temp_entries
@@ -29,6 +31,7 @@ from reliability_helpers import (
     children,
     error_lines,
     extractor_pids,
+    fingerprint,
     ignores_sigint,
     layer_dir,
     session_pids,
@@ -225,6 +228,82 @@ def test_kill_dkr_alone_leaves_no_orphan_writing(proxy, image_root):
     proxy.clear_faults()
     assert_ok(pull(proxy, "crash/download", image_root, "--backend", "dir", local="orphan"))
     assert temp_entries(image_root) == [] and spool_files(image_root) == []
+
+
+# A ``cp`` first in PATH that holds the copy whose command line names
+# $DKR_TEST_HOLD at its start (as if the disk were slow), until the test
+# creates $DKR_TEST_GATE.go: a copy that does not die with dkr starts then.
+HOLDING_CP = """#!/bin/sh
+case "$*" in *"$DKR_TEST_HOLD"*)
+    touch "$DKR_TEST_GATE.held"
+    while [ ! -e "$DKR_TEST_GATE.go" ]; do sleep 0.01; done;;
+esac
+exec /usr/bin/cp "$@"
+"""
+
+
+def _extracting(root, prefix) -> bool:
+    for entry in root.iterdir():
+        if entry.name.startswith(prefix + ".tmp-"):
+            try:
+                return len(os.listdir(entry / "many")) >= 200
+            except FileNotFoundError:
+                pass
+    return False
+
+
+@pytest.mark.parametrize("backend, moment", [("dir", "extraction"), ("dir", "layer copy"),
+                                             ("dir", "machine copy"), ("btrfs", "extraction")])
+def test_kill_dkr_alone_and_every_helper_stops_writing(pushed, tmp_path, backend, moment):
+    """The OOM killer takes only dkr's main process: while an extractor writes the
+    many-files layer, or while ``cp`` links that layer into the one above, or
+    copies it into the machine. Every child dies with dkr at once, nothing
+    writes into the image root after, nothing prints a traceback, and the next
+    ``pull --force`` cleans up and succeeds. (On btrfs, layers are sealed in
+    helpers too.)"""
+    with backend_mount(backend) as mount:
+        _kill_dkr_alone(pushed, mount / "machines" if mount else tmp_path / "machines",
+                        tmp_path, backend, moment)
+
+
+def _kill_dkr_alone(pushed, image_root, tmp_path, backend, moment):
+    assert_ok(pull(pushed, "crash/old", image_root, "--backend", backend, local="fm"))
+    many, top = (f".dkr-{c.split(':')[1]}" for c in chain_ids(NEW))
+    bin_dir, gate = tmp_path / "bin", tmp_path / "gate"
+    bin_dir.mkdir()
+    (bin_dir / "cp").write_text(HOLDING_CP)
+    (bin_dir / "cp").chmod(0o755)
+    hold = {"extraction": "no copy", "layer copy": top + ".tmp-",
+            "machine copy": ".dkr-local-fm.tmp-"}[moment]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "DKR_TEST_HOLD": hold, "DKR_TEST_GATE": str(gate)}
+    proc = DkrProcess("pull", "--insecure", "--image-root", image_root, "--json",
+                      "--backend", backend, "--force", f"{pushed.host}/crash/new", "fm", env=env)
+    try:
+        if moment == "extraction":
+            proc.wait_until(lambda: _extracting(image_root, many), what="extraction under way")
+        else:
+            proc.wait_until(lambda: os.path.exists(f"{gate}.held"), what=f"the {moment}")
+        helpers = [pid for pid in session_pids(proc.pid) if pid != proc.pid]
+        assert helpers
+        proc.signal(signal.SIGKILL)
+        _, err = proc.finish()
+        before = fingerprint(image_root)
+        Path(f"{gate}.go").touch()
+        assert wait_gone(lambda: session_pids(proc.pid), timeout=2) == [], \
+            "a child of dkr lives on"
+    finally:
+        Path(f"{gate}.go").touch()
+        proc.stop()
+    time.sleep(0.5)
+    assert fingerprint(image_root) == before, "something wrote into the image root after dkr"
+    assert "Traceback" not in err and "Error" not in err, err
+    assert (image_root / "fm" / "version").read_bytes() == b"old\n"
+
+    assert_ok(pull(pushed, "crash/new", image_root, "--backend", backend, "--force", local="fm"))
+    assert (image_root / "fm" / "version").read_bytes() == b"new\n"
+    assert len(os.listdir(image_root / "fm" / "many")) == MANY
+    assert temp_entries(image_root) == []
 
 
 # --- SIGINT / SIGTERM -----------------------------------------------------------------------
@@ -451,3 +530,91 @@ def test_an_old_machine_that_cannot_be_swapped_back_is_kept(pushed, image_root):
     assert set(visible_layers(image_root)) >= {layer_dir(image_root, c)
                                                for c in chain_ids(OLD) + chain_ids(NEW)}
 
+
+
+@pytest.mark.parametrize("setpriv", [True, False])
+def test_a_tied_program_is_set_to_die_with_dkr(monkeypatch, setpriv):
+    """dkr.treeops.tied: through setpriv, or Python where there is none."""
+    import shutil
+
+    from dkr.treeops import tied
+    if not setpriv:
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    asks = ("import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); "
+            "print(v.value)")
+    done = subprocess.run(tied([sys.executable, "-c", asks]), capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, f"{int(signal.SIGKILL)}\n"), done.stderr
+
+
+def test_an_extractor_whose_dkr_is_gone_reports_nothing_and_prints_nothing(tmp_path):
+    """Its report goes into a pipe nobody reads any more: no BrokenPipeError traceback
+    on the terminal dkr left behind."""
+    gone, report = os.pipe()
+    os.close(gone)
+    try:
+        done = subprocess.run([sys.executable, "-m", "dkr.unpack.extract", "--root",
+                               str(tmp_path / "missing"), "--format", "stacked"],
+                              stdin=subprocess.DEVNULL, stdout=report, stderr=subprocess.PIPE,
+                              text=True)
+    finally:
+        os.close(report)
+    assert done.returncode == 1 and done.stderr == ""
+
+
+def test_a_leftover_still_written_for_a_moment_is_removed_once_its_writer_is_gone(
+        tmp_path, monkeypatch, caplog):
+    """The lock of a killed run goes before its helpers die: the next run may find
+    one still writing into the tree it removes (ENOTEMPTY), and tries again."""
+    import asyncio
+    import errno
+
+    from dkr.pull import puller as pull_module
+    from dkr.treeops import remove_tree
+    monkeypatch.setattr(pull_module, "LEFTOVER_RETRIES", (0.01, 0.01, 0.01))
+    leftover = tmp_path / ".dkr-local-m.tmp-0123abcd"
+    leftover.mkdir()
+    writes = iter(range(2))
+
+    def remove_while_written(path):
+        n = next(writes, None)
+        if n is not None:                 # the dying helper writes one more file
+            (path / f"late{n}").touch()
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        remove_tree(path)
+    asyncio.run(pull_module.remove_leftover(remove_while_written, leftover))
+    assert not leftover.exists()
+
+    leftover.mkdir()
+    with caplog.at_level("WARNING"):
+        asyncio.run(pull_module.remove_leftover(
+            lambda path: (_ for _ in ()).throw(OSError(errno.EBUSY, "Device or resource busy")),
+            leftover))
+    assert leftover.exists()              # left for gc; the pull goes on with its own tree
+    assert "Could not remove .dkr-local-m.tmp-0123abcd" in caplog.text
+
+
+def test_two_runs_removing_one_leftover_at_once_both_succeed(tmp_path):
+    """A run that let its lock go while it still cleans up (a stage directory after
+    a failed layer) and the next run, which finds the same tree as a leftover."""
+    import threading
+
+    from dkr.treeops import remove_tree
+    for attempt in range(3):
+        tree = tmp_path / f"leftover{attempt}"
+        for d in range(20):
+            (tree / f"d{d}").mkdir(parents=True)
+            for f in range(100):
+                (tree / f"d{d}" / f"f{f}").touch()
+        failures = []
+
+        def remove():
+            try:
+                remove_tree(tree)
+            except OSError as e:
+                failures.append(e)
+        threads = [threading.Thread(target=remove) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == [] and not tree.exists()

@@ -9,7 +9,6 @@ ends DONE.
 from __future__ import annotations
 
 import asyncio
-import functools
 import http.server
 import threading
 

@@ -256,6 +256,30 @@ def test_a_pull_stopped_while_a_helper_waits_takes_the_helper_with_it(private_re
         os.kill(int((tmp / "helper.pid").read_text()), 0)
 
 
+def test_a_helper_dies_with_a_killed_dkr(private_registry, image_root, home):
+    """SIGKILL of dkr alone (the OOM killer) leaves no helper waiting on a keyring."""
+    tmp, env = home
+    _helper(tmp / "bin", "slow", f"echo $$ > {tmp}/helper.pid\n"
+            f"sleep 20; echo done > {tmp}/finished\n")
+    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "slow"}))
+    proc = subprocess.Popen([sys.executable, "-m", "dkr", "pull", "--insecure", "--image-root",
+                             str(image_root), "--backend", "dir",
+                             f"{private_registry.host}/private/img"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(tmp / "helper.pid")
+    proc.kill()
+    proc.communicate(timeout=60)
+    helper = int((tmp / "helper.pid").read_text())
+    for _ in range(100):
+        try:
+            os.kill(helper, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    with pytest.raises(ProcessLookupError):
+        os.kill(helper, 0)
+
+
 def _wait_for(path, attempts=300):
     for _ in range(attempts):
         if path.exists() and path.read_text().strip():

@@ -23,7 +23,6 @@ log = logging.getLogger("dkr")
 def run_demo(image_root, backend: str = "auto") -> int:
     try:
         from dkr.testing import images
-
         from dkr.testing.registry import Registry, RegistryError
     except ImportError as e:   # pragma: no cover - shipped with the package
         raise DkrError(f"demo support is missing: {e}") from None

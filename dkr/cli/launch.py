@@ -24,7 +24,7 @@ def main() -> int:
     modules_loaded()
     status = cli_main()
     # Nothing is left to do: skip tearing down every module one by one.
-    import logging            # (loaded by now; imported here so the server starts ~20 ms sooner)
+    import logging  # (loaded by now; imported here so the server starts ~20 ms sooner)
     logging.shutdown()
     try:
         sys.stdout.flush()

@@ -29,6 +29,7 @@ from dkr.events import Events
 from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, backends, choose_backend
+from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
 from dkr.registry.client import RegistryClient
@@ -89,39 +90,6 @@ def exchange_paths(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err), str(b))
 
 
-class LayerTree:
-    """A layer's complete tree, wherever it is: under its temp name while it is
-    sealed (child layers are copied from it then), under its final name after.
-
-    A child copied after its parent was committed (in a batch, an image that
-    comes late to a shared base) must not look for the temp name.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def rename(self, final: Path) -> None:
-        os.rename(self.path, final)
-        self.path = final
-
-
-@dataclass
-class LayerClaim:
-    """A layer an image needs, and where it stands.
-
-    ``tree`` gives the layer's LayerTree as soon as it is extracted and
-    checked: a child layer may be copied from it then. ``future`` gives the
-    final path once the layer is committed. ``lock`` is held while we build it.
-    """
-
-    key: str
-    future: asyncio.Future
-    tree: asyncio.Future
-    lock: AsyncFlock | None = None
-    owner: bool = True            # False: another image of this run builds it
-    sharers: int = 0              # other images of this run that wait for our build
-
-
 class Puller:
     def __init__(self, options: PullOptions, events: Events | None = None):
         self.options = options
@@ -137,7 +105,8 @@ class Puller:
         self._helper_answers: dict[HelperQuestion, asyncio.Future] = {}
         self._helpers_stop = threading.Event()
         self._backend: StorageBackend | None = None
-        self._builds: dict[str, LayerClaim] = {}
+        self._claims = ClaimTable(lambda key: self._locked(f"layer-{key}",
+                                                          f"building layer {key[:12]}"))
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
         self._no_gc = AsyncFlock(self.root.meta / "locks" / "gc.lock", "running gc", shared=True)
@@ -253,7 +222,7 @@ class Puller:
     async def _layers(self, client: RegistryClient, plan: ImagePlan, backend: StorageBackend,
                       result: PullResult) -> list[Path]:
         """Every layer of ``plan``, built or reused, base first."""
-        claims: list[LayerClaim] = []
+        claims: list[Share] = []
         prefetched: dict[str, SpooledBlob] = {}
         try:
             try:
@@ -285,7 +254,7 @@ class Puller:
                             result: PullResult, claims: list[LayerClaim]) -> list[Path]:
         """Build ``claims``, the first layers of ``plan``, or wait for them."""
         for claim, layer in zip(claims, plan.layers):
-            if claim.lock is not None and claim.key not in prefetched:
+            if claim.builds and claim.key not in prefetched:
                 prefetched[claim.key] = self._start_download(client, plan.reference, layer)
         # All layers go at once: a stacked one waits for its parent's tree (not its
         # commit) to snapshot it, and commits only after its parent did.
@@ -295,10 +264,10 @@ class Puller:
             for index, claim in enumerate(claims)],
             spare=lambda index: self._still_shared(claims[index]))
 
-    async def _v2_build(self, claim: LayerClaim, index: int, plan: ImagePlan,
+    async def _v2_build(self, claim: Share, index: int, plan: ImagePlan,
                         backend: StorageBackend, client: RegistryClient,
                         prefetched: dict[str, SpooledBlob], result: PullResult,
-                        parent: LayerClaim | None) -> Path:
+                        parent: Share | None) -> Path:
         layer = plan.layers[index]
         meta = {"chain_id": layer.chain_id, "diff_id": layer.diff_id, "digest": layer.digest,
                 "size": layer.size, "media_type": layer.media_type,
@@ -310,9 +279,9 @@ class Puller:
             return prefetched.pop(claim.key, None) or \
                 self._start_download(client, plan.reference, layer)
 
-        if claim.lock is None:
+        if not claim.builds:
             return await _outcome(claim.future)
-        self._remove_leftovers(claim.key, backend)
+        await self._remove_leftovers(claim.key, backend)
         stage = None
         stacked = parent is not None and backend.layer_format == "stacked"
         if stacked and not parent.tree.done() and self._stage_ahead:
@@ -329,35 +298,23 @@ class Puller:
 
     # --- layers: claim, build -------------------------------------------------------
     async def claim_layer(self, key: str, backend: StorageBackend, result: PullResult,
-                          digest: str = "") -> LayerClaim:
-        """Reuse layer ``key``, share its build with another image, or take it on."""
-        shared = self._builds.get(key)
-        if shared is not None:
-            shared.sharers += 1
-            return LayerClaim(key, shared.future, shared.tree, owner=False)
-        loop = asyncio.get_running_loop()
-        future, tree = loop.create_future(), loop.create_future()
-        future.add_done_callback(retrieved)
-        tree.add_done_callback(retrieved)
-        claim = LayerClaim(key, future, tree, self._locked(f"layer-{key}", f"building layer {key[:12]}"))
-        self._builds[key] = claim
-        try:
-            await claim.lock.acquire()
+                          digest: str = "") -> Share:
+        """Reuse layer ``key``, share its build with another image, or take it on
+        (see dkr.claims: the order in which layers are claimed, and why)."""
+        def found() -> Path | None:
             final = self.root.layer_path(key)
-            if final.exists():
-                claim.lock.release()
-                claim.lock = None
-                self._check_layer_backend(key, backend)
-                self.events.emit("skipped", chain_id=key, digest=digest or key)
-                result.layers_reused += 1
-                future.set_result(final)
-                tree.set_result(LayerTree(final))
-        except BaseException as e:
-            self._abandon(claim, e)
-            raise
-        return claim
+            if not final.exists():
+                return None
+            self._check_layer_backend(key, backend)
+            return final
 
-    async def build_layer(self, claim: LayerClaim, parent: LayerTree | None,
+        share = await self._claims.claim(key, found)
+        if share.mine and share.claim.state is ClaimState.DONE:
+            self.events.emit("skipped", chain_id=key, digest=digest or key)
+            result.layers_reused += 1
+        return share
+
+    async def build_layer(self, claim: Share, parent: LayerTree | None,
                           backend: StorageBackend, fill: LayerFill,
                           meta: dict, announce: dict, result: PullResult,
                           parent_committed: asyncio.Future | None = None) -> Path:
@@ -388,15 +345,14 @@ class Puller:
                     prepared = time.monotonic()
                     unpacked = await fill.fill(tmp)
                     extracted = time.monotonic()
-                    tree = LayerTree(tmp)
-                    claim.tree.set_result(tree)
+                    claim.claim.extracted(tmp)
                     self.events.emit("layer-extracted", chain_id=claim.key,
                                      digest=announce.get("digest", claim.key))
                     await self._seal(backend, tmp, claim.key, meta, unpacked)
                     sealed = time.monotonic()
                     if parent_committed is not None:
                         await _outcome(parent_committed)
-                    tree.rename(final)
+                    claim.claim.commit(final)
                     break
                 except ResumedBlobMismatch as e:
                     backend.remove(tmp)
@@ -406,11 +362,9 @@ class Puller:
                 except BaseException:
                     backend.remove(tmp)
                     raise
-            claim.future.set_result(final)
         except BaseException as e:
             self._abandon(claim, e)
             raise
-        self._abandon(claim)
         result.layers_fetched += 1
         result.bytes_fetched += announce.get("size") or 0
         result.recorded_stats += unpacked.get("recorded_owners", 0)
@@ -423,11 +377,11 @@ class Puller:
                          commit_seconds=sealed - extracted)
         return final
 
-    def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
+    async def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
         """What an interrupted pull left of a layer we hold the lock of."""
         for leftover in self.root.leftovers(self.root.layer_path(key).name):
             log.info("Removing %s left by an interrupted pull.", leftover.name)
-            backend.remove(leftover)
+            await remove_leftover(backend.remove, leftover)
 
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
@@ -447,36 +401,24 @@ class Puller:
                            announce: dict, result: PullResult) -> Path:
         """Claim and, if needed, build one layer: the sequential form (v1 uses it)."""
         claim = await self.claim_layer(key, backend, result, announce.get("digest", key))
-        if claim.lock is None:
+        if not claim.builds:
             return await _outcome(claim.future)
-        self._remove_leftovers(key, backend)
+        await self._remove_leftovers(key, backend)
         return await self.build_layer(claim, parent and LayerTree(parent), backend,
                                       TreeFill(fetch), meta, announce, result)
 
-    def _still_shared(self, claim: LayerClaim) -> bool:
-        """Our image failed: go on building ``claim`` if another image waits for it,
+    def _still_shared(self, share: Share) -> bool:
+        """Our image failed: go on building ``share`` if another image waits for it,
         else let no other image join its build from now on (it is about to stop)."""
-        if claim.sharers:
+        if share.claim.sharers:
             return True
-        if self._builds.get(claim.key) is claim:
-            del self._builds[claim.key]
+        self._claims.forget(share.claim)
         return False
 
-    def _abandon(self, claim: LayerClaim, error: BaseException | None = None) -> None:
-        """Release what a claim holds; a layer never built fails its waiters."""
-        if not claim.owner:
-            return                    # its builder decides how it ends
-        if claim.lock is not None:
-            claim.lock.release()
-            claim.lock = None
-        if not claim.future.done():
-            if self._builds.get(claim.key) is claim:
-                del self._builds[claim.key]
-            failure = error if isinstance(error, Exception) else \
-                DkrError(f"layer {claim.key[:12]} was not built (an earlier step failed)")
-            claim.future.set_exception(failure)
-            if not claim.tree.done():
-                claim.tree.set_exception(failure)
+    def _abandon(self, share: Share, error: BaseException | None = None) -> None:
+        """Release what an image's claim holds; a layer never built fails its waiters."""
+        if share.mine:                # else its maker decides how it ends
+            self._claims.abandon(share.claim, error)
 
     def _check_layer_backend(self, key: str, backend: StorageBackend) -> None:
         info = self.root.layer_info(key) or {}
@@ -572,7 +514,7 @@ class Puller:
         async with self._locked(f"machine-{local}", f"making machine {local}"):
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
-                remove_entry(backend, leftover)
+                await remove_leftover(lambda path: remove_entry(backend, path), leftover)
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
@@ -915,6 +857,31 @@ async def _parent_tree(tree: asyncio.Future, stage: _Stage | None) -> LayerTree:
     return await _outcome(tree)
 
 
+# Seconds between tries to remove a leftover temp tree (see remove_leftover).
+LEFTOVER_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+async def remove_leftover(remove: Callable[[Path], None], leftover: Path) -> None:
+    """Remove a temp tree that a run which is gone left, under the lock it held.
+
+    The lock went with that run's process; its helpers die a moment later, by
+    their death signal, and one may still be writing into the tree meanwhile:
+    a removal that fails is tried again. If it still fails, the tree is left
+    for gc: ours has a name of its own, so the leftover is never in our way.
+    (What ``remove`` refuses outright, a DkrError, still stops us.)
+    """
+    for delay in (*LEFTOVER_RETRIES, None):
+        try:
+            remove(leftover)
+            return
+        except OSError as e:
+            if delay is None:
+                log.warning("Could not remove %s, left by an interrupted pull (gc will): %s",
+                            leftover.name, os_error_text(e))
+                return
+        await asyncio.sleep(delay)
+
+
 def _union(first: list[str], second: list[str]) -> list[str]:
     return list(dict.fromkeys(first + second))
 
@@ -926,9 +893,10 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def _last_shared(claims: list[LayerClaim]) -> int:
-    """The index of the last claim we build that another image joined, or -1."""
-    return max((i for i, claim in enumerate(claims) if claim.owner and claim.sharers), default=-1)
+def _last_shared(claims: list[Share]) -> int:
+    """The index of the last claim we made that another image joined, or -1."""
+    return max((i for i, share in enumerate(claims) if share.mine and share.claim.sharers),
+               default=-1)
 
 
 async def _outcome(future: asyncio.Future):

@@ -53,7 +53,7 @@ def retry_after(response: Response) -> float | None:
         return None
     if value.strip().isascii() and value.strip().isdigit():
         return min(float(value), RETRY_AFTER_CAP)
-    import email.utils            # rarely needed; it costs every start-up 7 ms
+    import email.utils  # rarely needed; it costs every start-up 7 ms
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):

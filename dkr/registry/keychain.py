@@ -32,6 +32,7 @@ from typing import Iterator, NamedTuple
 from dkr.errors import DkrError
 from dkr.registry.auth import Credentials
 from dkr.registry.reference import DOCKER_HUB_ALIASES
+from dkr.treeops import tied
 
 HELPER_TIMEOUT = 60                      # a helper may ask a keyring to unlock
 HELPER_POLL = 0.2                        # how soon a stopped pull stops its helper
@@ -189,7 +190,14 @@ def _talk(proc: subprocess.Popen, server: str,
 def _run_helper(program: str, server: str, path: Path,
                 stop: threading.Event) -> Credentials | None:
     try:
-        proc = subprocess.Popen([program, "get"], stdin=subprocess.PIPE,
+        if "\0" in program:
+            raise ValueError("embedded null byte")
+        import shutil  # here: it costs every start of dkr ~5 ms
+        found = shutil.which(program)
+        if found is None:
+            raise FileNotFoundError(program)
+        # tied: a helper must not outlive a killed dkr (it may wait on a keyring for ever).
+        proc = subprocess.Popen(tied([found, "get"]), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise DkrError(f"credential helper {program} (named in {path}) is not installed") \

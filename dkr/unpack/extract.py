@@ -48,7 +48,7 @@ from pathlib import Path
 
 from dkr.errors import DkrError
 from dkr.startup import modules_loaded
-from dkr.treeops import remove_tree
+from dkr.treeops import remove_tree, write_all
 from dkr.unpack import _tarcore, staging, tarstream
 from dkr.unpack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
 
@@ -776,7 +776,7 @@ def _reap(options: int) -> None:
 
 def _report(job) -> int:
     """Run ``job`` and print its result (or its error) as the one JSON line."""
-    out = os.fdopen(os.dup(1), "w")
+    out = os.dup(1)                   # (what the job does with its stdout is not our report)
     try:
         result = job()
         if result is None:
@@ -787,8 +787,14 @@ def _report(job) -> int:
         result = {"error": _describe(e)}
     except Exception as e:  # noqa: BLE001 - a decoder's own error types; report, never trace
         result = {"error": f"cannot read layer: {type(e).__name__}: {e}"}
-    out.write(json.dumps(result) + "\n")
-    out.flush()
+    try:
+        write_all(out, memoryview((json.dumps(result) + "\n").encode()))
+    except OSError:
+        # dkr is gone (killed: its death signal is on its way to us). Nobody reads
+        # the report, and a traceback would land on the terminal dkr left.
+        return 1
+    finally:
+        os.close(out)
     return 0 if "error" not in result else 1
 
 

@@ -17,11 +17,13 @@ from typing import Sequence
 
 from dkr.errors import DkrError
 from dkr.hookspecs import hookimpl
+from dkr.treeops import tied
 
 
 def _copy(source: Path, target: Path) -> None:
     # cp -a keeps what shutil.copytree loses: owners, device nodes, hardlinks, xattrs.
-    proc = subprocess.run(["cp", "-a", "--", str(source), str(target)],
+    # tied: the copy dies with dkr, and never writes on into a tree the next run removes.
+    proc = subprocess.run(tied(["cp", "-a", "--", str(source), str(target)]),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
