@@ -17,9 +17,9 @@ import sys
 import pytest
 from reliability_helpers import flock_holders
 
-from dkr.claims import ClaimError, ClaimState, ClaimTable, LayerClaim
+from dkr.pull.claims import ClaimError, ClaimState, ClaimTable, LayerClaim
 from dkr.errors import DkrError
-from dkr.locks import AsyncFlock
+from dkr.store.locks import AsyncFlock
 
 
 @pytest.fixture
