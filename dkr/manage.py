@@ -232,8 +232,8 @@ def cmd_remove(args) -> int:
         plan = [(local, *_machine_to_remove(root, local)) for local in names]
         for local in names:
             _machine_lock(root, local, stack)
-        for local in names:
-            _recover(root, local)
+        if any(_recover(root, local) for local in names):    # the record may say otherwise now
+            plan = [(local, *_machine_to_remove(root, local)) for local in names]
         taken_down = _deactivate_all(root, plan)
         try:                  # (after the take-down: an overlay is mounted on its machine)
             for local, _, _ in plan:
@@ -341,18 +341,25 @@ def _each_machine(root: ImageRoot, args, act) -> int:
     return 1 if failures else 0
 
 
-def _recover(root: ImageRoot, local: str) -> None:
-    """Finish or take back a replacement of ``local`` that a killed pull left."""
+def _recover(root: ImageRoot, local: str) -> bool:
+    """Finish or take back a replacement of ``local`` that a killed pull left.
+    True if there was one."""
+    try:
+        info = root.machine_info(local)
+    except DkrError:
+        return False
+    if not info or "swap" not in info:
+        return False
     with _wrap_os_error(f"machine {local}"):
         recover(root, local)
+    return True
 
 
 def _mount(root: ImageRoot, local: str, backend, info: dict) -> None:
     machine = root.machine_path(local)
     with ExitStack() as stack:
         _machine_lock(root, local, stack)
-        if "swap" in info:
-            _recover(root, local)
+        if _recover(root, local):
             info = _machine(root, local)
             backend = _backend(info.get("backend"), f"machine {local!r}")
         if not machine.is_dir():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import threading
@@ -107,7 +108,14 @@ def exchange_paths(a: Path, b: Path) -> None:
             failure.append(e)
     thread = threading.Thread(target=swap, name="dkr-swap")
     thread.start()
-    thread.join()
+    interrupted = None
+    while thread.is_alive():      # an undo must not start before the rename is done or not
+        try:
+            thread.join()
+        except BaseException as e:  # noqa: BLE001 - raised once the thread is done
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
     if failure:
         raise failure[0]
 
@@ -376,7 +384,6 @@ def _backend(name: str | None, tree: Path, root: ImageRoot) -> StorageBackend:
 
 
 def _json_bytes(record: dict) -> bytes:
-    import json
     return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
 
 

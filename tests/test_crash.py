@@ -354,6 +354,7 @@ KILL_POINTS = [
     ("exchange_paths", "new", "mount"),       # swapped, the record not told yet: forward
     ("exchange_paths", "new", "list"),
     ("deactivate_machine", "new", "pull"),    # the record says swapped, the old tree goes
+    ("exchange_paths", "new", "remove"),      # (on overlay both trees are mounted then)
 ]
 
 
@@ -382,6 +383,12 @@ def test_a_force_pull_killed_mid_swap_is_rolled_forward_or_back(pushed, backend_
         assert temp_entries(root) == [] and "swap" not in machine_record(root)
         assert_ok(run_dkr("gc", "--image-root", root))
         assert set(visible_layers(root)) == {layer_dir(root, c) for c in chain_ids(THIRD)}
+        return
+    if then == "remove":
+        assert_ok(run_dkr("remove", "--image-root", root, "mc"))
+        assert not os.path.lexists(root / "mc") and temp_entries(root) == []
+        assert_ok(run_dkr("gc", "--image-root", root))
+        assert visible_layers(root) == []
         return
     if then == "list":
         assert listed_reference(root) == [f"{pushed.host}/crash/{survivor}:latest"]
