@@ -271,12 +271,12 @@ class MachineSwap:
         try:
             self.prepare(tmp, layers, backend, record)
             self.exchange()
-        except BaseException as failure:
-            self._undo(failure)
+        except BaseException:
+            self._undo()
             raise
         self.finish()
 
-    def _undo(self, failure: BaseException) -> None:
+    def _undo(self) -> None:
         try:
             if self.state == EXCHANGED or self._exchanged():
                 exchange_paths(self.machine, self.tree)         # the old one back
@@ -321,11 +321,13 @@ class MachineSwap:
         if self.state is None:
             self.root.write_json(self.relative, self.new)
             return
-        old_layers = (self.old or {}).get("layers", [])
+        # (A record an older dkr left mid-swap names layers of a tree that may be either.)
+        old = self.old or {}
         if self.state == READY:
             top, other, other_layers = self.old, self.new, self.new.get("layers", [])
         else:
-            top, other, other_layers = self.new, self.old, old_layers
+            top, other, other_layers = self.new, self.old, old.get("layers", [])
+        other_layers = list(dict.fromkeys(other_layers + old.get("swap_layers", [])))
         journal = {"state": self.state, "tree": self.tree.name, "record": other}
         if self.new_id is not None:
             journal["new_id"] = self.new_id
@@ -373,10 +375,10 @@ def _journal_fits(journal, local: str) -> bool:
     """A journal this module wrote: a tree of LOCAL's temp names, a known state."""
     if not isinstance(journal, dict):
         return False
-    tree = journal.get("tree")
-    return (journal.get("state") in (READY, EXCHANGED) and isinstance(tree, str)
+    tree, state, other = journal.get("tree"), journal.get("state"), journal.get("record")
+    return (state in (READY, EXCHANGED) and isinstance(tree, str)
             and tree.startswith(f"{MACHINE_TMP_PREFIX}{local}.tmp-") and "/" not in tree
-            and (journal.get("record") is None or isinstance(journal.get("record"), dict)))
+            and (isinstance(other, dict) or (other is None and state == EXCHANGED)))
 
 
 def _backend(name: str | None, tree: Path, root: ImageRoot) -> StorageBackend:

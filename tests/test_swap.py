@@ -84,6 +84,16 @@ def test_prepare_journals_the_new_tree_and_brings_it_up(root, machine):
     assert version(root.machine_path("m")) == "old" and transaction.state == "ready"
 
 
+def test_a_record_an_older_dkr_left_mid_swap_keeps_its_other_layers_counted(root, machine):
+    root.write_json("machines/m.json", {**OLD, "swap_pending": True, "swap_layers": ["cc"]})
+    transaction = prepared(root, machine)
+    assert record(root)["swap_layers"] == ["bb", "cc"]
+    transaction.exchange()
+    assert record(root)["swap_layers"] == ["aa", "cc"]
+    transaction.finish()
+    assert record(root) == NEW
+
+
 def test_exchange_puts_the_new_tree_in_place_and_says_so(root, machine):
     transaction = prepared(root, machine)
     transaction.exchange()
