@@ -310,6 +310,27 @@ def test_force_never_leaves_the_machine_path_empty(registry, root, tmp_path):
     assert len(state_dirs(root, "box")) == 1 and temp_entries(root) == []
 
 
+def test_force_over_a_busy_machine_replaces_it_and_removes_it_once_free(registry, root):
+    """What has a file open in the old machine keeps reading it; the new machine is in
+    place at once, and the old one goes with the first list after it is let go."""
+    for version in ("1", "2"):
+        images.push_image(registry, "ovl/inuse", f"v{version}",
+                          Image([Layer([File("version", version.encode())])]))
+    assert_ok(pull(registry, "ovl/inuse:v1", root, local="box"))
+    with open(root / "box" / "version") as held:
+        run = assert_ok(pull(registry, "ovl/inuse:v2", root, "--force", local="box"))
+        assert "The machine that box replaced is left at" in run.err
+        assert (root / "box" / "version").read_bytes() == b"2"
+        assert held.read() == "1"
+        assert record(root, "box")["swap"]["state"] == "exchanged"
+        assert len(state_dirs(root, "box")) == 2
+    listed = json.loads(assert_ok(run_dkr("list", "--image-root", root, "--json")).out)
+    assert [m["reference"] for m in listed] == [f"{registry.host}/ovl/inuse:v2"]
+    assert "swap" not in record(root, "box") and temp_entries(root) == []
+    assert len(state_dirs(root, "box")) == 1
+    assert overlay.mount_type(root / "box") == "overlay"
+
+
 def test_a_refused_remove_leaves_each_machine_up_or_down_as_it_was(registry, root, tmp_path):
     """'dkr remove down up dirbox' is refused for a mount inside dirbox, after taking
     the overlay machines down: "up" goes back up, "down" (unmounted by the user)
