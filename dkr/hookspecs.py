@@ -93,15 +93,18 @@ class StorageBackend(Protocol):
         """Make the writable machine tree ``path`` from ``layers`` (base first).
 
         ``path`` is a temporary name; dkr renames it to ``IMAGE_ROOT/LOCAL``
-        afterwards, so nothing may be mounted on it yet.
+        afterwards. Mount nothing on it here: ``activate_machine`` does.
         """
 
     def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:
-        """The machine has its final name ``path``: mount what it needs, if anything.
+        """Mount what the machine at ``path`` needs, if anything.
 
-        Also called by ``dkr mount`` (e.g. after a reboot); must be idempotent.
-        If it raises, dkr takes the new machine away again (``deactivate_machine``,
-        then ``remove``) and puts back the machine it replaced, activated again.
+        ``path`` is the final name, or, when ``pull --force`` replaces a machine,
+        still the temporary one: dkr then swaps it in by one rename, and what is
+        mounted on it goes along. Also called by ``dkr mount`` (e.g. after a
+        reboot); must be idempotent. If it raises, dkr takes the new machine
+        away again (``deactivate_machine``, then ``remove``); the machine it
+        was to replace is left as it was.
         """
 
     def deactivate_machine(self, path: Path) -> None:

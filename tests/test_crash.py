@@ -376,18 +376,20 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
     assert "Traceback" not in err, err
 
 
-# A dkr killed (SIGKILL) in a step of making a machine: where a backend takes a
-# machine down (before a --force pull swaps the trees) or puts one up (after the
-# rename or the swap), or right after the swap itself ("exchange_paths").
+# A dkr killed (SIGKILL) in a step of making a machine: where a backend puts the
+# new machine up (under its temp name, before a --force pull swaps the trees, or
+# after the rename of a first pull), right after the swap itself
+# ("exchange_paths"), or where the replaced machine is taken down and removed.
 DIES_AT = """
 import os, signal, sys
 from dkr.pull import puller as pull
+from dkr.store import swap
 from dkr_plugins import btrfs, dir, overlay
 step = sys.argv.pop(1)
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
 if step == "exchange_paths":
-    exchange = pull.exchange_paths
-    pull.exchange_paths = lambda a, b: (exchange(a, b), die())
+    exchange = swap.exchange_paths
+    swap.exchange_paths = lambda a, b: (exchange(a, b), die())
 else:
     for backend in (btrfs.BtrfsBackend, dir.DirBackend, overlay.OverlayBackend):
         setattr(backend, step, die)
@@ -396,9 +398,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def pull_and_die(server, root, step, repo, *extra):
+def pull_and_die(server, root, step, repo, *extra, backend="dir"):
     died = subprocess.run([sys.executable, "-c", DIES_AT, step, "pull", "--insecure",
-                           "--image-root", str(root), "--backend", "dir", *extra,
+                           "--image-root", str(root), "--backend", backend, *extra,
                            f"{server.host}/{repo}", "mc"], capture_output=True, text=True)
     assert died.returncode == -signal.SIGKILL, died.stderr
 
@@ -406,6 +408,10 @@ def pull_and_die(server, root, step, repo, *extra):
 def listed_reference(root) -> list[str]:
     return [m["reference"] for m in
             json.loads(assert_ok(run_dkr("list", "--image-root", root, "--json")).out)]
+
+
+def machine_record(root) -> dict:
+    return json.loads((root / ".dkr" / "machines" / "mc.json").read_text())
 
 
 def test_a_machine_killed_in_place_is_recorded(pushed, image_root):
@@ -420,32 +426,82 @@ def test_a_machine_killed_in_place_is_recorded(pushed, image_root):
     assert not os.path.lexists(image_root / "mc")
 
 
-@pytest.mark.parametrize("dies_at, version, reference", [
-    ("deactivate_machine", b"old\n", "crash/old"),     # before the swap
-    ("exchange_paths", b"new\n", "crash/old"),         # right after it: the record is behind
-    ("activate_machine", b"new\n", "crash/new"),       # after the record caught up
-])
-def test_a_force_pull_killed_mid_swap_loses_no_layer_either_tree_needs(
-        pushed, image_root, dies_at, version, reference):
-    """The record names both trees' layers until a pull or remove of the machine ends
-    the swap, and gc keeps them: it cannot tell which tree a crash left in place."""
-    assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
-    old_layers = set(visible_layers(image_root))
-    pull_and_die(pushed, image_root, dies_at, "crash/new", "--force")
-    assert (image_root / "mc" / "version").read_bytes() == version
-    assert listed_reference(image_root) == [f"{pushed.host}/{reference}:latest"]
-    new_layers = {layer_dir(image_root, c) for c in chain_ids(NEW)}
-    assert [n for n in leftovers(image_root) if n.startswith(".dkr-local-mc.tmp-")]
-    dry = assert_ok(run_dkr("gc", "--image-root", image_root, "--dry-run"))
-    assert "would remove leftover .dkr-local-mc.tmp-" in dry.out and "layer" not in dry.out
-    assert_ok(run_dkr("gc", "--image-root", image_root))
-    assert temp_entries(image_root) == []
-    assert set(visible_layers(image_root)) == old_layers | new_layers
-    assert (image_root / "mc" / "version").read_bytes() == version
+# Where the pull dies, which machine survives, and what comes next.
+KILL_POINTS = [
+    ("activate_machine", "old", "list"),      # the new tree up under its temp name: back
+    ("exchange_paths", "new", "mount"),       # swapped, the record not told yet: forward
+    ("exchange_paths", "new", "list"),
+    ("deactivate_machine", "new", "pull"),    # the record says swapped, the old tree goes
+    ("exchange_paths", "new", "remove"),      # (on overlay both trees are mounted then)
+]
 
-    assert_ok(pull(pushed, "crash/new", image_root, "--backend", "dir", "--force", local="mc"))
-    assert_ok(run_dkr("gc", "--image-root", image_root))      # the swap is over
-    assert set(visible_layers(image_root)) == new_layers
+
+@pytest.mark.parametrize("dies_at, survivor, then", KILL_POINTS,
+                         ids=[f"{p[0]}-{p[2]}" for p in KILL_POINTS])
+def test_a_force_pull_killed_mid_swap_is_rolled_forward_or_back(pushed, backend_root, dies_at,
+                                                                 survivor, then):
+    """The record is the swap's journal: the next list, mount or pull of the machine
+    finishes the swap or takes it back, whichever the tree at LOCAL says, with
+    nothing left over. Until then gc keeps the layers of both trees."""
+    backend, root = backend_root
+    assert_ok(pull(pushed, "crash/old", root, "--backend", backend, local="mc"))
+    old_layers = set(visible_layers(root))
+    new_layers = {layer_dir(root, c) for c in chain_ids(NEW)}
+    pull_and_die(pushed, root, dies_at, "crash/new", "--force", backend=backend)
+    assert (root / "mc" / "version").read_bytes() == f"{survivor}\n".encode()
+    assert machine_record(root)["swap"]["state"] in ("ready", "exchanged")
+    dry = assert_ok(run_dkr("gc", "--image-root", root, "--dry-run"))
+    assert "would remove layer" not in dry.out
+    assert set(visible_layers(root)) == old_layers | new_layers
+
+    if then == "pull":       # finishes the swap first, then makes its own
+        assert_ok(pull(pushed, "crash/third", root, "--backend", backend, "--force",
+                       local="mc"))
+        assert (root / "mc" / "version").read_bytes() == b"third\n"
+        assert temp_entries(root) == [] and "swap" not in machine_record(root)
+        assert_ok(run_dkr("gc", "--image-root", root))
+        assert set(visible_layers(root)) == {layer_dir(root, c) for c in chain_ids(THIRD)}
+        return
+    if then == "remove":
+        assert_ok(run_dkr("remove", "--image-root", root, "mc"))
+        assert not os.path.lexists(root / "mc") and temp_entries(root) == []
+        assert_ok(run_dkr("gc", "--image-root", root))
+        assert visible_layers(root) == []
+        return
+    if then == "list":
+        assert listed_reference(root) == [f"{pushed.host}/crash/{survivor}:latest"]
+    else:
+        assert_ok(run_dkr("mount", "--image-root", root, "mc"))
+    assert "swap" not in machine_record(root) and "swap_layers" not in machine_record(root)
+    assert temp_entries(root) == []
+    assert (root / "mc" / "version").read_bytes() == f"{survivor}\n".encode()
+    if survivor == "new":
+        assert len(os.listdir(root / "mc" / "many")) == MANY
+    assert listed_reference(root) == [f"{pushed.host}/crash/{survivor}:latest"]
+    assert_ok(run_dkr("gc", "--image-root", root))
+    assert set(visible_layers(root)) == (new_layers if survivor == "new" else old_layers)
+    if backend == "overlay":
+        assert_ok(run_dkr("umount", "--image-root", root, "mc"))
+        assert_ok(run_dkr("mount", "--image-root", root, "mc"))
+        assert (root / "mc" / "version").read_bytes() == f"{survivor}\n".encode()
+        assert len(os.listdir(root / ".dkr" / "overlay" / "mc")) == 1
+
+
+def test_an_overlay_swap_killed_before_a_reboot_comes_back_with_mount_all(pushed, image_root):
+    """Killed right after the swap, then the machine's mounts are gone (a reboot):
+    'dkr mount --all' finishes the swap and mounts the new machine."""
+    with backend_mount("overlay") as mount:
+        root = mount / "machines"
+        assert_ok(pull(pushed, "crash/old", root, "--backend", "overlay", local="mc"))
+        pull_and_die(pushed, root, "exchange_paths", "crash/new", "--force", backend="overlay")
+        [other] = [p for p in root.iterdir() if p.name.startswith(".dkr-local-mc.tmp-")]
+        for tree in (root / "mc", other):
+            subprocess.run(["umount", str(tree)], check=True)
+        assert_ok(run_dkr("mount", "--image-root", root, "--all"))
+        assert (root / "mc" / "version").read_bytes() == b"new\n"
+        assert listed_reference(root) == [f"{pushed.host}/crash/new:latest"]
+        assert temp_entries(root) == []
+        assert len(os.listdir(root / ".dkr" / "overlay" / "mc")) == 1
 
 
 def test_a_force_pull_over_a_broken_record_killed_before_the_swap(pushed, image_root):
@@ -454,81 +510,71 @@ def test_a_force_pull_over_a_broken_record_killed_before_the_swap(pushed, image_
     assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
     record = image_root / ".dkr" / "machines" / "mc.json"
     record.write_text(record.read_text()[:30])
-    pull_and_die(pushed, image_root, "deactivate_machine", "crash/new", "--force")
+    pull_and_die(pushed, image_root, "activate_machine", "crash/new", "--force")
     assert (image_root / "mc" / "version").read_bytes() == b"old\n"
     refused = run_dkr("gc", "--image-root", image_root)
     assert refused.rc == 1 and "gc cannot tell which layers machine 'mc' needs" in refused.err
 
 
 def test_a_second_force_pull_over_a_crashed_swap_keeps_what_both_trees_need(pushed, image_root):
-    """The first --force died right after its swap: the new tree is at LOCAL under a
-    record that still names the old one. A second --force, killed before its own
-    swap, must still count that tree's layers."""
+    """The first --force died right after its swap; the second one finishes that swap
+    first, and is killed before its own: the new tree of the first is kept whole."""
     assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
     pull_and_die(pushed, image_root, "exchange_paths", "crash/new", "--force")
-    pull_and_die(pushed, image_root, "deactivate_machine", "crash/third", "--force")
+    pull_and_die(pushed, image_root, "activate_machine", "crash/third", "--force")
     assert (image_root / "mc" / "version").read_bytes() == b"new\n"
-    assert_ok(run_dkr("gc", "--image-root", image_root))
-    assert set(visible_layers(image_root)) >= {layer_dir(image_root, c) for c in chain_ids(NEW)}
+    assert_ok(run_dkr("gc", "--image-root", image_root))        # finishes the swap first
+    assert set(visible_layers(image_root)) == {layer_dir(image_root, c) for c in chain_ids(NEW)}
     assert len(os.listdir(image_root / "mc" / "many")) == MANY
+    assert temp_entries(image_root) == [] and "swap" not in machine_record(image_root)
 
 
-def test_a_machine_left_mid_swap_is_not_mounted_from_a_record_that_may_be_behind(
-        pushed, image_root):
-    pull_and_die(pushed, image_root, "activate_machine", "crash/old")
-    pull_and_die(pushed, image_root, "exchange_paths", "crash/new", "--force")
-    refused = run_dkr("mount", "--image-root", image_root, "mc")
-    assert refused.rc == 1 and "dkr: error: machine mc was being replaced by a pull that " \
-        "stopped" in refused.err, refused.err
-    assert_ok(pull(pushed, "crash/new", image_root, "--backend", "dir", "--force", local="mc"))
-    assert "needs no mount" in assert_ok(run_dkr("mount", "--image-root", image_root, "mc")).err
-    # Killed after the new record, while the old tree goes: the record is right, and
-    # the machine mounts from it.
-    pull_and_die(pushed, image_root, "remove", "crash/old", "--force")
-    assert listed_reference(image_root) == [f"{pushed.host}/crash/old:latest"]
-    assert "needs no mount" in assert_ok(run_dkr("mount", "--image-root", image_root, "mc")).err
-
-
-# dkr whose new machine cannot be activated, nor the old one swapped back.
-SWAP_BACK_FAILS = """
+# dkr that cannot write the machine's record once the trees are swapped (a full
+# disk), and, with "also-back", cannot swap them back either.
+JOURNAL_FAILS = """
 import errno, sys
-from dkr.pull import puller as pull
-from dkr_plugins import dir
-def refuse(*_):
-    raise OSError(errno.EIO, "Input/output error")
-dir.DirBackend.activate_machine = refuse
-exchange, calls = pull.exchange_paths, []
-def second_fails(a, b):
+from dkr.store import swap
+also_back = sys.argv.pop(1) == "also-back"
+write, exchange = swap.MachineSwap._write, swap.exchange_paths
+def full(self):
+    if self.state == swap.EXCHANGED:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    write(self)
+def once(a, b, calls=[]):
     calls.append(a)
-    if len(calls) == 2:
+    if also_back and len(calls) == 2:
         raise OSError(errno.EBUSY, "Device or resource busy", str(b))
     exchange(a, b)
-pull.exchange_paths = second_fails
+swap.MachineSwap._write, swap.exchange_paths = full, once
 from dkr.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_an_old_machine_that_cannot_be_swapped_back_is_kept(pushed, image_root):
-    """A double failure: the new machine cannot be activated, and the old one cannot
-    go back in place. The old one, and what was written in it, must survive."""
+@pytest.mark.parametrize("also_back", [False, True], ids=["swapped-back", "left-to-recovery"])
+def test_a_swap_whose_record_cannot_be_written_is_undone(pushed, image_root, also_back):
+    """The old machine, and what was written in it, is put back; where even that
+    fails, the journal still says where the new tree is, and the next list
+    finishes the swap."""
     assert_ok(pull(pushed, "crash/old", image_root, "--backend", "dir", local="mc"))
     (image_root / "mc" / "mine").write_text("written in the machine\n")
-    failed = subprocess.run([sys.executable, "-c", SWAP_BACK_FAILS, "pull", "--insecure",
+    before = (image_root / ".dkr" / "machines" / "mc.json").read_bytes()
+    failed = subprocess.run([sys.executable, "-c", JOURNAL_FAILS,
+                             "also-back" if also_back else "-", "pull", "--insecure",
                              "--image-root", str(image_root), "--backend", "dir", "--force",
                              f"{pushed.host}/crash/new", "mc"], capture_output=True, text=True)
     errors = error_lines(failed.stderr)
     assert failed.returncode == 1 and len(errors) == 1, failed.stderr
-    assert "could not be activated (Input/output error), nor the machine it replaced put " \
-        "back: that one is kept at" in errors[0], errors
-    [kept] = [p for p in image_root.iterdir() if p.name.startswith(".dkr-kept-mc-")]
-    assert (kept / "mine").read_text() == "written in the machine\n"
-    assert (image_root / "mc" / "version").read_bytes() == b"new\n"
+    assert "No space left on device" in errors[0], errors
+    if not also_back:
+        assert (image_root / "mc" / "mine").read_text() == "written in the machine\n"
+        assert (image_root / ".dkr" / "machines" / "mc.json").read_bytes() == before
+        assert temp_entries(image_root) == []
+        return
+    assert "the next pull, mount or list of it will" in failed.stderr
     assert listed_reference(image_root) == [f"{pushed.host}/crash/new:latest"]
-    assert_ok(run_dkr("gc", "--image-root", image_root))
-    assert (kept / "mine").exists()
-    assert set(visible_layers(image_root)) >= {layer_dir(image_root, c)
-                                               for c in chain_ids(OLD) + chain_ids(NEW)}
+    assert (image_root / "mc" / "version").read_bytes() == b"new\n"
+    assert temp_entries(image_root) == [] and "swap" not in machine_record(image_root)
 
 
 

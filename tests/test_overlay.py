@@ -192,8 +192,7 @@ def test_force_and_remove_clean_up_the_upper_dir(registry, root):
 def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unreadable):
     """gc cannot tell what a machine with a broken record stands on, and an overlay
     machine stands on its layers: gc must stop, not take them. remove still deals
-    with the machine; pull --force does once it is unmounted (mounted, it could
-    not be mounted again should the pull fail)."""
+    with the machine, and so does pull --force, mounted or not."""
     images.push_image(registry, "ovl/broken", "v1", Image([Layer([File("version", b"1")])]))
     images.push_image(registry, "ovl/broken", "v2", Image([Layer([File("version", b"2")])]))
     assert_ok(pull(registry, "ovl/broken:v1", root, local="box"))
@@ -207,13 +206,8 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
     assert all(layer.is_dir() for layer in needed)
     assert (root / "box" / "version").read_bytes() == b"1"
 
-    refused = pull(registry, "ovl/broken:v2", root, "--force", local="box")
-    assert_clean_failure(refused, root, r"machine box is mounted, and its record cannot say "
-                                        r"how to mount it again should this pull fail")
-    assert "as found on disk" not in refused.err
-    assert overlay.mount_type(root / "box") == "overlay"
-    assert (root / "box" / "version").read_bytes() == b"1"
-    subprocess.run(["umount", str(root / "box")], check=True)
+    # The old machine stays up until the new one takes its place: nothing has to
+    # know how to mount it again.
     replaced = assert_ok(pull(registry, "ovl/broken:v2", root, "--force", local="box"))
     assert ("replacing machine box as found on disk" in replaced.err) == unreadable
     assert (root / "box" / "version").read_bytes() == b"2"
@@ -230,10 +224,10 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
 # RENAME_EXCHANGE, say): an OSError after the old machine was taken down.
 EXCHANGE_FAILS = """
 import errno, sys
-from dkr.pull import puller as pull
+from dkr.store import swap
 def refuse(a, b):
     raise OSError(errno.EINVAL, "Invalid argument", str(b))
-pull.exchange_paths = refuse
+swap.exchange_paths = refuse
 from dkr.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -268,6 +262,73 @@ def test_a_failed_swap_leaves_the_old_machine_up_or_down_as_it_was(registry, roo
     if mounted:
         assert (root / "box" / "version").read_bytes() == b"1"
     assert (root / ".dkr" / "machines" / "box.json").read_bytes() == record
+
+
+# stat()s PATH in a loop until STOP exists (holding nothing open, which would keep
+# a mount busy); says how often each size was seen, how often PATH was missing,
+# and the longest time it was.
+POLLER = """
+import json, os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+seen, misses, gap, longest = {}, 0, None, 0.0
+print("ready", flush=True)
+while not os.path.exists(stop):
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        misses += 1
+        gap = gap or time.monotonic()
+        continue
+    if gap:
+        longest, gap = max(longest, time.monotonic() - gap), None
+    seen[size] = seen.get(size, 0) + 1
+print(json.dumps({"seen": seen, "misses": misses, "longest_gap": longest}))
+"""
+
+
+def test_force_never_leaves_the_machine_path_empty(registry, root, tmp_path):
+    """Another process reads a file of the machine all the while --force replaces it
+    (three times): it reads the old content, then the new, and never finds it gone."""
+    for version in ("1", "2"):                  # told apart by their sizes
+        images.push_image(registry, "ovl/poll", f"v{version}", Image([Layer([
+            Dir("etc"), File("etc/version", version.encode() * int(version))])]))
+    assert_ok(pull(registry, "ovl/poll:v1", root, local="box"))
+    stop = tmp_path / "stop"
+    poller = subprocess.Popen([sys.executable, "-c", POLLER, str(root / "box" / "etc" / "version"),
+                               str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert poller.stdout.readline() == "ready\n"
+        for version in ("2", "1", "2"):
+            assert_ok(pull(registry, f"ovl/poll:v{version}", root, "--force", local="box"))
+    finally:
+        stop.touch()
+        out, _ = poller.communicate(timeout=60)
+    report = json.loads(out)
+    assert report["misses"] == 0, report
+    assert set(report["seen"]) == {"1", "2"}, report
+    assert (root / "box" / "etc" / "version").read_bytes() == b"22"
+    assert len(state_dirs(root, "box")) == 1 and temp_entries(root) == []
+
+
+def test_force_over_a_busy_machine_replaces_it_and_removes_it_once_free(registry, root):
+    """What has a file open in the old machine keeps reading it; the new machine is in
+    place at once, and the old one goes with the first list after it is let go."""
+    for version in ("1", "2"):
+        images.push_image(registry, "ovl/inuse", f"v{version}",
+                          Image([Layer([File("version", version.encode())])]))
+    assert_ok(pull(registry, "ovl/inuse:v1", root, local="box"))
+    with open(root / "box" / "version") as held:
+        run = assert_ok(pull(registry, "ovl/inuse:v2", root, "--force", local="box"))
+        assert "The machine that box replaced is left at" in run.err
+        assert (root / "box" / "version").read_bytes() == b"2"
+        assert held.read() == "1"
+        assert record(root, "box")["swap"]["state"] == "exchanged"
+        assert len(state_dirs(root, "box")) == 2
+    listed = json.loads(assert_ok(run_dkr("list", "--image-root", root, "--json")).out)
+    assert [m["reference"] for m in listed] == [f"{registry.host}/ovl/inuse:v2"]
+    assert "swap" not in record(root, "box") and temp_entries(root) == []
+    assert len(state_dirs(root, "box")) == 1
+    assert overlay.mount_type(root / "box") == "overlay"
 
 
 def test_a_refused_remove_leaves_each_machine_up_or_down_as_it_was(registry, root, tmp_path):

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="pull an image and make a machine from it")
     _common(pull)
     pull.add_argument("--backend", default="auto", help="auto, btrfs, overlay, dir or a plugin's")
-    pull.add_argument("--force", action="store_true", help="replace an existing machine")
+    pull.add_argument("--force", action="store_true",
+                      help="replace an existing machine, in one step: its path never shows "
+                           "an empty or half tree")
     pull.add_argument("--platform", type=_platform_arg, help="OS/ARCH[/VARIANT] to pick from an index")
     pull.add_argument("--insecure", action="store_true",
                       help="allow plain HTTP and unverified TLS for this registry")

@@ -27,17 +27,10 @@ from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, backends, fallback_backend
 from dkr.registry.reference import validate_existing_machine_name
-from dkr.store.layout import (
-    LAYER_PREFIX,
-    MACHINE_TMP_PREFIX,
-    TMP_SUFFIX_LENGTH,
-    ImageRoot,
-    refuse_mounts_in,
-    remove_entry,
-    text_list,
-)
+from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, refuse_mounts_in, remove_entry, text_list
 from dkr.store.locks import AsyncFlock
 from dkr.treeops import tree_size
+from dkr.store.swap import recover, recover_if_idle
 
 log = logging.getLogger("dkr.manage")
 
@@ -184,6 +177,10 @@ def _summary(root: ImageRoot, info: dict) -> dict:
 
 def cmd_list(args) -> int:
     root = ImageRoot(args.image_root)
+    if root.meta.is_dir():
+        for local, info in root.machine_records():
+            if isinstance(info, dict) and "swap" in info:     # left by a pull that was killed
+                recover_if_idle(root, local)
     rows = [_summary(root, info) for info in (root.machines() if root.meta.is_dir() else [])]
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
@@ -234,6 +231,8 @@ def cmd_remove(args) -> int:
         plan = [(local, *_machine_to_remove(root, local)) for local in names]
         for local in names:
             _machine_lock(root, local, stack)
+        if any(_recover(root, local) for local in names):    # the record may say otherwise now
+            plan = [(local, *_machine_to_remove(root, local)) for local in names]
         taken_down = _deactivate_all(root, plan)
         try:                  # (after the take-down: an overlay is mounted on its machine)
             for local, _, _ in plan:
@@ -341,10 +340,27 @@ def _each_machine(root: ImageRoot, args, act) -> int:
     return 1 if failures else 0
 
 
+def _recover(root: ImageRoot, local: str) -> bool:
+    """Finish or take back a replacement of ``local`` that a killed pull left.
+    True if there was one."""
+    try:
+        info = root.machine_info(local)
+    except DkrError:
+        return False
+    if not info or "swap" not in info:
+        return False
+    with _wrap_os_error(f"machine {local}"):
+        recover(root, local)
+    return True
+
+
 def _mount(root: ImageRoot, local: str, backend, info: dict) -> None:
     machine = root.machine_path(local)
     with ExitStack() as stack:
         _machine_lock(root, local, stack)
+        if _recover(root, local):
+            info = _machine(root, local)
+            backend = _backend(info.get("backend"), f"machine {local!r}")
         if not machine.is_dir():
             raise DkrError(f"machine directory {machine} is missing")
         if info.get("swap_pending"):
@@ -442,6 +458,10 @@ class _Collector:
 
     # --- the sweeps --------------------------------------------------------------
     def run(self) -> None:
+        if not self.dry_run:      # replacements killed half-way: then each tree is one machine's
+            for local, info in self.root.machine_records():
+                if isinstance(info, dict) and "swap" in info:
+                    recover_if_idle(self.root, local)
         entries = sorted(os.listdir(self.root.path))
         needed = self.needed_layers()
         for name in entries:
@@ -451,7 +471,8 @@ class _Collector:
             if m := LAYER_TMP_RE.fullmatch(name):
                 self.leftover(name, f"layer-{m.group(1)}", self.layer_backend(m.group(1)))
             elif m := MACHINE_TMP_RE.fullmatch(name):
-                self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend())
+                self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend(),
+                              machine=m.group(1))
         self.layer_records()
         self.blobs()
         self.partial_downloads()
@@ -477,21 +498,32 @@ class _Collector:
                     (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
             self.report("layer", key[:12], size)
 
+    def _in_a_swap(self, local: str, name: str) -> bool:
+        """Is ``name`` a tree of a replacement that recovery could not end (it said why)?"""
+        try:
+            info = self.root.machine_info(local) or {}
+        except DkrError:
+            return False
+        return isinstance(info.get("swap"), dict) and info["swap"].get("tree") == name
+
     def _layer_size(self, key: str, path: Path) -> int:
         # What the layer itself holds; a stacked layer's tree also counts its parents'.
         tar_bytes = _layer_record(self.root, key).get("tar_bytes")
         return tree_size(path) if tar_bytes is None else tar_bytes
 
-    def leftover(self, name: str, lock: str, backend: StorageBackend) -> None:
+    def leftover(self, name: str, lock: str, backend: StorageBackend,
+                 machine: str | None = None) -> None:
         with ExitStack() as stack:
             if not _try_flock_into(self.root, lock, stack):
                 return                        # a pull is writing it right now
             path = self.root.path / name
-            if not os.path.lexists(path):
+            if not os.path.lexists(path) or (machine and self._in_a_swap(machine, name)):
                 return
             size = tree_size(path)
             if not self.dry_run:
                 with _wrap_os_error(f"cannot remove {name}"):
+                    if machine is not None:     # a new tree is up before its swap
+                        backend.deactivate_machine(path)
                     remove_entry(backend, path)
             self.report("leftover", name, size)
 

@@ -14,10 +14,8 @@ finally makes the machine.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,9 +24,8 @@ from typing import Awaitable, Callable, Protocol
 
 from dkr.errors import DkrError, os_error_text
 from dkr.events import Events
-from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
-from dkr.plugins import backend_on_disk, backends, choose_backend
+from dkr.plugins import choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
@@ -44,11 +41,9 @@ from dkr.transport.job import TransferOptions
 from dkr.transport.trust import trusted_pem
 from dkr.treeops import remove_tree
 from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
+from dkr.store import swap
 
 log = logging.getLogger("dkr.pull")
-
-RENAME_EXCHANGE = 2
-
 
 @dataclass
 class PullOptions:
@@ -81,13 +76,6 @@ class PullResult:
     skipped_xattrs: int = 0       # extended attributes the file system or user may not set
 
 
-def exchange_paths(a: Path, b: Path) -> None:
-    """Atomically swap two directory entries (renameat2 RENAME_EXCHANGE)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    AT_FDCWD = -100
-    if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(b))
 
 
 class Puller:
@@ -512,178 +500,28 @@ class Puller:
         machine = self.root.machine_path(local)
         began = time.monotonic()
         async with self._locked(f"machine-{local}", f"making machine {local}"):
+            if not swap.recover(self.root, local) and self.options.force:
+                raise DkrError(f"machine {local}: the machine an earlier pull replaced is "
+                               "still in use (see the warning); stop what runs in it first")
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 await remove_leftover(lambda path: remove_entry(backend, path), leftover)
+                swap.take_away(backend, leftover)
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
-                self._put_in_place(local, tmp, layers, backend, {
-                    **record, "local": local, "backend": backend.name, "created": _now()})
             except BaseException:
                 if os.path.lexists(tmp):
                     backend.remove(tmp)
                 raise
+            # From here on the swap or placement owns tmp (after an exchange it is the old tree).
+            record = {**record, "local": local, "backend": backend.name, "created": _now()}
+            if os.path.lexists(machine):
+                swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
+            else:
+                swap.place(self.root, local, tmp, layers, backend, record)
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began)
-
-    def _put_in_place(self, local: str, tmp: Path, layers: list[Path],
-                      backend: StorageBackend, record: dict) -> None:
-        """Record the new machine ``tmp``, move it to ``IMAGE_ROOT/LOCAL``, activate it.
-
-        A record comes first: a crash must never leave a machine that no record
-        names (list and remove would not know it, gc would take its layers). If
-        a step fails, the new machine goes back to ``tmp`` (the caller removes
-        it), and the record is back as it was.
-        """
-        machine = self.root.machine_path(local)
-        if os.path.lexists(machine):
-            self._swap_in(local, tmp, layers, backend, record)
-            return
-        relative = f"machines/{local}.json"
-        stale = _read_or_none(self.root.meta / relative)     # (a crash may leave one)
-        self.root.write_json(relative, record)
-        try:
-            os.rename(tmp, machine)
-            try:
-                backend.activate_machine(machine, layers)
-            except BaseException:
-                self._swap_back(local, tmp, backend, None, None, False)
-                raise
-        except BaseException:
-            self._put_back_record(relative, stale)
-            raise
-
-    def _swap_in(self, local: str, tmp: Path, layers: list[Path], backend: StorageBackend,
-                 record: dict) -> None:
-        """``_put_in_place`` over a machine already there (--force): swapped out at once,
-        removed only once the new one is active.
-
-        While two trees exist, the record also names the other tree's layers
-        (swap_layers), which gc keeps until a pull or remove of LOCAL ends the
-        swap. Before the exchange, and while it is undone, the record is the old
-        one marked pending: a crash right after either exchange leaves the tree
-        at LOCAL in doubt, and nothing must mount it from that record. An old
-        machine without a usable record keeps it until the exchange: gc goes on
-        refusing meanwhile, so it takes none of the old tree's layers.
-        """
-        machine = self.root.machine_path(local)
-        old_info, unreadable = self._old_record(local)
-        old = backends().get((old_info or {}).get("backend", "")) or \
-            backend_on_disk(machine, self.root.path)
-        relative = f"machines/{local}.json"
-        old_record = _read_or_none(self.root.meta / relative)
-        before = self._old_layers(local, old_info)
-        if unreadable:
-            log.warning("%s; replacing machine %s as found on disk.", unreadable, local)
-        was_up = is_mount_point(machine)
-        pending = None if before is None else {**old_info, "swap_pending": True, "swap_layers":
-                                               _union(old_info.get("swap_layers", []),
-                                                      record["layers"])}
-        swapped = record if before is None else {**record, "swap_layers": before}
-        stays = False
-        if pending:
-            self.root.write_json(relative, pending)
-        try:
-            old.deactivate_machine(machine)
-            try:
-                exchange_paths(tmp, machine)      # never a moment without a machine
-            except BaseException:
-                self._back_up(local, old, old_info, was_up)
-                raise
-            try:
-                self.root.write_json(relative, swapped)
-                backend.activate_machine(machine, layers)
-            except BaseException as failure:
-                if pending:
-                    self.root.write_json(relative, pending)
-                if self._swap_back(local, tmp, backend, old, old_info, was_up):
-                    raise
-                stays = True              # the new tree stays, and so does its record
-                self.root.write_json(relative, swapped)
-                kept = self._keep_aside(tmp, local)
-                why = os_error_text(failure) if isinstance(failure, OSError) else failure
-                raise DkrError(f"machine {local} could not be activated ({why}), nor the "
-                               f"machine it replaced put back: that one is kept at {kept}") from None
-        except BaseException:
-            if not stays:
-                self._put_back_record(relative, old_record)
-            raise
-        try:
-            remove_entry(old, tmp)
-        except Exception as e:         # the new machine is in place: that is the pull
-            log.warning("The machine that %s replaced is left at %s (gc removes it): %s",
-                        local, tmp, e)
-        if before is not None:
-            self.root.write_json(relative, record)
-
-    def _put_back_record(self, relative: str, old_record: bytes | None) -> None:
-        if old_record is None:
-            (self.root.meta / relative).unlink(missing_ok=True)
-        else:
-            self.root.write_bytes(relative, old_record)
-
-    def _old_layers(self, local: str, old_info: dict | None) -> list[str] | None:
-        """What the machine a --force pull replaces may stand on: its layers, and
-        those of the other tree of a swap that crashed (it may be either). None:
-        its record does not say, and then it must not be mounted, or it could not
-        be put back up should this pull fail."""
-        layers = (old_info or {}).get("layers")
-        if layers is None:
-            if is_mount_point(self.root.machine_path(local)):
-                raise DkrError(f"machine {local} is mounted, and its record cannot say how to "
-                               "mount it again should this pull fail: unmount it, or remove "
-                               f"it with 'dkr remove {local}', first")
-            return None
-        return _union(layers, old_info.get("swap_layers", []))
-
-    def _swap_back(self, local: str, tmp: Path, backend: StorageBackend,
-                   old: StorageBackend | None, old_info: dict | None, was_up: bool) -> bool:
-        """The new machine could not be activated: it goes back to ``tmp``, and an old
-        one back in place, up again if it was. False: the old one could not be."""
-        machine = self.root.machine_path(local)
-        try:
-            backend.deactivate_machine(machine)    # in case it got that far
-        except Exception as e:
-            log.warning("Could not take the new machine %s down again: %s", local, e)
-        if old is None:
-            os.rename(machine, tmp)
-            return True
-        try:
-            exchange_paths(tmp, machine)
-        except OSError as e:
-            log.warning("Could not put machine %s back in place: %s", local, e)
-            return False
-        self._back_up(local, old, old_info, was_up)
-        return True
-
-    def _keep_aside(self, tree: Path, local: str) -> Path:
-        """Out of a temp name (which clean-ups and gc remove) to one nothing removes."""
-        kept = self.root.path / f".dkr-kept-{local}-{secrets.token_hex(4)}"
-        os.rename(tree, kept)
-        return kept
-
-    def _back_up(self, local: str, old: StorageBackend, old_info: dict | None,
-                 was_up: bool) -> None:
-        """The old machine, in place again, goes back up if it was up."""
-        if was_up and (old_info or {}).get("swap_pending"):
-            log.warning("Machine %s is back, but not active: a pull that stopped left its "
-                        "record in doubt (pull it again with --force).", local)
-            return
-        try:
-            if was_up and old_info is not None:
-                old.activate_machine(self.root.machine_path(local),
-                                     self.root.machine_layers(old_info))
-        except Exception as e:     # the first failure is the one to report
-            log.warning("Machine %s is back, but not active: %s", local, e)
-
-    def _old_record(self, local: str) -> tuple[dict | None, str | None]:
-        """The record of the machine a --force pull replaces, or why it cannot be
-        read: that must not keep the machine (the replacement is the way out)."""
-        try:
-            return self.root.machine_info(local), None
-        except DkrError as e:
-            return None, str(e)
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str) -> AsyncFlock:
@@ -880,17 +718,6 @@ async def remove_leftover(remove: Callable[[Path], None], leftover: Path) -> Non
                             leftover.name, os_error_text(e))
                 return
         await asyncio.sleep(delay)
-
-
-def _union(first: list[str], second: list[str]) -> list[str]:
-    return list(dict.fromkeys(first + second))
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def _last_shared(claims: list[Share]) -> int:

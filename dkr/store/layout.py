@@ -83,9 +83,10 @@ _MACHINE_FIELDS = {
     "local": _text, "backend": _text, "reference": _text, "created": _text,
     "manifest_digest": _digest, "config_digest": _digest,
     "layers": text_list,
-    # While a --force pull swaps trees: the other tree's layers (see dkr.pull).
+    # While a --force pull swaps trees: the other tree's layers, and the journal (dkr.store.swap).
     "swap_layers": text_list,
-    "swap_pending": lambda value: value is True,
+    "swap": lambda value: isinstance(value, dict),
+    "swap_pending": lambda value: value is True,      # written by dkr before the journal
 }
 
 
