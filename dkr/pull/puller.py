@@ -33,7 +33,7 @@ from dkr.registry.client import RegistryClient
 from dkr.registry.keychain import HelperQuestion, credential_sources
 from dkr.registry.reference import Reference, digest_hex, validate_machine_name
 from dkr.registry.v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
-from dkr.store.layout import ImageRoot, remove_entry
+from dkr.store.layout import ImageRoot
 from dkr.store.locks import AsyncFlock
 from dkr.tasks import failed, retrieved, to_the_end
 from dkr.transport.glue import CurlGlue
@@ -505,8 +505,8 @@ class Puller:
                                "still in use (see the warning); stop what runs in it first")
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
-                await remove_leftover(lambda path: remove_entry(backend, path), leftover)
-                swap.take_away(backend, leftover)
+                # (taken down too: a killed --force may leave one mounted)
+                await remove_leftover(lambda path: swap.take_away(backend, path), leftover)
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)
