@@ -398,12 +398,12 @@ class Puller:
                     tree.rename(final)
                     break
                 except ResumedBlobMismatch as e:
-                    backend.remove(tmp)
+                    self._unmake(backend, tmp, claim.key)
                     if last_try:
                         raise DkrError(str(e)) from None
                     log.warning("%s; starting this layer over.", e)
                 except BaseException:
-                    backend.remove(tmp)
+                    self._unmake(backend, tmp, claim.key)
                     raise
             claim.future.set_result(final)
         except BaseException as e:
@@ -422,6 +422,12 @@ class Puller:
                          commit_seconds=sealed - extracted)
         return final
 
+    def _unmake(self, backend: StorageBackend, tmp: Path, key: str) -> None:
+        """A layer that will not be committed: its tree goes, and its record with it
+        (written just before the commit), so that no record names a missing tree."""
+        backend.remove(tmp)
+        (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
+
     def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
         """What an interrupted pull left of a layer we hold the lock of."""
         for leftover in self.root.leftovers(self.root.layer_path(key).name):
@@ -437,9 +443,11 @@ class Puller:
             await loop.run_in_executor(None, backend.seal_layer, tree)
         elif "error" in sealed:
             raise DkrError(sealed["error"])
-        await loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
+        # To its end even when cancelled: the thread would write on regardless, after
+        # the caller has removed what a failure leaves.
+        await to_the_end(loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
             **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
-            "created": _now()})
+            "created": _now()}))
 
     async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
                            fetch: Callable[[Path], Awaitable[dict]], meta: dict,
