@@ -28,7 +28,7 @@ from .locks import AsyncFlock
 from .plugins import backend_on_disk, backends, fallback_backend
 from .reference import validate_existing_machine_name
 from .store import (LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot,
-                    refuse_mounts_in, remove_entry, text_list)
+                    refuse_mounts_in, remove_entry, remove_temps, text_list)
 from .fsinfo import is_mount_point
 from .treeops import tree_size
 
@@ -39,6 +39,8 @@ _TMP = rf"\.tmp-[0-9a-f]{{{TMP_SUFFIX_LENGTH}}}"
 LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})" + _TMP)
 MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)" + _TMP)
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+# A record or blob being written: .NAME.tmp-<rand> (see dkr.store)
+RECORD_TMP_RE = re.compile(r"\.(.+)" + _TMP)
 
 
 def add_commands(sub, common) -> None:
@@ -295,6 +297,7 @@ def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> Non
             remove_entry(backend, tree)
         # The record goes last: a crash before it leaves a record to remove again.
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
+        remove_temps(root.meta / "machines", f"{local}.json")
 
 
 # --- mount and umount -----------------------------------------------------------------------
@@ -380,7 +383,7 @@ class _Collector:
         self.dry_run = dry_run
         self.freed = 0
         self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0,
-                       "partial download": 0}
+                       "partial download": 0, "temporary file": 0}
         self._fallback: StorageBackend | None = None
 
     # which backend removes an entry that names none
@@ -445,9 +448,34 @@ class _Collector:
                 self.leftover(name, f"layer-{m.group(1)}", self.layer_backend(m.group(1)))
             elif m := MACHINE_TMP_RE.fullmatch(name):
                 self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend())
+        self.temporary_files()
         self.layer_records()
         self.blobs()
         self.partial_downloads()
+
+    def temporary_files(self) -> None:
+        """Records and blobs that killed writers left half-written: each under the lock
+        its writer holds while it writes (see dkr.store), so none of a live one."""
+        for folder, lock in (("layers", lambda name: f"layer-{name.removesuffix('.json')}"),
+                             ("machines", lambda name: f"machine-{name.removesuffix('.json')}"),
+                             ("blobs/sha256", lambda name: f"blob-{name}")):
+            directory = self.root.meta / folder
+            if not directory.is_dir():
+                continue
+            for entry in sorted(os.listdir(directory)):
+                if not (m := RECORD_TMP_RE.fullmatch(entry)):
+                    continue
+                with ExitStack() as stack:
+                    if not _try_flock_into(self.root, lock(m.group(1)), stack):
+                        continue              # being written right now
+                    path = directory / entry
+                    try:
+                        size = path.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    if not self.dry_run:
+                        path.unlink(missing_ok=True)
+                    self.report("temporary file", f"{folder}/{entry}", size)
 
     def layer(self, key: str) -> None:
         with ExitStack() as stack:

@@ -37,7 +37,7 @@ from .plugins import backend_on_disk, backends, choose_backend
 from .reference import Reference, digest_hex, validate_machine_name
 from .registry import RegistryClient
 from .spool import ResumedBlobMismatch, Spool, SpooledBlob, download
-from .store import ImageRoot, remove_entry
+from .store import ImageRoot, remove_entry, remove_temps
 from .tasks import failed, retrieved, to_the_end
 from .treeops import remove_tree
 from .trust import trusted_pem
@@ -433,6 +433,7 @@ class Puller:
         for leftover in self.root.leftovers(self.root.layer_path(key).name):
             log.info("Removing %s left by an interrupted pull.", leftover.name)
             backend.remove(leftover)
+        remove_temps(self.root.meta / "layers", f"{key}.json")
 
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
@@ -580,6 +581,7 @@ class Puller:
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 remove_entry(backend, leftover)
+            remove_temps(self.root.meta / "machines", f"{local}.json")
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)

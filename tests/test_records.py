@@ -77,3 +77,157 @@ def test_a_refused_layer_leaves_no_record_of_a_missing_tree(pushed, backend_root
         records_name_trees(root)
         check_layers_complete(root)
     assert temp_entries(root) == []
+
+
+# --- kills at the moment a record, blob or tree is written ---------------------------------
+
+IN_CREATE = 0x100
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")
+
+
+class Inotify:
+    """Names created in some directories, as they are created (inotify(7) through libc)."""
+
+    def __init__(self, directories):
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = self.libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.watches = {}
+        for directory in directories:
+            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(directory), IN_CREATE)
+            if wd < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory}")
+            self.watches[wd] = Path(directory)
+
+    def created(self, timeout: float) -> list[Path]:
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        data, found, offset = os.read(self.fd, 65536), [], 0
+        while offset < len(data):
+            wd, _mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size
+            name = data[offset:offset + length].rstrip(b"\0").decode()
+            offset += length
+            found.append(self.watches[wd] / name)
+        return found
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+TEMPS = {   # what is being written: (folder of the image root, how its temp entry is named)
+    "layer-record": (".dkr/layers", r"\..+\.json\.tmp-"),
+    "machine-record": (".dkr/machines", r"\..+\.json\.tmp-"),
+    "blob": (".dkr/blobs/sha256", r"\.[0-9a-f]{64}\.tmp-"),
+    "layer-tree": (".", r"\.dkr-[0-9a-f]{64}\.tmp-"),
+    "machine-tree": (".", r"\.dkr-local-.+\.tmp-"),
+}
+FOLDERS = sorted({folder for folder, _ in TEMPS.values()})
+
+
+def kill_when_written(server, root: Path, backend: str, kind: str) -> bool:
+    """Pull records/good into ``root`` and kill dkr's process group as soon as a temp
+    entry of ``kind`` appears. True if the kill left one (it may have been renamed
+    already: a record is written in a millisecond)."""
+    import re
+    folder, pattern = TEMPS[kind]
+    for sub in FOLDERS:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    watch = Inotify([root / sub for sub in FOLDERS])
+    proc = DkrProcess("pull", "--insecure", "--image-root", root, "--backend", backend, "--json",
+                      f"{server.host}/records/good", "m")
+    try:
+        deadline = time.monotonic() + 60
+        while proc.proc.poll() is None and time.monotonic() < deadline:
+            hit = [p for p in watch.created(0.5)
+                   if p.parent == root / folder and re.match(pattern, p.name)]
+            if hit:
+                proc.kill_group()
+                break
+        proc.finish()
+    finally:
+        proc.stop()
+        watch.close()
+    folder_path = root / folder
+    return any(re.match(pattern, name) for name in os.listdir(folder_path))
+
+
+def whole(root: Path, local: str = "m") -> None:
+    assert (root / local / "base" / "f1999").read_bytes() == b"1999\n"
+    assert (root / local / "app" / "data").read_bytes() == random.Random(17).randbytes(300_000)
+
+
+@pytest.mark.parametrize("kind", sorted(TEMPS))
+def test_a_kill_while_writing_leaves_nothing_the_next_pull_and_gc_keep(pushed, backend_root,
+                                                                        kind):
+    backend, base = backend_root
+    for attempt in range(8):
+        root = base / f"attempt{attempt}"
+        if kill_when_written(pushed, root, backend, kind):
+            break
+    else:
+        pytest.fail(f"no kill in 8 attempts left a temporary {kind}")
+    assert not os.path.lexists(root / "m") or (root / ".dkr" / "machines" / "m.json").exists()
+    check_layers_complete(root)
+
+    assert_ok(pull(pushed, "records/good", root, "--backend", backend, local="m"))
+    whole(root)
+    assert temp_entries(root) == [], "the next pull left what it owns"
+    assert_ok(run_dkr("gc", "--image-root", root))
+    whole(root)
+    assert temp_entries(root) == []
+    assert not any((root / ".dkr" / "partial").iterdir())
+    records_name_trees(root)
+    check_layers_complete(root)
+
+
+# --- two processes' temporary entries --------------------------------------------------------
+
+HOLDER = r"""
+import fcntl, os, sys
+fds = []
+for name in sys.argv[1:]:
+    fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    fds.append(fd)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_live_temporary_entries_of_another_process_are_left_alone(pushed, image_root):
+    """A process writing a record or blob holds that entry's lock: another pull and gc
+    remove only the temporary entries whose writer is gone."""
+    root = image_root
+    assert_ok(pull(pushed, "records/good", root, "--backend", "dir", local="m"))
+    meta = root / ".dkr"
+    key = sorted(p.stem for p in (meta / "layers").glob("*.json"))[0]
+    blob = "ab" * 32
+    live = [meta / "layers" / f".{key}.json.tmp-0123abcd",
+            meta / "machines" / ".busy.json.tmp-4567ef01",
+            meta / "blobs" / "sha256" / f".{blob}.tmp-89abcdef",
+            meta / "machines" / ".m.json.tmp-fedcba98"]
+    stale = [meta / "layers" / f".{'cd' * 32}.json.tmp-00112233",
+             meta / "machines" / ".gone.json.tmp-44556677",
+             meta / "blobs" / "sha256" / f".{'ef' * 32}.tmp-8899aabb"]
+    for path in live + stale:
+        path.write_bytes(b"{half")
+    locks = [meta / "locks" / f"{name}.lock"
+             for name in (f"layer-{key}", "machine-busy", f"blob-{blob}", "machine-m")]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, locks)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert_ok(pull(pushed, "records/other", root, "--backend", "dir", local="m2"))
+        assert_ok(run_dkr("gc", "--image-root", root))
+        left = set(temp_entries(root))
+        assert {str(p.relative_to(root)) for p in live} == left
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert_ok(run_dkr("gc", "--image-root", root))      # their writer is gone now
+    assert temp_entries(root) == []
+    whole(root)
