@@ -292,12 +292,19 @@ def _trees_of(root: ImageRoot, local: str) -> list[Path]:
 
 
 def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> None:
+    """Out of its name first, then deleted, as gc removes a layer: the tree goes to
+    a temp name (a leftover that the next pull of LOCAL, a remove or gc deletes),
+    then the record goes, then the tree's files. A kill leaves the whole machine,
+    or a record with no tree (which names no machine; gc removes it), or a
+    leftover; never a machine with files missing."""
+    machine = root.machine_path(local)
     with _wrap_os_error(f"cannot remove machine {local}"):
-        for tree in _trees_of(root, local):
-            remove_entry(backend, tree)
-        # The record goes last: a crash before it leaves a record to remove again.
+        if os.path.lexists(machine):
+            os.rename(machine, root.machine_tmp(local))
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
         remove_temps(root.meta / "machines", f"{local}.json")
+        for tree in _trees_of(root, local):
+            remove_entry(backend, tree)
 
 
 # --- mount and umount -----------------------------------------------------------------------
@@ -438,6 +445,7 @@ class _Collector:
 
     # --- the sweeps --------------------------------------------------------------
     def run(self) -> None:
+        self.machines_gone()
         entries = sorted(os.listdir(self.root.path))
         needed = self.needed_layers()
         for name in entries:
@@ -452,6 +460,23 @@ class _Collector:
         self.layer_records()
         self.blobs()
         self.partial_downloads()
+
+    def machines_gone(self) -> None:
+        """Records of machines whose tree is gone: a remove or a pull that was killed
+        between taking the tree out of its name (or before putting it there) and
+        removing the record. They name no machine; the layers stay unless unneeded."""
+        for record in sorted((self.root.meta / "machines").glob("*.json")):
+            local = record.stem
+            if os.path.lexists(self.root.machine_path(local)):
+                continue
+            with ExitStack() as stack:
+                if not _try_flock_into(self.root, f"machine-{local}", stack):
+                    continue                  # a pull or remove is at work on it
+                if os.path.lexists(self.root.machine_path(local)) or not record.exists():
+                    continue
+                if not self.dry_run:
+                    record.unlink(missing_ok=True)
+                self.report("record", f"machines/{record.name}", 0)
 
     def temporary_files(self) -> None:
         """Records and blobs that killed writers left half-written: each under the lock

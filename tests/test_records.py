@@ -184,6 +184,68 @@ def test_a_kill_while_writing_leaves_nothing_the_next_pull_and_gc_keep(pushed, b
     check_layers_complete(root)
 
 
+# --- a kill during dkr remove ----------------------------------------------------------------
+
+EXTRA = 3000          # files the machine gets after its pull: removing them takes a while
+
+
+def extra_counts(root: Path) -> list[int]:
+    """How many of the machine's own files each place that may hold them has now."""
+    places = [root / "m", *root.glob(".dkr-local-m.tmp-*"), *root.glob(".dkr/overlay/m/*/upper")]
+    counts = []
+    for place in places:
+        try:
+            counts.append(len(os.listdir(place / "extra")))
+        except OSError:
+            pass
+    return counts
+
+
+def listed(root: Path) -> list[dict]:
+    return json.loads(assert_ok(run_dkr("list", "--json", "--image-root", root)).out)
+
+
+def test_a_killed_remove_leaves_the_whole_machine_or_none(pushed, backend_root):
+    backend, base = backend_root
+    partial_seen = 0
+    for attempt in range(2):
+        root = base / f"attempt{attempt}"
+        assert_ok(pull(pushed, "records/good", root, "--backend", backend, local="m"))
+        (root / "m" / "extra").mkdir()
+        for i in range(EXTRA):
+            (root / "m" / "extra" / f"f{i}").write_bytes(b"")
+        proc = subprocess.Popen([sys.executable, "-m", "dkr", "remove", "--image-root", str(root),
+                                 "m"], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            while proc.poll() is None:
+                if any(0 < n < EXTRA for n in extra_counts(root)):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    partial_seen += 1
+                    break
+        finally:
+            proc.wait()
+
+        present = [m for m in listed(root) if m["local"] == "m" and m["present"]]
+        if os.path.lexists(root / "m"):
+            # the whole machine, still counted as one
+            assert present, "a machine directory without a record"
+            assert_ok(run_dkr("mount", "--image-root", root, "m"))
+            whole(root)
+            assert len(os.listdir(root / "m" / "extra")) == EXTRA
+            assert_ok(run_dkr("remove", "--image-root", root, "m"))
+        else:
+            assert not present
+        # gc (or the next run) finishes the deletion: nothing of m is left
+        assert_ok(run_dkr("gc", "--image-root", root))
+        assert listed(root) == []
+        assert temp_entries(root) == [] and not os.path.lexists(root / ".dkr" / "overlay" / "m")
+        assert_ok(pull(pushed, "records/good", root, "--backend", backend, local="m"))
+        whole(root)
+    if backend != "btrfs":            # (a subvolume goes at once)
+        assert partial_seen, "no kill fell in the middle of a removal"
+
+
 # --- two processes' temporary entries --------------------------------------------------------
 
 HOLDER = r"""
