@@ -504,7 +504,10 @@ class _Collector:
 
     def layer(self, key: str) -> None:
         with ExitStack() as stack:
-            if not _try_flock_into(self.root, f"layer-{key}", stack):
+            # A pull holds keep-layer-KEY shared from before it looks for the layer
+            # until its run ends; the build lock guards the layer's temp entries.
+            if not (_try_flock_into(self.root, f"keep-layer-{key}", stack)
+                    and _try_flock_into(self.root, f"layer-{key}", stack)):
                 log.info("Layer %s is in use by a pull, keeping it.", key[:12])
                 return
             path = self.root.layer_path(key)
@@ -560,10 +563,19 @@ class _Collector:
         for blob in sorted((self.root.meta / "blobs" / "sha256").glob("*")):
             if blob.name in needed or not re.fullmatch(r"[0-9a-f]{64}", blob.name):
                 continue
-            size = blob.stat().st_size
-            if not self.dry_run:
-                blob.unlink(missing_ok=True)
-            self.report("blob", blob.name[:12], size)
+            with ExitStack() as stack:
+                # A pull holds keep-blob-HEX from before it stores the blob until
+                # its run ends; one that ended has its machine's record name it.
+                if not _try_flock_into(self.root, f"keep-blob-{blob.name}", stack) or \
+                        blob.name in self.needed_blobs():
+                    continue
+                try:
+                    size = blob.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if not self.dry_run:
+                    blob.unlink(missing_ok=True)
+                self.report("blob", blob.name[:12], size)
 
 
     def partial_downloads(self) -> None:
@@ -575,6 +587,8 @@ class _Collector:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _same_file(fd, spool):
+                    continue                  # deleted and made again meanwhile: not ours
             except OSError:
                 continue                      # a download is writing it right now
             else:
@@ -586,14 +600,35 @@ class _Collector:
                 os.close(fd)
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def cmd_gc(args) -> int:
+    """Collect beside running pulls, each entry under its own locks:
+
+    - a layer: ``keep-layer-KEY`` and ``layer-KEY``, both exclusive and never
+      waited for. A pull holds ``keep-layer-KEY`` shared from before it looks
+      whether KEY exists until its run ends (by then its machine's record names
+      KEY), and ``layer-KEY`` while it builds KEY; gc looks at the records again
+      once it holds both, so it never takes a layer a pull or a machine needs.
+    - a manifest or config blob: ``keep-blob-HEX``, the same way.
+    - a temporary entry: the lock its writer holds while writing (dkr.store).
+    - a partial download: its own flock, which its download holds.
+    - a machine record whose machine is gone: ``machine-LOCAL``.
+
+    A pull waits for such a lock only while gc removes that one entry, and gc
+    waits for none: no cycle. One gc at a time.
+    """
     root = ImageRoot(args.image_root)
     if not root.meta.is_dir():
         log.info("Nothing to collect in %s.", root.path)
         return 0
-    # One collector at a time, and none while a pull runs: a pull holds this lock
-    # shared from start to end, so layers it reuses or just built stay put.
-    with _flock(root, "gc", f"{root.path} is busy: another dkr gc (or a pull) is running there"):
+    with _flock(root, "gc", f"{root.path} is busy: another dkr gc is running there"):
         collector = _Collector(root, args.dry_run)
         try:
             collector.run()

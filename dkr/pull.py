@@ -140,7 +140,7 @@ class Puller:
         self._builds: dict[str, LayerClaim] = {}
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
-        self._no_gc = AsyncFlock(self.root.meta / "locks" / "gc.lock", "running gc", shared=True)
+        self._kept: dict[str, asyncio.Future] = {}
 
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
@@ -155,7 +155,7 @@ class Puller:
         finally:                      # also when that wait is cancelled (by an API user)
             self._helpers_stop.set()  # a helper still asked is killed: no waiting for it
             self.spool.close()
-            self._no_gc.release()
+            self._release_kept()
             if self.glue is not None:
                 self.glue.close()
                 self.glue = None
@@ -166,7 +166,6 @@ class Puller:
             if self._backend is None:
                 self.root.prepare()
                 self.extractor_pool.warm()    # starts up while the manifests come in
-                await self._no_gc.acquire()   # gc waits until this run is over
                 self._backend, why = choose_backend(self.options.backend, self.root.path)
                 self.events.emit("backend", name=self._backend.name, why=why)
         return self._backend
@@ -225,8 +224,8 @@ class Puller:
         result = PullResult(str(ref), local, plan.manifest_digest,
                             chain=[layer.chain_id for layer in plan.layers])
         paths = await self._layers(client, plan, backend, result)
-        self.root.save_blob(plan.manifest_digest, plan.manifest)
-        self.root.save_blob(plan.config_digest, plan.config)
+        await self.save_blob(plan.manifest_digest, plan.manifest)
+        await self.save_blob(plan.config_digest, plan.config)
         await self.make_machine(local, paths, backend, {
             "reference": str(ref), "manifest_digest": plan.manifest_digest,
             "config_digest": plan.config_digest, "platform": plan.platform,
@@ -326,10 +325,38 @@ class Puller:
             if stage is not None:
                 await to_the_end(stage.discard())
 
+    # --- what gc must leave alone ----------------------------------------------------
+    async def keep(self, name: str) -> None:
+        """Hold ``keep-<name>.lock`` shared until this run ends (``layer-<key>``,
+        ``blob-<hex>``): taken before the pull looks whether the layer or blob is
+        there, so that what it finds stays until its machine's record names it.
+        gc removes a layer or blob only holding that lock exclusively (see
+        dkr.manage); it never waits for it, and a pull waits only while gc
+        removes that one entry."""
+        if name not in self._kept:
+            lock = AsyncFlock(self.root.meta / "locks" / f"keep-{name}.lock",
+                              f"removing {name[:18]} (gc)", shared=True)
+            taking = asyncio.ensure_future(lock.acquire())
+            taking.add_done_callback(retrieved)
+            taking.lock = lock
+            self._kept[name] = taking
+        await asyncio.shield(self._kept[name])
+
+    def _release_kept(self) -> None:
+        for taking in self._kept.values():
+            taking.cancel()
+            taking.lock.release()
+        self._kept.clear()
+
+    async def save_blob(self, digest: str, data: bytes) -> None:
+        await self.keep(f"blob-{digest_hex(digest)}")
+        self.root.save_blob(digest, data)
+
     # --- layers: claim, build -------------------------------------------------------
     async def claim_layer(self, key: str, backend: StorageBackend, result: PullResult,
                           digest: str = "") -> LayerClaim:
         """Reuse layer ``key``, share its build with another image, or take it on."""
+        await self.keep(f"layer-{key}")
         shared = self._builds.get(key)
         if shared is not None:
             shared.sharers += 1
