@@ -124,6 +124,7 @@ TEMPS = {   # what is being written: (folder of the image root, how its temp ent
     "blob": (".dkr/blobs/sha256", r"\.[0-9a-f]{64}\.tmp-"),
     "layer-tree": (".", r"\.dkr-[0-9a-f]{64}\.tmp-"),
     "machine-tree": (".", r"\.dkr-local-.+\.tmp-"),
+    "partial-download": (".dkr/partial", r"[0-9a-f]{64}"),
 }
 FOLDERS = sorted({folder for folder, _ in TEMPS.values()})
 
@@ -272,13 +273,19 @@ def test_live_temporary_entries_of_another_process_are_left_alone(pushed, image_
             meta / "machines" / ".busy.json.tmp-4567ef01",
             meta / "blobs" / "sha256" / f".{blob}.tmp-89abcdef",
             meta / "machines" / ".m.json.tmp-fedcba98"]
+    live_trees = [root / f".dkr-{'12' * 32}.tmp-0a0b0c0d", root / ".dkr-local-busy.tmp-1a1b1c1d"]
+    for tree in live_trees:
+        (tree / "etc").mkdir(parents=True)
+    live += live_trees
     stale = [meta / "layers" / f".{'cd' * 32}.json.tmp-00112233",
              meta / "machines" / ".gone.json.tmp-44556677",
              meta / "blobs" / "sha256" / f".{'ef' * 32}.tmp-8899aabb"]
     for path in live + stale:
-        path.write_bytes(b"{half")
+        if path not in live_trees:
+            path.write_bytes(b"{half")
     locks = [meta / "locks" / f"{name}.lock"
-             for name in (f"layer-{key}", "machine-busy", f"blob-{blob}", "machine-m")]
+             for name in (f"layer-{key}", "machine-busy", f"blob-{blob}", "machine-m",
+                          f"layer-{'12' * 32}")]
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, locks)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
