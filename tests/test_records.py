@@ -209,7 +209,9 @@ def listed(root: Path) -> list[dict]:
 def test_a_killed_remove_leaves_the_whole_machine_or_none(pushed, backend_root):
     backend, base = backend_root
     partial_seen = 0
-    for attempt in range(2):
+    for attempt in range(6):          # until a kill fell in the middle of a removal
+        if partial_seen or (attempt >= 2 and backend == "btrfs"):
+            break
         root = base / f"attempt{attempt}"
         assert_ok(pull(pushed, "records/good", root, "--backend", backend, local="m"))
         (root / "m" / "extra").mkdir()
