@@ -183,6 +183,8 @@ def test_a_kill_while_writing_leaves_nothing_the_next_pull_and_gc_keep(pushed, b
     assert not any((root / ".dkr" / "partial").iterdir())
     records_name_trees(root)
     check_layers_complete(root)
+    if backend == "overlay":          # no upper directory of a machine that is gone
+        assert len(list((root / ".dkr" / "overlay" / "m").iterdir())) == 1
 
 
 # --- a kill during dkr remove ----------------------------------------------------------------
