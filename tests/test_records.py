@@ -304,3 +304,22 @@ def test_live_temporary_entries_of_another_process_are_left_alone(pushed, image_
     assert_ok(run_dkr("gc", "--image-root", root))      # their writer is gone now
     assert temp_entries(root) == []
     whole(root)
+
+
+def test_a_remove_killed_after_the_rename_is_finished_by_the_next_run(pushed, image_root):
+    """The state a kill right after the rename leaves: the record, and the tree under a
+    temporary name. Not a machine (list says missing, a pull may take the name);
+    the next remove, or the next pull of that name, finishes the deletion."""
+    root = image_root
+    for finish in ("remove", "pull"):
+        assert_ok(pull(pushed, "records/good", root, "--backend", "dir", local="m"))
+        (root / "m").rename(root / ".dkr-local-m.tmp-0badc0de")
+        assert [m["present"] for m in listed(root)] == [False]
+        if finish == "remove":
+            assert_ok(run_dkr("remove", "--image-root", root, "m"))
+            assert listed(root) == []
+        else:
+            assert_ok(pull(pushed, "records/good", root, "--backend", "dir", local="m"))
+            whole(root)
+            assert_ok(run_dkr("remove", "--image-root", root, "m"))
+        assert temp_entries(root) == []
