@@ -140,7 +140,7 @@ class Puller:
         self._builds: dict[str, LayerClaim] = {}
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
-        self._kept: dict[str, asyncio.Future] = {}
+        self._kept: dict[str, tuple[AsyncFlock, asyncio.Future]] = {}
 
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
@@ -338,14 +338,13 @@ class Puller:
                               f"removing {name[:18]} (gc)", shared=True)
             taking = asyncio.ensure_future(lock.acquire())
             taking.add_done_callback(retrieved)
-            taking.lock = lock
-            self._kept[name] = taking
-        await asyncio.shield(self._kept[name])
+            self._kept[name] = (lock, taking)
+        await asyncio.shield(self._kept[name][1])
 
     def _release_kept(self) -> None:
-        for taking in self._kept.values():
+        for lock, taking in self._kept.values():
             taking.cancel()
-            taking.lock.release()
+            lock.release()
         self._kept.clear()
 
     async def save_blob(self, digest: str, data: bytes) -> None:
