@@ -323,3 +323,39 @@ def test_a_remove_killed_after_the_rename_is_finished_by_the_next_run(pushed, im
             whole(root)
             assert_ok(run_dkr("remove", "--image-root", root, "m"))
         assert temp_entries(root) == []
+
+
+# --- gc beside a pull -------------------------------------------------------------------------
+
+IN_MOVED_TO = 0x80
+
+
+def test_gc_leaves_the_blobs_a_pull_has_stored_for_its_machine(pushed, image_root):
+    """A pull stopped between storing its manifest and config and writing its machine's
+    record (which names them): gc, run then, leaves them."""
+    root = image_root
+    blobs = root / ".dkr" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (root / ".dkr" / "locks").mkdir(parents=True)
+    watch = Inotify([blobs])
+    watch.libc.inotify_add_watch(watch.fd, os.fsencode(blobs), IN_CREATE | IN_MOVED_TO)
+    proc = DkrProcess("pull", "--insecure", "--image-root", root, "--backend", "dir", "--json",
+                      f"{pushed.host}/records/good", "m")
+    try:
+        stored = set()
+        while len(stored) < 2 and proc.proc.poll() is None:
+            stored |= {p.name for p in watch.created(0.5) if not p.name.startswith(".")}
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert len(stored) == 2, "the pull did not store its manifest and config"
+        assert not (root / ".dkr" / "machines" / "m.json").exists(), "stopped too late"
+        assert_ok(run_dkr("gc", "--image-root", root))
+        os.killpg(proc.pid, signal.SIGCONT)
+        rc, err = proc.finish()
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT) if proc.proc.poll() is None else None
+        proc.stop()
+        watch.close()
+    assert rc == 0, err
+    inspected = json.loads(assert_ok(run_dkr("inspect", "--image-root", root, "m")).out)
+    assert inspected["manifest"] and inspected["config"]
+    whole(root)
