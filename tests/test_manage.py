@@ -490,12 +490,34 @@ def test_gc_removes_abandoned_partial_downloads_but_not_live_ones(tmp_path):
     assert live.exists()
 
 
-def test_gc_refuses_while_a_pull_runs(tmp_path):
-    import fcntl
-    from helpers import assert_clean_failure, run_dkr
-    root = tmp_path / "machines"
-    locks = root / ".dkr" / "locks"
-    locks.mkdir(parents=True)
-    with open(locks / "gc.lock", "w") as pull_holds:        # what a running pull holds
-        fcntl.flock(pull_holds, fcntl.LOCK_SH)
-        assert_clean_failure(run_dkr("gc", "--image-root", root), root, r"busy.*a pull")
+def test_gc_runs_beside_a_pull_and_takes_only_what_nobody_needs(registry, pushed, image_root):
+    """gc does not wait for a pull to end, nor refuse: it removes a layer nobody needs,
+    and leaves the layers a running pull has decided to reuse (no record names them
+    yet) and the one it builds."""
+    import random
+    from reliability_helpers import DkrProcess, chain_ids
+    slow_top = Layer([Dir("app"), File("app/slow", random.Random(24).randbytes(400_000))])
+    images.push_image(registry, "manage/slowpoke", "latest", Image([*BASE, slow_top]))
+    pull_dir(registry, "manage/first", image_root)
+    assert_ok(dkr(image_root, "remove", "first"))
+    unneeded = chain_ids(pushed["first"])[-1].split(":")[1]
+    assert unneeded in layer_keys(image_root)
+
+    with FaultProxy("127.0.0.1", registry.port) as proxy:
+        proxy.add_fault(f"/blobs/{slow_top.digest}", "slow", times=None, rate=100_000)
+        proc = DkrProcess("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                          "--json", f"{proxy.host}/manage/slowpoke", "slowpoke")
+        try:
+            proc.wait_event(lambda e: e["event"] == "skipped" and e["digest"] == BASE[1].digest)
+            run = assert_ok(dkr(image_root, "gc"))
+            assert proc.proc.poll() is None, "the pull was over before gc ran"
+            rc, err = proc.finish()
+        finally:
+            proc.stop()
+    assert rc == 0, err
+    assert "Removed layer " + unneeded[:12] in run.err
+    assert layer_keys(image_root) == set(machine_layers(image_root, "slowpoke"))
+    assert (image_root / "slowpoke" / "etc" / "base").read_bytes() == b"base layer\n"
+    assert len((image_root / "slowpoke" / "app" / "slow").read_bytes()) == 400_000
+    assert_ok(dkr(image_root, "gc"))
+    assert layer_keys(image_root) == set(machine_layers(image_root, "slowpoke"))

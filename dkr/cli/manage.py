@@ -27,7 +27,7 @@ from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, backends, fallback_backend
 from dkr.registry.reference import validate_existing_machine_name
-from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, refuse_mounts_in, remove_entry, text_list
+from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, refuse_mounts_in, remove_entry, text_list, remove_temps
 from dkr.store.locks import AsyncFlock
 from dkr.treeops import tree_size
 from dkr.store.swap import recover, recover_if_idle
@@ -39,6 +39,8 @@ _TMP = rf"\.tmp-[0-9a-f]{{{TMP_SUFFIX_LENGTH}}}"
 LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})" + _TMP)
 MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)" + _TMP)
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+# A record or blob being written: .NAME.tmp-<rand> (see dkr.store)
+RECORD_TMP_RE = re.compile(r"\.(.+)" + _TMP)
 
 
 def add_commands(sub, common) -> None:
@@ -296,11 +298,19 @@ def _trees_of(root: ImageRoot, local: str) -> list[Path]:
 
 
 def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> None:
+    """Out of its name first, then deleted, as gc removes a layer: the tree goes to
+    a temp name (a leftover that the next pull of LOCAL, a remove or gc deletes),
+    then the record goes, then the tree's files. A kill leaves the whole machine,
+    or a record with no tree (which names no machine; gc removes it), or a
+    leftover; never a machine with files missing."""
+    machine = root.machine_path(local)
     with _wrap_os_error(f"cannot remove machine {local}"):
+        if os.path.lexists(machine):
+            os.rename(machine, root.machine_tmp(local))
+        (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
+        remove_temps(root.meta / "machines", f"{local}.json")
         for tree in _trees_of(root, local):
             remove_entry(backend, tree)
-        # The record goes last: a crash before it leaves a record to remove again.
-        (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
 
 
 # --- mount and umount -----------------------------------------------------------------------
@@ -403,7 +413,7 @@ class _Collector:
         self.dry_run = dry_run
         self.freed = 0
         self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0,
-                       "partial download": 0}
+                       "partial download": 0, "temporary file": 0}
         self._fallback: StorageBackend | None = None
 
     # which backend removes an entry that names none
@@ -462,6 +472,7 @@ class _Collector:
             for local, info in self.root.machine_records():
                 if isinstance(info, dict) and "swap" in info:
                     recover_if_idle(self.root, local)
+        self.machines_gone()
         entries = sorted(os.listdir(self.root.path))
         needed = self.needed_layers()
         for name in entries:
@@ -473,13 +484,58 @@ class _Collector:
             elif m := MACHINE_TMP_RE.fullmatch(name):
                 self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend(),
                               machine=m.group(1))
+        self.temporary_files()
         self.layer_records()
         self.blobs()
         self.partial_downloads()
 
+    def machines_gone(self) -> None:
+        """Records of machines whose tree is gone: a remove or a pull that was killed
+        between taking the tree out of its name (or before putting it there) and
+        removing the record. They name no machine; the layers stay unless unneeded."""
+        for record in sorted((self.root.meta / "machines").glob("*.json")):
+            local = record.stem
+            if os.path.lexists(self.root.machine_path(local)):
+                continue
+            with ExitStack() as stack:
+                if not _try_flock_into(self.root, f"machine-{local}", stack):
+                    continue                  # a pull or remove is at work on it
+                if os.path.lexists(self.root.machine_path(local)) or not record.exists():
+                    continue
+                if not self.dry_run:
+                    record.unlink(missing_ok=True)
+                self.report("record", f"machines/{record.name}", 0)
+
+    def temporary_files(self) -> None:
+        """Records and blobs that killed writers left half-written: each under the lock
+        its writer holds while it writes (see dkr.store), so none of a live one."""
+        for folder, lock in (("layers", lambda name: f"layer-{name.removesuffix('.json')}"),
+                             ("machines", lambda name: f"machine-{name.removesuffix('.json')}"),
+                             ("blobs/sha256", lambda name: f"blob-{name}")):
+            directory = self.root.meta / folder
+            if not directory.is_dir():
+                continue
+            for entry in sorted(os.listdir(directory)):
+                if not (m := RECORD_TMP_RE.fullmatch(entry)):
+                    continue
+                with ExitStack() as stack:
+                    if not _try_flock_into(self.root, lock(m.group(1)), stack):
+                        continue              # being written right now
+                    path = directory / entry
+                    try:
+                        size = path.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    if not self.dry_run:
+                        path.unlink(missing_ok=True)
+                    self.report("temporary file", f"{folder}/{entry}", size)
+
     def layer(self, key: str) -> None:
         with ExitStack() as stack:
-            if not _try_flock_into(self.root, f"layer-{key}", stack):
+            # A pull holds keep-layer-KEY shared from before it looks for the layer
+            # until its run ends; the build lock guards the layer's temp entries.
+            if not (_try_flock_into(self.root, f"keep-layer-{key}", stack)
+                    and _try_flock_into(self.root, f"layer-{key}", stack)):
                 log.info("Layer %s is in use by a pull, keeping it.", key[:12])
                 return
             path = self.root.layer_path(key)
@@ -546,10 +602,19 @@ class _Collector:
         for blob in sorted((self.root.meta / "blobs" / "sha256").glob("*")):
             if blob.name in needed or not re.fullmatch(r"[0-9a-f]{64}", blob.name):
                 continue
-            size = blob.stat().st_size
-            if not self.dry_run:
-                blob.unlink(missing_ok=True)
-            self.report("blob", blob.name[:12], size)
+            with ExitStack() as stack:
+                # A pull holds keep-blob-HEX from before it stores the blob until
+                # its run ends; one that ended has its machine's record name it.
+                if not _try_flock_into(self.root, f"keep-blob-{blob.name}", stack) or \
+                        blob.name in self.needed_blobs():
+                    continue
+                try:
+                    size = blob.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if not self.dry_run:
+                    blob.unlink(missing_ok=True)
+                self.report("blob", blob.name[:12], size)
 
 
     def partial_downloads(self) -> None:
@@ -561,6 +626,8 @@ class _Collector:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _same_file(fd, spool):
+                    continue                  # deleted and made again meanwhile: not ours
             except OSError:
                 continue                      # a download is writing it right now
             else:
@@ -572,14 +639,35 @@ class _Collector:
                 os.close(fd)
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def cmd_gc(args) -> int:
+    """Collect beside running pulls, each entry under its own locks:
+
+    - a layer: ``keep-layer-KEY`` and ``layer-KEY``, both exclusive and never
+      waited for. A pull holds ``keep-layer-KEY`` shared from before it looks
+      whether KEY exists until its run ends (by then its machine's record names
+      KEY), and ``layer-KEY`` while it builds KEY; gc looks at the records again
+      once it holds both, so it never takes a layer a pull or a machine needs.
+    - a manifest or config blob: ``keep-blob-HEX``, the same way.
+    - a temporary entry: the lock its writer holds while writing (dkr.store).
+    - a partial download: its own flock, which its download holds.
+    - a machine record whose machine is gone: ``machine-LOCAL``.
+
+    A pull waits for such a lock only while gc removes that one entry, and gc
+    waits for none: no cycle. One gc at a time.
+    """
     root = ImageRoot(args.image_root)
     if not root.meta.is_dir():
         log.info("Nothing to collect in %s.", root.path)
         return 0
-    # One collector at a time, and none while a pull runs: a pull holds this lock
-    # shared from start to end, so layers it reuses or just built stay put.
-    with _flock(root, "gc", f"{root.path} is busy: another dkr gc (or a pull) is running there"):
+    with _flock(root, "gc", f"{root.path} is busy: another dkr gc is running there"):
         collector = _Collector(root, args.dry_run)
         try:
             collector.run()

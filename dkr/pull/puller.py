@@ -33,7 +33,7 @@ from dkr.registry.client import RegistryClient
 from dkr.registry.keychain import HelperQuestion, credential_sources
 from dkr.registry.reference import Reference, digest_hex, validate_machine_name
 from dkr.registry.v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
-from dkr.store.layout import ImageRoot
+from dkr.store.layout import ImageRoot, remove_temps
 from dkr.store.locks import AsyncFlock
 from dkr.tasks import failed, retrieved, to_the_end
 from dkr.transport.glue import CurlGlue
@@ -97,7 +97,7 @@ class Puller:
                                                           f"building layer {key[:12]}"))
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
-        self._no_gc = AsyncFlock(self.root.meta / "locks" / "gc.lock", "running gc", shared=True)
+        self._kept: dict[str, tuple[AsyncFlock, asyncio.Future]] = {}
 
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
@@ -112,7 +112,7 @@ class Puller:
         finally:                      # also when that wait is cancelled (by an API user)
             self._helpers_stop.set()  # a helper still asked is killed: no waiting for it
             self.spool.close()
-            self._no_gc.release()
+            self._release_kept()
             if self.glue is not None:
                 self.glue.close()
                 self.glue = None
@@ -123,7 +123,6 @@ class Puller:
             if self._backend is None:
                 self.root.prepare()
                 self.extractor_pool.warm()    # starts up while the manifests come in
-                await self._no_gc.acquire()   # gc waits until this run is over
                 self._backend, why = choose_backend(self.options.backend, self.root.path)
                 self.events.emit("backend", name=self._backend.name, why=why)
         return self._backend
@@ -182,8 +181,8 @@ class Puller:
         result = PullResult(str(ref), local, plan.manifest_digest,
                             chain=[layer.chain_id for layer in plan.layers])
         paths = await self._layers(client, plan, backend, result)
-        self.root.save_blob(plan.manifest_digest, plan.manifest)
-        self.root.save_blob(plan.config_digest, plan.config)
+        await self.save_blob(plan.manifest_digest, plan.manifest)
+        await self.save_blob(plan.config_digest, plan.config)
         await self.make_machine(local, paths, backend, {
             "reference": str(ref), "manifest_digest": plan.manifest_digest,
             "config_digest": plan.config_digest, "platform": plan.platform,
@@ -284,11 +283,39 @@ class Puller:
             if stage is not None:
                 await to_the_end(stage.discard())
 
+    # --- what gc must leave alone ----------------------------------------------------
+    async def keep(self, name: str) -> None:
+        """Hold ``keep-<name>.lock`` shared until this run ends (``layer-<key>``,
+        ``blob-<hex>``): taken before the pull looks whether the layer or blob is
+        there, so that what it finds stays until its machine's record names it.
+        gc removes a layer or blob only holding that lock exclusively (see
+        dkr.manage); it never waits for it, and a pull waits only while gc
+        removes that one entry."""
+        if name not in self._kept:
+            lock = AsyncFlock(self.root.meta / "locks" / f"keep-{name}.lock",
+                              f"removing {name[:18]} (gc)", shared=True)
+            taking = asyncio.ensure_future(lock.acquire())
+            taking.add_done_callback(retrieved)
+            self._kept[name] = (lock, taking)
+        await asyncio.shield(self._kept[name][1])
+
+    def _release_kept(self) -> None:
+        for lock, taking in self._kept.values():
+            taking.cancel()
+            lock.release()
+        self._kept.clear()
+
+    async def save_blob(self, digest: str, data: bytes) -> None:
+        await self.keep(f"blob-{digest_hex(digest)}")
+        self.root.save_blob(digest, data)
+
     # --- layers: claim, build -------------------------------------------------------
     async def claim_layer(self, key: str, backend: StorageBackend, result: PullResult,
                           digest: str = "") -> Share:
         """Reuse layer ``key``, share its build with another image, or take it on
         (see dkr.claims: the order in which layers are claimed, and why)."""
+        # (kept from gc from before we look for it: see keep())
+        await self.keep(f"layer-{key}")
         def found() -> Path | None:
             final = self.root.layer_path(key)
             if not final.exists():
@@ -343,12 +370,12 @@ class Puller:
                     claim.claim.commit(final)
                     break
                 except ResumedBlobMismatch as e:
-                    backend.remove(tmp)
+                    self._unmake(backend, tmp, claim.key)
                     if last_try:
                         raise DkrError(str(e)) from None
                     log.warning("%s; starting this layer over.", e)
                 except BaseException:
-                    backend.remove(tmp)
+                    self._unmake(backend, tmp, claim.key)
                     raise
         except BaseException as e:
             self._abandon(claim, e)
@@ -365,11 +392,18 @@ class Puller:
                          commit_seconds=sealed - extracted)
         return final
 
+    def _unmake(self, backend: StorageBackend, tmp: Path, key: str) -> None:
+        """A layer that will not be committed: its tree goes, and its record with it
+        (written just before the commit), so that no record names a missing tree."""
+        backend.remove(tmp)
+        (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
+
     async def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
         """What an interrupted pull left of a layer we hold the lock of."""
         for leftover in self.root.leftovers(self.root.layer_path(key).name):
             log.info("Removing %s left by an interrupted pull.", leftover.name)
             await remove_leftover(backend.remove, leftover)
+        remove_temps(self.root.meta / "layers", f"{key}.json")
 
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
@@ -380,9 +414,11 @@ class Puller:
             await loop.run_in_executor(None, backend.seal_layer, tree)
         elif "error" in sealed:
             raise DkrError(sealed["error"])
-        await loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
+        # To its end even when cancelled: the thread would write on regardless, after
+        # the caller has removed what a failure leaves.
+        await to_the_end(loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
             **meta, "backend": backend.name, "tar_bytes": unpacked["tar_bytes"],
-            "created": _now()})
+            "created": _now()}))
 
     async def ensure_layer(self, key: str, parent: Path | None, backend: StorageBackend,
                            fetch: Callable[[Path], Awaitable[dict]], meta: dict,
@@ -507,6 +543,7 @@ class Puller:
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 # (taken down too: a killed --force may leave one mounted)
                 await remove_leftover(lambda path: swap.take_away(backend, path), leftover)
+            remove_temps(self.root.meta / "machines", f"{local}.json")
             tmp = self.root.machine_tmp(local)
             try:
                 backend.create_machine(tmp, layers)

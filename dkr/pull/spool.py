@@ -36,13 +36,26 @@ SPOOL_WRITE = 256 * 1024
 def _open_locked(directory: Path, name: str) -> tuple[Path, int]:
     """The spool file for ``name``, locked; another process's download gets its own file."""
     for path in (directory / name, directory / f"{name}.{os.getpid()}"):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return path, fd
-        except BlockingIOError:
-            os.close(fd)
+        for _ in range(8):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                break
+            if _still_named(fd, path):
+                return path, fd
+            os.close(fd)              # gc took it away between our open and our lock
     raise DkrError(f"spool file {directory / name} is busy")
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 class SpoolSink:

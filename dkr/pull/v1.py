@@ -37,7 +37,7 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
 
     reference = f"v1:{session.index}/{repo}:{tag}"
     config_digest = "sha256:" + hashlib.sha256(config_body).hexdigest()
-    puller.root.save_blob(config_digest, config_body)
+    await puller.save_blob(config_digest, config_body)
     puller.events.emit("resolved", reference=reference, digest=image_id,
                        platform=platform_of(config), layers=len(ancestry))
     result = PullResult(reference, local, image_id, chain=list(ancestry))

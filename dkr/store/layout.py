@@ -10,16 +10,31 @@
     IMAGE_ROOT/.dkr/locks/                 flock(2) files
 
 Anything becomes visible only by a final rename(), so a crash leaves at
-most ``.tmp-`` entries, which the next run removes under the same lock.
+most ``.tmp-`` entries. Every temporary entry belongs to one lock, which
+its writer holds from before it creates the entry until the entry is
+renamed into place or removed:
+
+    .dkr-<key>.tmp-<rand>, .dkr/layers/.<key>.json.tmp-<rand>   layer-<key>.lock
+    .dkr-local-<LOCAL>.tmp-<rand>, .dkr/machines/.<LOCAL>.json.tmp-<rand>
+                                                                machine-<LOCAL>.lock
+    .dkr/blobs/sha256/.<hex>.tmp-<rand>                         blob-<hex>.lock
+    .dkr/partial/<hex>[.<pid>]        the spool file's own flock (kept for resume)
+
+So whoever takes that lock knows that no live process writes the lock's
+temporary entries, and removes them (the next pull of that layer, machine or
+blob, and gc); the temporary entries of another lock are never its to touch.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from dkr.errors import DkrError
 from dkr.fsinfo import mounts_below
@@ -59,6 +74,35 @@ def _tmp_suffix() -> str:
 
 def _is_tmp_suffix(text: str) -> bool:
     return len(text) == TMP_SUFFIX_LENGTH and all(c in "0123456789abcdef" for c in text)
+
+
+def temp_name(name: str) -> str:
+    """The name a record or blob ``name`` is written under before its rename."""
+    return f".{name}.tmp-{_tmp_suffix()}"
+
+
+def temps_of(directory: Path, name: str) -> list[Path]:
+    """The temporary entries of record or blob ``name`` in ``directory``."""
+    start = f".{name}.tmp-"
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(directory / entry for entry in names
+                  if entry.startswith(start) and _is_tmp_suffix(entry[len(start):]))
+
+
+def remove_temps(directory: Path, name: str) -> list[Path]:
+    """Remove what killed writers left of record or blob ``name``; the caller holds
+    its lock (see the module's docstring). Returns what was removed."""
+    gone = []
+    for tmp in temps_of(directory, name):
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            continue
+        gone.append(tmp)
+    return gone
 
 
 def _text(value) -> bool:
@@ -137,7 +181,7 @@ class ImageRoot:
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Replace ``.dkr/relative`` with ``data`` at once, durably."""
         target = self.meta / relative
-        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        tmp = target.with_name(temp_name(target.name))
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -164,11 +208,25 @@ class ImageRoot:
         return value
 
     def save_blob(self, digest: str, data: bytes) -> None:
+        """Store a manifest or config blob, under its lock (which also lets this
+        remove what a killed writer left of it)."""
         path = self.meta / "blobs" / "sha256" / digest_hex(digest)
-        if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-            tmp.write_bytes(data)
-            os.rename(tmp, path)
+        with self.locked(f"blob-{path.name}"):
+            remove_temps(path.parent, path.name)
+            if not path.exists():
+                self.write_bytes(f"blobs/sha256/{path.name}", data)
+
+    @contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Hold ``.dkr/locks/<name>.lock`` (waiting for it): only for locks held for
+        a moment, never while waiting for another."""
+        fd = os.open(self.meta / "locks" / f"{name}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def read_blob(self, digest: str) -> bytes | None:
         try:
