@@ -48,7 +48,8 @@ import zlib
 from pathlib import Path
 
 from . import _tarcore, staging, tarstream
-from .tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
+from .tarstream import (DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError, quoted,
+                        member_label)
 from .errors import DkrError
 from .launch import modules_loaded
 from .treeops import remove_tree
@@ -152,7 +153,7 @@ def normalize(path: bytes) -> bytes:
             continue
         if part == b"..":
             if not parts:
-                raise ExtractError(f"member {path!r} points outside the layer")
+                raise ExtractError(f"{member_label(path)}: points outside the layer")
             parts.pop()
             continue
         parts.append(part)
@@ -194,7 +195,7 @@ class Extractor:
                 self.opaques.append(b".")
             return
         if path == b"." and member.kind != DIRECTORY:
-            raise ExtractError(f"member {member.path!r} would replace the layer root")
+            raise ExtractError(f"{member_label(member.path)}: would replace the layer root")
         self.entries += 1
         self.added.add(path)
         self._handlers.get(member.kind, self._special)(path, member, reader)
@@ -214,7 +215,8 @@ class Extractor:
         try:
             os.makedirs(parent, 0o755, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise ExtractError(f"cannot create {path!r}: a parent is not a directory") from None
+            raise ExtractError(f"{member_label(path)}: cannot be created, a parent is not "
+                               "a directory") from None
         finally:
             os.umask(umask)
         self.known_dirs.add(parent)
@@ -300,7 +302,7 @@ class Extractor:
         try:
             self._create(path, lambda p: os.link(target, p, follow_symlinks=False))
         except FileNotFoundError:
-            raise ExtractError(f"hardlink {m.path!r} points to {m.linkname!r}, "
+            raise ExtractError(f"{member_label(m.path)}: a hard link to {quoted(m.linkname)}, "
                                "which the layer does not have") from None
 
     def _special(self, path: bytes, m: Member, reader) -> None:
