@@ -63,7 +63,7 @@ class TarError(Exception):
     """The stream is not a tar archive we can read safely."""
 
 
-def _show(value: bytes, limit: int = 40) -> str:
+def quoted(value: bytes, limit: int = 40) -> str:
     """A bad value as an error line shows it: quoted, escaped, cut short."""
     text = value[:limit].decode("utf-8", "backslashreplace")
     return repr(text) + ("…" if len(value) > limit else "")
@@ -71,7 +71,7 @@ def _show(value: bytes, limit: int = 40) -> str:
 
 def member_label(path: bytes) -> str:
     """How an error line names a member: ``member 'etc/passwd'``."""
-    return "member " + _show(path, 200)
+    return "member " + quoted(path, 200)
 
 
 @dataclass(slots=True)
@@ -127,7 +127,7 @@ def _number(field_: bytes, what: str) -> int:
             pass
     elif not text:
         return 0
-    raise TarError(f"bad {what} field {_show(field_)} in tar header")
+    raise TarError(f"bad {what} field {quoted(field_)} in tar header")
 
 
 class _FieldError(TarError):
@@ -177,7 +177,7 @@ def _pax_number(pax: dict[bytes, bytes], key: bytes) -> int | None:
     if value is None:
         return None
     if not value.isdigit():
-        raise TarError(f"bad PAX {key.decode()} {_show(value)}")
+        raise TarError(f"bad PAX {key.decode()} {quoted(value)}")
     return int(value)
 
 
@@ -204,11 +204,11 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
         record = data[space + 1: pos + length - 1]     # drop trailing newline
         key, sep, value = record.partition(b"=")
         if not sep or not key or b"\0" in key:
-            raise TarError(f"bad PAX record {_show(record)}")
+            raise TarError(f"bad PAX record {quoted(record)}")
         if key in (_SPARSE_OFFSET, _SPARSE_NUMBYTES):
             # They alternate, offset first; anything else cannot be paired up.
             if (key == _SPARSE_OFFSET) != (len(sparse) % 2 == 0) or not value.isdigit():
-                raise TarError(f"bad GNU sparse map in PAX header ({key.decode()} {_show(value)})")
+                raise TarError(f"bad GNU sparse map in PAX header ({key.decode()} {quoted(value)})")
             sparse.append(value)
         else:
             records[key] = value
@@ -495,8 +495,6 @@ class TarReader:
             # GNU's volume labels, multi-volume parts and dump directories
             # have no meaning in a layer.
             raise TarError(f"unsupported tar entry type {typeflag!r}")
-        if kind is REGULAR and typeflag in _SLASH_MEANS_DIR and name.endswith(b"/"):
-            kind = DIRECTORY
         linkname = long_link or _cstr(linkname)
         mtime_ns = mtime * 1_000_000_000
         xattrs = {}
@@ -506,8 +504,11 @@ class TarReader:
         if pax:
             name, linkname, uid, gid, mtime_ns, xattrs = self._pax_overrides(
                 pax, name, linkname, uid, gid, mtime_ns)
-            if kind is REGULAR:
-                sparse, size = self._pax_sparse(pax, sparse, size)
+        # (The name that counts is the final one, a pax path's too, as GNU tar has it.)
+        if typeflag in _SLASH_MEANS_DIR and name.endswith(b"/"):
+            kind = DIRECTORY
+        if pax and kind is REGULAR:
+            sparse, size = self._pax_sparse(pax, sparse, size)
         if uid > _MAX_ID or gid > _MAX_ID:
             raise TarError(f"owner {uid}:{gid} is out of range")
         if kind is REGULAR:
@@ -586,8 +587,8 @@ class TarReader:
         if (major, minor) == (b"1", b"0"):
             return self._sparse_map_1_0(), size
         if major not in (None, b"0") or minor not in (None, b"0", b"1") or _SPARSE_MAP not in pax:
-            raise TarError(f"unsupported GNU sparse format {_show(major or b'?')}."
-                           f"{_show(minor or b'?')}")
+            raise TarError(f"unsupported GNU sparse format {quoted(major or b'?')}."
+                           f"{quoted(minor or b'?')}")
         numbers = [_decimal(n, "GNU sparse map entry") for n in pax[_SPARSE_MAP].split(b",")]
         if len(numbers) % 2:
             raise TarError("bad GNU sparse map (an offset without its length)")
@@ -625,7 +626,7 @@ _MAX_TIME_NS = 2 ** 63 - 1
 def _decimal(value: bytes, what: str) -> int:
     # (19 digits fit 64 bits; int() of thousands of digits is slow, or refused.)
     if not value.isdigit() or len(value) > 19:
-        raise TarError(f"bad {what} {_show(value)}")
+        raise TarError(f"bad {what} {quoted(value)}")
     return int(value)
 
 
@@ -651,7 +652,7 @@ _PAX_TIME = re.compile(rb"-?[0-9]{1,19}(\.[0-9]*)?\Z")
 
 def _pax_time_ns(value: bytes) -> int:
     if not _PAX_TIME.match(value):
-        raise TarError(f"bad PAX mtime {_show(value)}")
+        raise TarError(f"bad PAX mtime {quoted(value)}")
     whole, _, frac = value.partition(b".")
     frac = (frac + b"000000000")[:9]
     sign = -1 if whole.startswith(b"-") else 1
@@ -668,10 +669,10 @@ def _xattrs(pax: dict[bytes, bytes]) -> dict[str, bytes]:
             try:
                 value = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
             except binascii.Error:
-                raise TarError(f"bad PAX {_show(key)} (not base64)") from None
+                raise TarError(f"bad PAX {quoted(key)} (not base64)") from None
         else:
             continue
         if not name or b"\0" in name:
-            raise TarError(f"bad PAX xattr name {_show(key)}")
+            raise TarError(f"bad PAX xattr name {quoted(key)}")
         out[name.decode("utf-8", "surrogateescape")] = value
     return out
