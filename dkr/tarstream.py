@@ -111,7 +111,11 @@ def _number(field_: bytes, what: str) -> int:
     the reader onto the same header, for ever. (int() alone would also take
     a sign or underscores.)
     """
-    if field_[0] & 0x80:                           # GNU base-256: two's complement after the flag
+    # GNU base-256: two's complement after the flag. GNU tar (and tarfile) take
+    # only 0x80 (positive) and 0xff (negative) as the first byte; Go's
+    # archive/tar takes any byte with its top bit set. dkr follows GNU tar:
+    # no writer makes the others, so they are damage, not numbers.
+    if field_[0] in (0x80, 0xff):
         bits = 8 * len(field_) - 1
         value = int.from_bytes(field_, "big") & ((1 << bits) - 1)
         if field_[0] & 0x40:
@@ -407,6 +411,14 @@ class TarReader:
             except TarError:
                 if self.total == 0:
                     raise TarError("empty layer stream") from None
+                # An archive whose end-of-archive blocks are missing ends where
+                # its last member does, as GNU tar, Go's archive/tar and tarfile
+                # read it (a stream cut short there still fails its DiffID);
+                # one cut inside a header, or after an extension header whose
+                # member never came, does not.
+                if (self._pos == len(self._buf) and long_name is None and long_link is None
+                        and not pax and pax_error is None):
+                    return
                 raise
             if block == _ZERO_BLOCK:
                 self._end_of_archive()
