@@ -408,19 +408,21 @@ class TarReader:
                 self._pos = self.fast_path(self._buf, self._pos)
             try:
                 block = self._read(BLOCK)
-            except TarError:
+            except TarError as e:
                 if self.total == 0:
                     raise TarError("empty layer stream") from None
                 # An archive whose end-of-archive blocks are missing ends where
                 # its last member does, as GNU tar, Go's archive/tar and tarfile
                 # read it (a stream cut short there still fails its DiffID);
-                # one cut inside a header, or after an extension header whose
-                # member never came, does not.
-                if (self._pos == len(self._buf) and long_name is None and long_link is None
-                        and not pax and pax_error is None):
+                # one cut inside a header does not. (An extension header
+                # whose member never comes is dropped, here as at an end
+                # marker: GNU tar and Go do so, tarfile refuses.)
+                if self._pos == len(self._buf) and pax_error is None:
                     return
-                raise
+                raise pax_error or e
             if block == _ZERO_BLOCK:
+                if pax_error is not None:         # (no member to name)
+                    raise pax_error
                 self._end_of_archive()
                 return
             try:
