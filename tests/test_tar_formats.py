@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -373,3 +374,37 @@ def test_the_oracle_keeps_holes_too(oracle, archives, tmp_path):
     _gnu_extraction(tars, into)
     assert _check_holes(into) == []
     shutil.rmtree(into)
+
+
+# --- malformed values: one line that names the layer and the member ---------------------------
+
+def _pax_layer(records: dict, data: bytes = b"abc") -> BlobLayer:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        ok = tarfile.TarInfo("fine")
+        ok.size = 4
+        tar.addfile(ok, io.BytesIO(b"fine"))
+        info = tarfile.TarInfo("etc/x")
+        info.size, info.pax_headers = len(data), records
+        tar.addfile(info, io.BytesIO(data))
+    tar = out.getvalue()
+    return BlobLayer(gzip.compress(tar, mtime=0), tar)
+
+
+@pytest.mark.parametrize("records, message", [
+    ({"mtime": "12a"}, "bad PAX mtime '12a'"),
+    ({"LIBARCHIVE.xattr.user.a": "!!!"}, "bad PAX 'LIBARCHIVE.xattr.user.a' (not base64)"),
+    ({"GNU.sparse.map": "0,9", "GNU.sparse.size": "10"}, "GNU sparse map holds 9 bytes, the "
+                                                         "member 3"),
+], ids=["mtime", "base64", "sparse-map"])
+def test_a_malformed_value_ends_the_pull_with_one_line_naming_layer_and_member(
+        registry, tmp_path, records, message):
+    from helpers import assert_clean_failure, pull
+    layer = _pax_layer(records)
+    repo = f"tar-malformed/{'-'.join(records).lower().replace('.', '-')}"
+    images.push_image(registry, repo, "latest", Image([layer]))
+    root = tmp_path / "machines"
+    run = pull(registry, repo, root, "--backend", "dir", local="m")
+    line = f"dkr: error: layer {layer.digest}: member 'etc/x': {message}"
+    assert_clean_failure(run, root, "^" + re.escape(line) + "$", local="m")
+    assert [p.name for p in root.iterdir() if p.name.startswith(".dkr-")] == []

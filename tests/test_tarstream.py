@@ -479,3 +479,74 @@ def test_mutated_archives_read_as_tarfile_reads_them(fmt):
         compared += 1
     # The mutations must reach every outcome, or the test says little.
     assert compared > 150 and refused > 150 and stricter > 20, (compared, refused, stricter)
+
+
+# --- malformed values: a TarError that names the member ------------------------------------
+
+def _pax_member(records: dict, name: str = "x", data: bytes = b"abc") -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size, info.pax_headers = len(data), records
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _raw_pax(body: bytes) -> bytes:
+    info = tarfile.TarInfo("PaxHeaders/x")
+    info.type, info.size = tarfile.XHDTYPE, len(body)
+    return info.tobuf(tarfile.USTAR_FORMAT) + body + bytes(-len(body) % 512)
+
+
+def _with_field(offset: int, value: bytes, typeflag: bytes = b"0") -> bytes:
+    data = bytearray(_gnu_member(size=1))
+    data[offset:offset + len(value)] = value
+    data[156:157] = typeflag
+    data[0:4] = b"x\0\0\0"
+    _fix_checksums_gnu(data)
+    return bytes(data)
+
+
+MALFORMED = {
+    "pax mtime": (_pax_member({"mtime": "12a"}), r"member 'x': bad PAX mtime '12a'$"),
+    "pax mtime exponent": (_pax_member({"mtime": "1e5"}), r"member 'x': bad PAX mtime '1e5'$"),
+    "pax uid": (_pax_member({"uid": "-1"}), r"member 'x': bad PAX uid '-1'$"),
+    "pax gid too big": (_pax_member({"gid": "9" * 30}), r"member 'x': owner .* out of range"),
+    "pax size": (_pax_member({"size": "12x"}), r"member 'x': bad PAX size '12x'$"),
+    "base64 xattr": (_pax_member({"LIBARCHIVE.xattr.user.a": "!!!"}),
+                     r"member 'x': bad PAX 'LIBARCHIVE.xattr.user.a' \(not base64\)$"),
+    "empty xattr name": (_pax_member({"SCHILY.xattr.": "v"}),
+                         r"member 'x': bad PAX xattr name 'SCHILY.xattr.'$"),
+    "nul in path": (_pax_member({"path": "a\0b"}), r"member 'a\\x00b': .*NUL"),
+    "pax record": (_raw_pax(b"5 a\n") + _pax_member({}), r"member 'x': bad PAX record"),
+    "pax record key": (_raw_pax(b"6 =ab\n") + _pax_member({}), r"member 'x': bad PAX record"),
+    "sparse map odd": (_pax_member({"GNU.sparse.map": "0,3,7", "GNU.sparse.size": "10"}),
+                       r"member 'x': bad GNU sparse map"),
+    "sparse map size": (_pax_member({"GNU.sparse.map": "0,5", "GNU.sparse.size": "10"}),
+                        r"member 'x': GNU sparse map holds 5 bytes, the member 3$"),
+    "sparse map past end": (_pax_member({"GNU.sparse.map": "8,3", "GNU.sparse.size": "10"}),
+                            r"member 'x': bad GNU sparse map \(segments out of order"),
+    "sparse version": (_pax_member({"GNU.sparse.major": "2", "GNU.sparse.minor": "0",
+                                    "GNU.sparse.realsize": "3"}),
+                       r"member 'x': unsupported GNU sparse format '2'.'0'$"),
+    "sparse 1.0 map": (_pax_member({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                    "GNU.sparse.realsize": "3"}, data=b"z" * 600),
+                       r"member 'x': bad GNU sparse map at the start of the data$"),
+    "mode field": (_with_field(100, b"0_00644\0"), r"member 'x': bad mode field '0_00644"),
+    "base-256 flag": (_with_field(108, b"\x81" + bytes(7)), r"member 'x': bad uid field"),
+    "device number": (_with_field(329, b"\x80" + b"\xff" * 7, b"3"),
+                      r"member 'x': device number .* out of range"),
+    "unknown type": (_with_field(156, b"Z", b"Z"), r"member 'x': unsupported tar entry type"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_value_is_a_tar_error_naming_its_member(case):
+    data, pattern = MALFORMED[case]
+    with pytest.raises(tarstream.TarError) as caught:
+        reader = tarstream.TarReader(io.BytesIO(data))
+        for _ in reader:
+            reader.copy_body(None)
+        reader.drain()
+    assert re.search(pattern, str(caught.value)), str(caught.value)
+    assert "\n" not in str(caught.value)
