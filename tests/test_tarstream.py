@@ -359,10 +359,11 @@ def _dkr_reads(data: bytes, rng: random.Random) -> tuple[list, tarstream.TarErro
                         reader.copy_body(None)
                 finally:
                     os.close(fd)
-            members.append((m.path.rstrip(b"/"), m.kind, m.mode, m.uid, m.gid, m.size,
-                            m.linkname if m.kind in (tarstream.HARDLINK, tarstream.SYMLINK) else b"",
-                            (m.devmajor, m.devminor) if m.kind in (tarstream.CHAR, tarstream.BLOCKDEV)
-                            else None, m.xattrs, content))
+            link = m.linkname if m.kind in (tarstream.HARDLINK, tarstream.SYMLINK) else b""
+            device = (m.devmajor, m.devminor) if m.kind in (tarstream.CHAR,
+                                                             tarstream.BLOCKDEV) else None
+            members.append((m.path.rstrip(b"/"), m.kind, m.mode, m.uid, m.gid, m.size, link,
+                            device, m.xattrs, content))
         reader.drain()
     except tarstream.TarError as e:
         return members, e
@@ -470,7 +471,8 @@ def test_mutated_archives_read_as_tarfile_reads_them(fmt):
         if error is not None:
             reason = [why for pattern, why in STRICTER if re.search(pattern, str(error))]
             assert reason or _not_comparable(expected, damaged), \
-                f"case {case}: tarfile reads {len(expected)} members, dkr: {error}\n{damaged[:2048]!r}"
+                f"case {case}: tarfile reads {len(expected)} members, dkr: {error}\n" \
+                f"{damaged[:2048]!r}"
             stricter += 1
             continue
         if _not_comparable(expected, damaged):
