@@ -457,7 +457,13 @@ class TarReader:
                 continue
             if self._globals:
                 pax = {**self._globals, **pax}
-            member = self._member(block, fields, numbers, pax, long_name, long_link, pax_error)
+            try:
+                if pax_error is not None:
+                    raise pax_error
+                member = self._member(block, fields, numbers, pax, long_name, long_link)
+            except TarError as e:
+                raise TarError(f"{member_label(_shown_name(fields, pax, long_name))}: {e}") \
+                    from None
             long_name = long_link = None
             pax = {}
             pax_error = None
@@ -481,24 +487,11 @@ class TarReader:
         self._pos += BLOCK
 
     def _member(self, block: bytes, fields: tuple, numbers: list[int], pax: dict[bytes, bytes],
-                long_name: bytes | None, long_link: bytes | None,
-                pax_error: TarError | None) -> Member:
+                long_name: bytes | None, long_link: bytes | None) -> Member:
         name, _, _, _, _, _, _, typeflag, linkname, magic, _, _, devmajor, devminor, prefix = fields
         name = long_name or _cstr(name)
         if long_name is None and magic[:6] == b"ustar\0" and prefix[0]:
             name = _cstr(prefix) + b"/" + name
-        shown = pax.get(b"GNU.sparse.name") or pax.get(b"path") or name
-        try:
-            if pax_error is not None:
-                raise pax_error
-            return self._decode(block, name, typeflag, numbers, linkname, devmajor, devminor,
-                                pax, long_link)
-        except TarError as e:
-            raise TarError(f"{member_label(shown)}: {e}") from None
-
-    def _decode(self, block: bytes, name: bytes, typeflag: bytes, numbers: list[int],
-                linkname: bytes, devmajor: bytes, devminor: bytes, pax: dict[bytes, bytes],
-                long_link: bytes | None) -> Member:
         mode, uid, gid, size, mtime = numbers
         kind = _TYPES.get(typeflag)
         if kind is None:
@@ -539,8 +532,9 @@ class TarReader:
         minor = _number(devminor, "devminor") if device else 0
         if major > _MAX_ID or minor > _MAX_ID:
             raise TarError(f"device number {major},{minor} is out of range")
-        return Member(name, kind, mode & 0o7777, uid, gid, size,
-                      min(max(mtime_ns, -_MAX_TIME_NS), _MAX_TIME_NS), linkname, major, minor,
+        if not -_MAX_TIME_NS <= mtime_ns <= _MAX_TIME_NS:
+            mtime_ns = _MAX_TIME_NS if mtime_ns > 0 else -_MAX_TIME_NS
+        return Member(name, kind, mode & 0o7777, uid, gid, size, mtime_ns, linkname, major, minor,
                       xattrs, sparse)
 
     def _pax_overrides(self, pax: dict[bytes, bytes], name: bytes, linkname: bytes,
@@ -629,6 +623,14 @@ class TarReader:
             else:
                 numbers.append(value)
         return list(zip(numbers[::2], numbers[1::2]))
+
+
+def _shown_name(fields: tuple, pax: dict[bytes, bytes], long_name: bytes | None) -> bytes:
+    """The name an error names a member by, as far as its headers could be read."""
+    name = long_name or _cstr(fields[0])
+    if long_name is None and fields[9][:6] == b"ustar\0" and fields[14][0]:
+        name = _cstr(fields[14]) + b"/" + name
+    return pax.get(b"GNU.sparse.name") or pax.get(b"path") or name
 
 
 # uid_t, gid_t and a device number's halves are 32 bits; (uid_t)-1 means "no change".
