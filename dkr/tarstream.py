@@ -66,7 +66,7 @@ class TarError(Exception):
 def quoted(value: bytes, limit: int = 40) -> str:
     """A bad value as an error line shows it: quoted, escaped, cut short."""
     text = value[:limit].decode("utf-8", "backslashreplace")
-    return repr(text) + ("…" if len(value) > limit else "")
+    return repr(text) + ("..." if len(value) > limit else "")
 
 
 def member_label(path: bytes) -> str:
