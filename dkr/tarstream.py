@@ -180,9 +180,7 @@ def _pax_number(pax: dict[bytes, bytes], key: bytes) -> int | None:
     value = pax.get(key)
     if value is None:
         return None
-    if not value.isdigit():
-        raise TarError(f"bad PAX {key.decode()} {quoted(value)}")
-    return int(value)
+    return _decimal(value, f"PAX {key.decode()}")
 
 
 _SPARSE_OFFSET, _SPARSE_NUMBYTES = b"GNU.sparse.offset", b"GNU.sparse.numbytes"
@@ -202,6 +200,8 @@ def _parse_pax(data: bytes) -> dict[bytes, bytes]:
             if data[pos:].strip(b"\0"):
                 raise TarError("bad PAX record")
             break                               # (padding after the last record)
+        if space - pos > 19:                    # (int() of thousands of digits is refused)
+            raise TarError("bad PAX record length")
         length = int(data[pos:space])
         if length <= space + 1 - pos or pos + length > len(data) or data[pos + length - 1] != 10:
             raise TarError("bad PAX record length")
