@@ -294,6 +294,7 @@ class TarReader:
         self._pending = 0             # unread body + padding of the current member
         self._sparse: tuple | None = None     # the current member's map, if it is sparse
         self._sparse_size = 0
+        self._path = b""              # the current member's, for an error in its body
         self._globals: dict[bytes, bytes] = {}
         self.fast_path = None
 
@@ -341,7 +342,7 @@ class TarReader:
             return
         while remaining:
             if self._pos >= len(self._buf) and not self._more():
-                raise TarError("unexpected end of archive inside a file")
+                raise self._cut_short()
             take = min(remaining, len(self._buf) - self._pos)
             if fd is not None:
                 write_all(fd, memoryview(self._buf)[self._pos:self._pos + take])
@@ -349,6 +350,10 @@ class TarReader:
             remaining -= take
         if padding:
             self._read(padding)
+
+    def _cut_short(self) -> TarError:
+        return TarError(f"{member_label(self._path)}: unexpected end of archive inside "
+                        "its data (truncated layer?)")
 
     def _copy_sparse(self, fd: int) -> None:
         segments, size, self._sparse = self._sparse, self._sparse_size, None
@@ -359,7 +364,7 @@ class TarReader:
             at = base + offset
             while length:
                 if self._pos >= len(self._buf) and not self._more():
-                    raise TarError("unexpected end of archive inside a file")
+                    raise self._cut_short()
                 take = min(length, len(self._buf) - self._pos)
                 view = memoryview(self._buf)[self._pos:self._pos + take]
                 while view:
@@ -467,6 +472,7 @@ class TarReader:
             long_name = long_link = None
             pax = {}
             pax_error = None
+            self._path = member.path
             yield member
 
     def _end_of_archive(self) -> None:
