@@ -541,6 +541,8 @@ MALFORMED = {
     "base-256 flag": (_with_field(108, b"\x81" + bytes(7)), r"member 'x': bad uid field"),
     "device number": (_with_field(329, b"\x80" + b"\xff" * 7, b"3"),
                       r"member 'x': device number .* out of range"),
+    "body cut short": (_gnu_member(size=2000)[:1024],
+                       r"member 'old': unexpected end of archive inside its data"),
     "unknown type": (_with_field(156, b"Z", b"Z"), r"member 'x': unsupported tar entry type"),
 }
 
