@@ -178,6 +178,10 @@ parse_plain(const unsigned char *buf, Py_ssize_t len, Py_ssize_t pos, PlainFile 
         if (!plain_header(buf + pos, &hd))
             return -1;
     }
+    /* Only these types have a body that is the file's bytes. Header-only
+     * types (whose size field means nothing), GNU sparse files ('S', whose
+     * body is packed data) and every extension header go to Python; so does
+     * a regular-typed name ending in "/", a directory (already_normal). */
     if (hd.type != '0' && hd.type != 0 && hd.type != '7')
         return -1;
     if (!named_by_pax)

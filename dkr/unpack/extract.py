@@ -50,7 +50,7 @@ from dkr.errors import DkrError
 from dkr.startup import modules_loaded
 from dkr.treeops import remove_tree, write_all
 from dkr.unpack import _tarcore, staging, tarstream
-from dkr.unpack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError
+from dkr.unpack.tarstream import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, TarError, quoted, member_label
 
 try:
     from isal import igzip as _gzip
@@ -151,7 +151,7 @@ def normalize(path: bytes) -> bytes:
             continue
         if part == b"..":
             if not parts:
-                raise ExtractError(f"member {path!r} points outside the layer")
+                raise ExtractError(f"{member_label(path)}: points outside the layer")
             parts.pop()
             continue
         parts.append(part)
@@ -193,7 +193,7 @@ class Extractor:
                 self.opaques.append(b".")
             return
         if path == b"." and member.kind != DIRECTORY:
-            raise ExtractError(f"member {member.path!r} would replace the layer root")
+            raise ExtractError(f"{member_label(member.path)}: would replace the layer root")
         self.entries += 1
         self.added.add(path)
         self._handlers.get(member.kind, self._special)(path, member, reader)
@@ -213,7 +213,8 @@ class Extractor:
         try:
             os.makedirs(parent, 0o755, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise ExtractError(f"cannot create {path!r}: a parent is not a directory") from None
+            raise ExtractError(f"{member_label(path)}: cannot be created, a parent is not "
+                               "a directory") from None
         finally:
             os.umask(umask)
         self.known_dirs.add(parent)
@@ -299,7 +300,7 @@ class Extractor:
         try:
             self._create(path, lambda p: os.link(target, p, follow_symlinks=False))
         except FileNotFoundError:
-            raise ExtractError(f"hardlink {m.path!r} points to {m.linkname!r}, "
+            raise ExtractError(f"{member_label(m.path)}: a hard link to {quoted(m.linkname)}, "
                                "which the layer does not have") from None
 
     def _special(self, path: bytes, m: Member, reader) -> None:

@@ -55,7 +55,9 @@ def stage(reader: TarReader, directory: Path) -> None:
             for member in reader:
                 body: bytes | int | None = None
                 if member.kind == REGULAR:
-                    if member.size <= INLINE_MAX:
+                    # A sparse file's holes must reach the pack as holes (and
+                    # its data sits at its offsets there), never inline.
+                    if member.size <= INLINE_MAX and member.sparse is None:
                         body = reader.read_body(INLINE_MAX)
                     else:
                         os.lseek(pack, offset, os.SEEK_SET)
@@ -76,7 +78,7 @@ def stage(reader: TarReader, directory: Path) -> None:
 
 def _fields(m: Member) -> tuple:
     return (m.path, m.kind, m.mode, m.uid, m.gid, m.size, m.mtime_ns, m.linkname,
-            m.devmajor, m.devminor, m.xattrs)
+            m.devmajor, m.devminor, m.xattrs, m.sparse)
 
 
 class StagedLayer:
@@ -96,6 +98,7 @@ class StagedLayer:
             raise
         self._body: bytes | int | None = None
         self._size = 0
+        self._sparse: tuple | None = None
 
     def __iter__(self) -> Iterator[Member]:
         while True:
@@ -104,7 +107,7 @@ class StagedLayer:
                 return
             fields, self._body = marshal.loads(self._read(length))
             member = Member(*fields)
-            self._size = member.size
+            self._size, self._sparse = member.size, member.sparse
             yield member
 
     def _read(self, size: int) -> bytes:
@@ -117,6 +120,11 @@ class StagedLayer:
         body = self._body
         if isinstance(body, bytes):
             write_all(fd, memoryview(body))
+        elif self._sparse is not None:
+            # Only the data segments: a copy of the holes would fill them.
+            for offset, length in self._sparse:
+                _copy_range(self.pack, body + offset, fd, length, offset)
+            os.ftruncate(fd, self._size)
         elif body is not None:
             _copy_range(self.pack, body, fd, self._size)
 
@@ -125,15 +133,15 @@ class StagedLayer:
         os.close(self.pack)
 
 
-def _copy_range(src: int, offset: int, dst: int, size: int) -> None:
+def _copy_range(src: int, offset: int, dst: int, size: int, dst_offset: int = 0) -> None:
     done = 0
     while done < size:
         try:
-            n = os.copy_file_range(src, dst, size - done, offset + done, done)
+            n = os.copy_file_range(src, dst, size - done, offset + done, dst_offset + done)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-            n = _copy_by_hand(src, offset + done, dst, done, size - done)
+            n = _copy_by_hand(src, offset + done, dst, dst_offset + done, size - done)
         if n <= 0:
             raise OSError(errno.EIO, f"the stage pack ends early ({done} of {size} bytes)")
         done += n
