@@ -8,18 +8,17 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from dkr.libc import libc, os_error
+
 BTRFS_SUPER_MAGIC = 0x9123683E
 OVERLAYFS_SUPER_MAGIC = 0x794C7630
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def statfs_magic(path: Path | str) -> int:
     """The file system type (``f_type`` of statfs(2)) of ``path``; OSError on failure."""
     buf = ctypes.create_string_buffer(256)    # larger than any struct statfs
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        raise os_error(path=path)
     # f_type is the first member, a native word (__fsword_t).
     return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 

@@ -41,6 +41,10 @@ name, ``trusted.overlay.opaque=y`` on an opaque directory), so layers are
 independent and may be extracted side by side.
 """
 
+OPAQUE_XATTR = "trusted.overlay.opaque"
+"""The xattr (value ``y``) that marks a directory opaque in a ``diff`` layer, as
+overlayfs reads it: what lower layers had below it is hidden."""
+
 
 @dataclass(frozen=True)
 class Whiteout:

@@ -30,29 +30,24 @@ from typing import Iterator, Sequence
 
 from dkr.errors import DkrError
 from dkr.fsinfo import OVERLAYFS_SUPER_MAGIC, mount_type, statfs_magic
-from dkr.hookspecs import hookimpl
+from dkr.hookspecs import OPAQUE_XATTR, hookimpl
+from dkr.libc import AT_FDCWD, libc, os_error
 from dkr.treeops import remove_tree
 
 STATE_XATTR = "trusted.dkr.overlay"
 MACHINE_TMP_PREFIX = ".dkr-local-"
 MAX_STACK = 500                 # OVL_MAX_STACK: lower layers one mount can take
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 # Linux's generic syscall numbers (the same on every architecture but alpha).
 SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
 FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 1
 FSCONFIG_SET_STRING, FSCONFIG_SET_FD, FSCONFIG_CMD_CREATE = 1, 5, 6
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
-AT_FDCWD = -100
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def _check(result: int, what: str) -> int:
     if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise os_error(what)
     return result
 
 
@@ -84,7 +79,7 @@ def _fs_context_log(fd: int) -> str:
 
 
 def _fsconfig(fd: int, cmd: int, key: str | None, value, aux: int, what: str) -> None:
-    result = _libc.syscall(ctypes.c_long(SYS_FSCONFIG), ctypes.c_int(fd), ctypes.c_uint(cmd),
+    result = libc.syscall(ctypes.c_long(SYS_FSCONFIG), ctypes.c_int(fd), ctypes.c_uint(cmd),
                            key.encode() if key else None, value, ctypes.c_int(aux))
     if result < 0:
         err = ctypes.get_errno()
@@ -129,7 +124,7 @@ def mount_new_api(target: Path, lowers: Sequence[Path], upper: Path, work: Path,
     by name (``lowerdir+`` strings, Linux 6.8+). Raises _Unsupported when the
     kernel cannot do it that way.
     """
-    fd = _libc.syscall(ctypes.c_long(SYS_FSOPEN), b"overlay", ctypes.c_uint(FSOPEN_CLOEXEC))
+    fd = libc.syscall(ctypes.c_long(SYS_FSOPEN), b"overlay", ctypes.c_uint(FSOPEN_CLOEXEC))
     if fd < 0 and ctypes.get_errno() == errno.ENOSYS:
         raise _Unsupported()
     _check(fd, "fsopen overlay")
@@ -146,10 +141,10 @@ def mount_new_api(target: Path, lowers: Sequence[Path], upper: Path, work: Path,
         set_dir(fd, "upperdir", upper, "upper dir")
         set_dir(fd, "workdir", work, "work dir")
         _fsconfig(fd, FSCONFIG_CMD_CREATE, None, None, 0, "creating the overlay")
-        mnt = _check(_libc.syscall(ctypes.c_long(SYS_FSMOUNT), ctypes.c_int(fd),
+        mnt = _check(libc.syscall(ctypes.c_long(SYS_FSMOUNT), ctypes.c_int(fd),
                                    ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(0)), "fsmount")
         try:
-            _check(_libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(mnt), b"",
+            _check(libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(mnt), b"",
                                  ctypes.c_int(AT_FDCWD), os.fsencode(os.path.abspath(target)),
                                  ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount")
         finally:
@@ -168,7 +163,7 @@ def mount_old_api(target: Path, lowers: Sequence[Path], upper: Path, work: Path)
         raise DkrError(f"the image has {len(lowers)} layers, more than this kernel's overlay "
                        f"mount can stack (about {fit}; Linux 6.8 and later take up to {MAX_STACK})")
     with _directory(target.parent):
-        _check(_libc.mount(b"overlay", os.fsencode(target.name), b"overlay", ctypes.c_ulong(0),
+        _check(libc.mount(b"overlay", os.fsencode(target.name), b"overlay", ctypes.c_ulong(0),
                            options.encode()), "mount overlay")
 
 
@@ -185,7 +180,7 @@ def mount_overlay(target: Path, lowers: Sequence[Path], upper: Path, work: Path)
 
 
 def unmount(target: Path) -> None:
-    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(0)), f"unmount {target}")
+    _check(libc.umount2(os.fsencode(target), ctypes.c_int(0)), f"unmount {target}")
 
 
 # --- the backend -------------------------------------------------------------------

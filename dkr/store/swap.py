@@ -39,16 +39,13 @@ from pathlib import Path
 from dkr.errors import DkrError, os_error_text
 from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
+from dkr.libc import AT_FDCWD, libc, os_error
 from dkr.store.locks import AsyncFlock
 from dkr.plugins import backend_on_disk, backends
 from dkr.store.layout import MACHINE_TMP_PREFIX, ImageRoot, remove_entry
 
 log = logging.getLogger("dkr.swap")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-AT_FDCWD = -100
 RENAME_EXCHANGE = 2
 CLONE_NEWNS = 0x20000
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
@@ -63,14 +60,12 @@ READY, EXCHANGED = "ready", "exchanged"
 # --- the two system-level steps: exchange, identity ---------------------------------------
 
 def _error(what: str, path) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}", str(path))
+    return os_error(what, path)
 
 
 def _rename_exchange(a: Path, b: Path) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(b))
+    if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
+        raise os_error(path=b)
 
 
 def _exchange_unmounted(a: Path, b: Path) -> None:
@@ -79,13 +74,13 @@ def _exchange_unmounted(a: Path, b: Path) -> None:
     Private first, so that taking the mounts away here is not passed on to the
     namespace dkr was started in (a shared mount would be).
     """
-    if _libc.unshare(CLONE_NEWNS):
+    if libc.unshare(CLONE_NEWNS):
         raise _error("cannot make a mount namespace to swap mounted machines in", b)
-    if _libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None):
+    if libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None):
         raise _error("cannot make the swap's mount namespace private", b)
     for path in (a, b):
         for _ in range(100):      # mounts may be stacked; EINVAL: nothing (more) mounted
-            if _libc.umount2(os.fsencode(path), MNT_DETACH):
+            if libc.umount2(os.fsencode(path), MNT_DETACH):
                 if ctypes.get_errno() != errno.EINVAL:
                     raise _error("cannot unmount in the swap's mount namespace", path)
                 break
@@ -133,14 +128,14 @@ def tree_id(path: Path) -> str | None:
     # A clone of the parent's mount carries none of the mounts below it: there
     # ``name`` is the directory itself. Without the right to clone (no root),
     # nothing of dkr's is mounted on a machine anyway.
-    clone = _libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD),
+    clone = libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD),
                           os.fsencode(path.parent),
                           ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC))
     dirfd = clone if clone >= 0 else os.open(path.parent, os.O_PATH | os.O_DIRECTORY |
                                              os.O_CLOEXEC)
     try:
         handle, mount_id = _FileHandle(handle_bytes=MAX_HANDLE_SZ), ctypes.c_int()
-        if _libc.name_to_handle_at(dirfd, os.fsencode(path.name), ctypes.byref(handle),
+        if libc.name_to_handle_at(dirfd, os.fsencode(path.name), ctypes.byref(handle),
                                    ctypes.byref(mount_id), 0) == 0:
             return f"{handle.handle_type}:{bytes(handle.f_handle[:handle.handle_bytes]).hex()}"
         err = ctypes.get_errno()

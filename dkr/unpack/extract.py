@@ -31,7 +31,6 @@ if __name__ == "__main__":                # a job started by hand: see dkr.start
     loading_modules()
 
 import argparse
-import ctypes
 import errno
 import io
 import json
@@ -47,6 +46,8 @@ import zlib
 from pathlib import Path
 
 from dkr.errors import DkrError
+from dkr.hookspecs import OPAQUE_XATTR
+from dkr.libc import libc, os_error
 from dkr.startup import modules_loaded
 from dkr.treeops import remove_tree, write_all
 from dkr.unpack import _tarcore, staging, tarstream
@@ -60,7 +61,6 @@ import zstandard
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-OPAQUE_XATTR = "trusted.overlay.opaque"
 # overlayfs reads its own xattrs (opaque, redirect, metacopy, origin …) from
 # lower layers; only the extractor may write them, never the image.
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
@@ -499,10 +499,9 @@ def _chroot(root: str) -> None:
 
 def _enter_user_namespace() -> None:
     uid, gid = os.getuid(), os.getgid()
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWUSER) != 0:
-        err = ctypes.get_errno()
-        raise ExtractError(f"cannot confine the extractor without root: unshare: {os.strerror(err)}")
+        raise ExtractError("cannot confine the extractor without root: "
+                           f"{os_error('unshare').strerror}")
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
@@ -652,7 +651,6 @@ def run_replay(root: str, layer_format: str, directory: str, classify=None) -> d
 def _die_with_parent(parent: int) -> None:
     """An extractor outliving a killed dkr would go on writing into a tree that the
     next run is about to clean up: the kernel kills us when our parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:      # it died before we asked
         os._exit(1)
