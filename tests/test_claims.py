@@ -37,6 +37,26 @@ def held(locks, key="k") -> bool:
     return os.getpid() in flock_holders(locks / f"layer-{key}.lock")
 
 
+class HeldElsewhere:
+    """Layer ``key``'s lock, held as another process's descriptor would hold it,
+    until ``release()`` (the holder is done) or the end of the ``with``."""
+
+    def __init__(self, locks, key="k"):
+        self.fd = os.open(locks / f"layer-{key}.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "HeldElsewhere":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
@@ -104,9 +124,7 @@ def test_acquire_waits_while_another_process_holds_the_lock_and_takes_over_when_
 
 
 def test_a_wait_for_the_lock_that_is_cancelled_fails_the_claim(locks):
-    other = os.open(locks / "layer-k.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    try:
+    with HeldElsewhere(locks):
         async def main():
             claim = LayerClaim("k", lock(locks))
             acquiring = asyncio.ensure_future(claim.acquire(absent))
@@ -117,8 +135,6 @@ def test_a_wait_for_the_lock_that_is_cancelled_fails_the_claim(locks):
             assert claim.state is ClaimState.FAILED and claim.settled.done()
             assert isinstance(claim.future.exception(), DkrError)
         run(main())
-    finally:
-        os.close(other)
 
 
 # --- OWNED → EXTRACTED → DONE -----------------------------------------------------------
@@ -222,9 +238,7 @@ def test_fail_after_done_changes_nothing(locks, tmp_path):
 def test_an_image_joins_a_claim_only_once_it_is_settled(locks):
     """The deadlock rule: whoever joins a claim that waits for its lock waits too,
     and so takes no lock of a layer above it meanwhile."""
-    other = os.open(locks / "layer-k.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    try:
+    with HeldElsewhere(locks) as other:
         async def main():
             table = ClaimTable(lambda key: lock(locks, key))
             first = asyncio.ensure_future(table.claim("k", absent))
@@ -232,22 +246,15 @@ def test_an_image_joins_a_claim_only_once_it_is_settled(locks):
             second = asyncio.ensure_future(table.claim("k", absent))
             await asyncio.sleep(0.3)
             assert not first.done() and not second.done()
-            os.close(other)                   # the other process is done with it
+            other.release()                   # the other process is done with it
             mine, joined = await asyncio.wait_for(asyncio.gather(first, second), 10)
             assert mine.mine and mine.builds and not joined.mine and not joined.builds
             assert joined.claim is mine.claim and mine.claim.sharers == 1
         run(main())
-    finally:
-        try:
-            os.close(other)
-        except OSError:
-            pass
 
 
 def test_a_claim_given_up_before_it_is_settled_is_taken_over(locks):
-    other = os.open(locks / "layer-k.lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    try:
+    with HeldElsewhere(locks) as other:
         async def main():
             table = ClaimTable(lambda key: lock(locks, key))
             first = asyncio.ensure_future(table.claim("k", absent))
@@ -257,15 +264,10 @@ def test_a_claim_given_up_before_it_is_settled_is_taken_over(locks):
             first.cancel()                    # the image that made the claim stops
             await asyncio.sleep(0.05)
             assert not second.done()          # it makes its own claim, and waits for the lock
-            os.close(other)
+            other.release()
             share = await asyncio.wait_for(second, 10)
             assert share.mine and share.builds and held(locks)
         run(main())
-    finally:
-        try:
-            os.close(other)
-        except OSError:
-            pass
 
 
 def test_an_abandoned_claim_is_made_anew_by_the_next_image(locks):
