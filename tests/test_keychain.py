@@ -233,9 +233,8 @@ def test_a_helper_name_no_program_can_have_is_one_clear_error(private_registry, 
                          r".*/docker/config\.json\): embedded null byte", "img")
 
 
-def test_a_pull_stopped_while_a_helper_waits_takes_the_helper_with_it(private_registry,
-                                                                      image_root, home):
-    """A helper waiting on a keyring prompt must not keep a stopped pull alive."""
+def _pull_asking_a_slow_helper(private_registry, image_root, home):
+    """A pull whose credential helper takes 20 s (a keyring prompt), once the helper runs."""
     tmp, env = home
     _helper(tmp / "bin", "slow", f"echo $$ > {tmp}/helper.pid\n"
             f"sleep 20; echo done > {tmp}/finished\n")
@@ -244,10 +243,14 @@ def test_a_pull_stopped_while_a_helper_waits_takes_the_helper_with_it(private_re
                              str(image_root), "--backend", "dir",
                              f"{private_registry.host}/private/img"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    for _ in range(300):                         # until the helper runs
-        if (tmp / "helper.pid").exists() and (tmp / "helper.pid").read_text().strip():
-            break
-        time.sleep(0.05)
+    _wait_for(tmp / "helper.pid")
+    return tmp, proc
+
+
+def test_a_pull_stopped_while_a_helper_waits_takes_the_helper_with_it(private_registry,
+                                                                      image_root, home):
+    """A helper waiting on a keyring prompt must not keep a stopped pull alive."""
+    tmp, proc = _pull_asking_a_slow_helper(private_registry, image_root, home)
     proc.send_signal(signal.SIGTERM)
     errors, status = proc.communicate(timeout=60)[1], proc.returncode
     assert status == 128 + signal.SIGTERM, errors
@@ -258,15 +261,7 @@ def test_a_pull_stopped_while_a_helper_waits_takes_the_helper_with_it(private_re
 
 def test_a_helper_dies_with_a_killed_dkr(private_registry, image_root, home):
     """SIGKILL of dkr alone (the OOM killer) leaves no helper waiting on a keyring."""
-    tmp, env = home
-    _helper(tmp / "bin", "slow", f"echo $$ > {tmp}/helper.pid\n"
-            f"sleep 20; echo done > {tmp}/finished\n")
-    (tmp / "docker" / "config.json").write_text(json.dumps({"credsStore": "slow"}))
-    proc = subprocess.Popen([sys.executable, "-m", "dkr", "pull", "--insecure", "--image-root",
-                             str(image_root), "--backend", "dir",
-                             f"{private_registry.host}/private/img"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    _wait_for(tmp / "helper.pid")
+    tmp, proc = _pull_asking_a_slow_helper(private_registry, image_root, home)
     proc.kill()
     proc.communicate(timeout=60)
     helper = int((tmp / "helper.pid").read_text())
