@@ -347,10 +347,11 @@ def parse_args(argv=None):
     p.add_argument("--label", default=None,
                    help="names the docs/bench.md section this run replaces (default 'scale=S', "
                         "with --link 'scale=S link=RATE')")
-    p.add_argument("--link", metavar="RATE", default=None,
+    p.add_argument("--link", metavar="RATE[,RATE...]", default=None,
                    help="serve the registry from a network namespace behind a veth pair shaped "
-                        "with tbf to RATE each way (tc's syntax, e.g. 100mbit), instead of "
-                        "loopback; images are pushed before the link is shaped")
+                        "with tbf to RATE each way (tc's syntax, e.g. 100mbit,400mbit,1gbit), "
+                        "instead of loopback; every rate is a run of its own, with its own "
+                        "results and docs/bench.md section; images are pushed before shaping")
     p.add_argument("--docs", default=str(REPO / "docs" / "bench.md"),
                    help="Markdown file whose results section is updated ('' for none)")
     args = p.parse_args(argv)
@@ -391,57 +392,73 @@ def main(argv=None) -> int:
         return 2
     rows = [by_key[k] for k in keys]
     set_names = [s for s in args.sets.split(",") if s]
-    started = time.monotonic()
 
-    data = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": command, "scale": args.scale, "runs": args.runs,
-            "label": args.label or f"scale={args.scale:g}"
-                     + (f" link={args.link}" if args.link else ""), "link": args.link,
-            "machine": machine_facts(), "tools": tool_versions(), "sets": {}, "results": {},
-            "scaling": {}}
     fingerprint = code_fingerprint()
-    if frozen_commit:
-        data["machine"]["dkr"] = f"{frozen_commit[:12]} (frozen install of --dkr-rev {args.dkr_rev})"
-    else:
-        data["machine"]["dkr"] += f" (code {fingerprint})"
-    log(f"machine: {data['machine']}; tools: {data['tools']}")
     bsets = setmod.build_sets(Path(args.cache), args.scale, set_names, log=log)
+    rates = args.link.split(",") if args.link else [None]
     with ExitStack() as stack:
         shaped = stack.enter_context(link.ShapedLink()) if args.link else None
         registry = Registry(workdir=args.workdir, log_level="warn", link=shaped)
         stack.callback(registry.stop)
         setmod.push_sets(registry, bsets, log=log)
-        if shaped:
-            shaped.shape(args.link)
-            log(f"registry at {registry.host}, behind a link of {args.link} each way")
-        bench = Bench(args, rows, registry, outdir)
-        for name in set_names:
-            bset = bsets[name]
-            data["sets"][name] = _set_facts(bset)
-            data["results"][name] = bench.run_group(name, bset, rows, args.runs,
-                                                    not args.no_verify)
-        if scaling_keys:
-            srows = [by_key[k] for k in scaling_keys]
-            sruns = args.scaling_runs or args.runs
-            for name in ("batch", "large"):
-                if name not in bsets:
-                    continue
-                data["scaling"][name] = {}
-                for label, sub in bsets[name].subsets.items():
-                    res = bench.run_group(f"{name}-scaling-{sub.name}", sub, srows, sruns, False)
-                    data["scaling"][name][label] = {"facts": _set_facts(sub), "results": res}
-    data["elapsed_seconds"] = round(time.monotonic() - started, 1)
-    if not frozen_commit and code_fingerprint() != fingerprint:
-        data["warning"] = (f"dkr's code changed on disk during this run (now {_dkr_version()}, "
-                           f"code {code_fingerprint()}): later rows ran newer code")
-        log("WARNING: " + data["warning"])
+        for rate in rates:
+            if shaped:
+                shaped.shape(rate)
+                log(f"registry at {registry.host}, behind a link of {rate} each way")
+            run_stamp = stamp + (f"-{rate}" if len(rates) > 1 else "")
+            data = _new_data(args, command, rate, frozen_commit, fingerprint)
+            _measure_sets(args, Bench(args, rows, registry, outdir / (rate or "")), data, bsets,
+                          set_names, rows, [by_key[k] for k in scaling_keys])
+            if not frozen_commit and code_fingerprint() != fingerprint:
+                data["warning"] = (f"dkr's code changed on disk during this run (now "
+                                   f"{_dkr_version()}, code {code_fingerprint()}): later rows "
+                                   "ran newer code")
+                log("WARNING: " + data["warning"])
+            _write_results(args, data, outdir.parent, run_stamp)
+    return 0
 
-    (outdir.parent / f"{stamp}.json").write_text(json.dumps(data, indent=1))
-    chart = report.chart(data, outdir.parent / f"{stamp}.png")
+
+def _new_data(args, command: str, rate: str | None, frozen_commit, fingerprint) -> dict:
+    data = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command, "scale": args.scale, "runs": args.runs,
+            "label": args.label or f"scale={args.scale:g}" + (f" link={rate}" if rate else ""),
+            "link": rate, "machine": machine_facts(), "tools": tool_versions(), "sets": {},
+            "results": {}, "scaling": {}}
+    if frozen_commit:
+        data["machine"]["dkr"] = f"{frozen_commit[:12]} (frozen install of --dkr-rev {args.dkr_rev})"
+    else:
+        data["machine"]["dkr"] += f" (code {fingerprint})"
+    log(f"machine: {data['machine']}; tools: {data['tools']}")
+    return data
+
+
+def _measure_sets(args, bench, data: dict, bsets: dict, set_names: list, rows: list,
+                  srows: list) -> None:
+    started = time.monotonic()
+    for name in set_names:
+        bset = bsets[name]
+        data["sets"][name] = _set_facts(bset)
+        data["results"][name] = bench.run_group(name, bset, rows, args.runs, not args.no_verify)
+    if srows:
+        sruns = args.scaling_runs or args.runs
+        for name in ("batch", "large"):
+            if name not in bsets:
+                continue
+            data["scaling"][name] = {}
+            for label, sub in bsets[name].subsets.items():
+                res = bench.run_group(f"{name}-scaling-{sub.name}", sub, srows, sruns, False)
+                data["scaling"][name][label] = {"facts": _set_facts(sub), "results": res}
+    data["elapsed_seconds"] = round(time.monotonic() - started, 1)
+
+
+def _write_results(args, data: dict, results: Path, stamp: str) -> None:
+    """bench/results/STAMP.{json,md,png}, and this label's section of docs/bench.md."""
+    (results / f"{stamp}.json").write_text(json.dumps(data, indent=1))
+    chart = report.chart(data, results / f"{stamp}.png")
     md = report.markdown(data, chart_note=chart)
-    md_path = outdir.parent / f"{stamp}.md"
+    md_path = results / f"{stamp}.md"
     md_path.write_text(md)
-    log(f"wrote {md_path} (+ .json, logs in {outdir})")
+    log(f"wrote {md_path} (+ .json)")
     if args.docs:
         chart_copy = None
         if chart and Path(chart).exists():
@@ -451,7 +468,6 @@ def main(argv=None) -> int:
         report.update_docs(Path(args.docs), data, chart_copy)
         log(f"updated {args.docs}")
     print(md)
-    return 0
 
 
 def _set_facts(bset) -> dict:
