@@ -24,7 +24,9 @@ async def pull_async(reference: str, local: str | None = None, *,
     ref = parse_reference(reference)
     local = local or default_machine_name(ref.name)
     async with Puller(options or PullOptions(), events) as puller:
-        return await puller.pull(ref, local)
+        # A short name is resolved by the puller (registries.conf); LOCAL is named
+        # after what the user wrote.
+        return await puller.pull(reference, local)
 
 
 def pull(reference: str, local: str | None = None, *, options: PullOptions | None = None,
@@ -49,8 +51,8 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
         if local in seen:
             raise DkrError(f"machine name {local!r} is used for both {seen[local]} and {reference}")
         seen[local] = reference
-        parsed.append((ref, local))
-    hosts = sorted({ref.endpoint for ref, _ in parsed})
+        parsed.append((reference, local))
+    hosts = sorted({parse_reference(reference).endpoint for reference, _ in parsed})
     if options is not None and options.credentials and len(hosts) > 1:
         raise DkrError(f"--creds would go to every registry of the batch ({', '.join(hosts)}): "
                        "put each one's login in ~/.docker/config.json instead")

@@ -107,6 +107,8 @@ class TransferOptions:
 
     insecure: bool = False
     ca_pem: bytes | None = None  # trust.trusted_pem(): None leaves libcurl's default
+    client_cert: str | None = None   # PEM files presented for mutual TLS
+    client_key: str | None = None
     connect_timeout: int = 30
     low_speed_time: int = 60    # a transfer slower than 1 B/s this long is stalled
     retries: int = 4            # further attempts after a failed one
@@ -179,6 +181,9 @@ class Job:
             c.setopt(pycurl.RANGE, f"{self.range_start}-")
         if options.ca_pem:
             c.setopt(pycurl.CAINFO_BLOB, options.ca_pem)
+        if options.client_cert:
+            c.setopt(pycurl.SSLCERT, options.client_cert)
+            c.setopt(pycurl.SSLKEY, options.client_key)
         if options.insecure:
             c.setopt(pycurl.SSL_VERIFYPEER, 0)
             c.setopt(pycurl.SSL_VERIFYHOST, 0)
