@@ -14,8 +14,8 @@ from dkr.events import Events
 from dkr.pull.puller import Puller, PullOptions, PullResult
 from dkr.registry.reference import default_machine_name, parse_reference
 
-__all__ = ["PullOptions", "PullResult", "pull", "pull_async", "pull_batch", "pull_batch_async",
-           "pull_v1", "pull_v1_async"]
+__all__ = ["PullOptions", "PullResult", "login", "logout", "pull", "pull_async", "pull_batch",
+           "pull_batch_async", "pull_v1", "pull_v1_async"]
 
 
 async def pull_async(reference: str, local: str | None = None, *,
@@ -98,6 +98,41 @@ async def pull_v1_async(name: str, local: str | None = None, *, index_url: str,
 def pull_v1(name: str, local: str | None = None, *, index_url: str,
             options: PullOptions | None = None, events: Events | None = None) -> PullResult:
     return _run(pull_v1_async(name, local, index_url=index_url, options=options, events=events))
+
+
+def login(registry: str, credentials, *, authfile: str | None = None,
+          cert_dir: str | None = None, insecure: bool | None = None,
+          registries_conf: str | None = None) -> str:
+    """Check ``credentials`` (``registry.auth.Credentials``) against ``registry`` and store
+    them in podman's auth.json; returns the file's path. ``insecure`` None: as
+    registries.conf says for the host."""
+    from dkr.registry import login as logins
+    from dkr.registry import registries_conf as conf
+    from dkr.registry.certs import host_certs
+    from dkr.transport.job import TransferOptions
+    from dkr.transport.trust import trusted_pem
+
+    key = logins.login_key(registry)
+    host = key.split("/", 1)[0]
+    if insecure is None:
+        entry = conf.load(registries_conf).find(key)
+        insecure = bool(entry and entry.endpoint.insecure)
+    certs = host_certs(host, cert_dir)
+    options = TransferOptions(insecure=insecure, ca_pem=trusted_pem(None, insecure, certs.ca_files),
+                              client_cert=certs.client_cert, client_key=certs.client_key)
+    path = logins.auth_file(authfile)
+    _run(logins.check_login(key, credentials, options))
+    logins.store_login(path, key, credentials)
+    return str(path)
+
+
+def logout(registry: str | None, *, authfile: str | None = None) -> str:
+    """Remove the login for ``registry`` (None: all of them) from podman's auth.json."""
+    from dkr.registry import login as logins
+
+    path = logins.auth_file(authfile)
+    logins.remove_login(path, logins.login_key(registry) if registry is not None else None)
+    return str(path)
 
 
 def _run(coro):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dkr import __version__, api
-from dkr.cli import manage
+from dkr.cli import login, manage
 from dkr.cli.render import JsonRenderer, StatsRenderer, log_renderer
 from dkr.errors import DkrError, one_line, os_error_text
 from dkr.events import Events
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     manage.add_commands(sub, _common)
+    login.add_commands(sub, _common)
     return parser
 
 
