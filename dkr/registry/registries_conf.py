@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,8 +36,8 @@ USER_FILE = Path(".config/containers/registries.conf")     # below $HOME
 MAX_FILE = 1024 * 1024
 SHORT_NAME_MODES = ("enforcing", "permissive", "disabled")
 PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
-_DOMAIN_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?)+(?::[0-9]+)?|"
-                        r"\[[0-9A-Fa-f:.]+\](?::[0-9]+)?")
+# (compiled where a file has search registries, not on every start)
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?)+(?::[0-9]+)?|\[[0-9A-Fa-f:.]+\](?::[0-9]+)?"
 
 
 class Endpoint(NamedTuple):
@@ -48,11 +46,13 @@ class Endpoint(NamedTuple):
     pull_from_mirror: str = ""
 
 
-@dataclass
-class RegistryEntry:
+class RegistryEntry(NamedTuple):
+    """One ``[[registry]]`` table. (NamedTuples, not dataclasses: those cost every
+    start of dkr milliseconds to define.)"""
+
     prefix: str
     endpoint: Endpoint
-    mirrors: list[Endpoint] = field(default_factory=list)
+    mirrors: list[Endpoint]
     blocked: bool = False
     mirror_by_digest_only: bool = False
     origin: str = ""
@@ -70,14 +70,16 @@ class PullSource(NamedTuple):
         return f"{self.reference.host} ({'mirror' if self.mirror else 'registry'})"
 
 
-@dataclass
 class RegistriesConf:
-    registries: list[RegistryEntry] = field(default_factory=list)
-    search: list[str] | None = None
-    search_origin: str = ""
-    aliases: dict[str, tuple[str, str]] = field(default_factory=dict)   # name: (value, origin)
-    short_name_mode: str = ""
-    files: list[str] = field(default_factory=list)
+    """The merged configuration of all files read."""
+
+    def __init__(self):
+        self.registries: list[RegistryEntry] = []
+        self.search: list[str] | None = None
+        self.search_origin = ""
+        self.aliases: dict[str, tuple[str, str]] = {}      # name: (value, origin)
+        self.short_name_mode = ""
+        self.files: list[str] = []
 
     # --- lookup --------------------------------------------------------------------
     def find(self, name: str) -> RegistryEntry | None:
@@ -234,6 +236,7 @@ def load(named: str | None = None, home: Path | None = None) -> RegistriesConf:
             raise DkrError(f"cannot read {path}: {e.strerror}") from None
         if len(data) > MAX_FILE:
             raise DkrError(f"{path}: larger than {MAX_FILE // 1024} KiB")
+        import tomllib               # (only where there is a file to read)
         try:
             document = tomllib.loads(data.decode())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -299,7 +302,7 @@ def parse_document(doc: dict, origin: str) -> RegistriesConf:
         conf.search = []
         for registry in _string_list(search, origin, "unqualified-search-registries"):
             registry = _location(registry, origin, "unqualified-search-registries entry")
-            if not _DOMAIN_RE.fullmatch(registry):
+            if not re.fullmatch(_DOMAIN, registry):
                 _fail(origin, f"invalid unqualified-search-registries entry {registry!r}")
             conf.search.append(registry)
         conf.search_origin = origin

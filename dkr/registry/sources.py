@@ -87,7 +87,10 @@ class SourceSet:
             raise SourceFailed(str(e)) from None
 
     def _passed_over(self, source: PullSource, what: str, why: str) -> None:
-        log.warning("%s: %s failed (%s); trying the next source.", what, source.label, why)
+        # A mirror that does not have something (a peer-to-peer agent whose peers
+        # lack a layer) is no trouble worth a warning.
+        level = logging.INFO if why == "answered 404" else logging.WARNING
+        log.log(level, "%s: %s failed (%s); trying the next source.", what, source.label, why)
         self.emit("source-failed", source=source.reference.host, mirror=source.mirror,
                   what=what, reason=why)
 
@@ -126,8 +129,9 @@ class SourceSet:
                 if why:
                     self._passed_over(source, what, why)
                     continue
-            self.served(source, what, len(response.body), "manifest" if "/manifests/" in path
-                        else "blob")
+            if response.status in (200, 206):       # (the last source's error is the caller's)
+                self.served(source, what, len(response.body),
+                            "manifest" if "/manifests/" in path else "blob")
             return response
         raise AssertionError("no source")       # (the last one returns or raises)
 
