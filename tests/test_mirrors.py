@@ -175,3 +175,45 @@ def test_short_names_aliases_and_search_registries(upstream, tmp_path):
         run = assert_ok(_pull("team/app:v1", tmp_path / "c", "--registries-conf", conf))
         assert any(e["event"] == "resolved" and e["reference"].startswith(upstream.host)
                    for e in run.events)
+
+
+def test_credentials_go_to_the_host_contacted(tmp_path):
+    """--creds is for the registry named; a mirror gets the login stored for its own host."""
+    import base64
+    import json
+
+    with Registry(auth=("htpasswd", {"alice": "wonderland"})) as locked, \
+            FaultProxy("127.0.0.1", locked.port) as mirror:
+        images.push_image(locked, REPO, "v1", _image(5))
+        env = _user_home(tmp_path, _mirror_conf(locked, mirror.host))
+        env["REGISTRY_AUTH_FILE"] = str(tmp_path / "auth.json")
+        (tmp_path / "auth.json").write_text("{}")
+        run = assert_ok(_pull(f"{locked.host}/{REPO}:v1", tmp_path / "a", "--creds",
+                              "alice:wonderland", env=env))
+        assert set(_served(run)) == {locked.host}
+        failed = [e for e in run.events if e["event"] == "source-failed"]
+        assert failed and all(e["source"] == mirror.host and "requires a login" in e["reason"]
+                              for e in failed), failed
+        # A login stored for the mirror's host, none for the registry's: the mirror serves.
+        auth = base64.b64encode(b"alice:wonderland").decode()
+        (tmp_path / "auth.json").write_text(json.dumps({"auths": {mirror.host: {"auth": auth}}}))
+        run = assert_ok(_pull(f"{locked.host}/{REPO}:v1", tmp_path / "b", env=env))
+        assert set(_served(run)) == {mirror.host}
+
+
+def test_a_digest_pull_checks_the_mirrors_manifest(upstream, tmp_path):
+    status, headers, _ = upstream.get(f"/v2/{REPO}/manifests/v1", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json"})
+    digest = headers["Docker-Content-Digest"]
+    with FaultProxy("127.0.0.1", upstream.port) as bad:
+        bad.add_fault("/manifests/", "corrupt", times=None, offset=5)
+        conf = tmp_path / "registries.conf"
+        conf.write_text(_mirror_conf(upstream, bad.host) + 'pull-from-mirror = "digest-only"\n')
+        run = assert_ok(_pull(f"{upstream.host}/{REPO}@{digest}", tmp_path / "root",
+                              "--registries-conf", conf))
+    failed = [e for e in run.events if e["event"] == "source-failed"]
+    assert [(e["source"], e["reason"]) for e in failed] == [
+        (bad.host, "content does not match its digest")], failed
+    served = _served(run)
+    assert f"{upstream.host}/{REPO}: manifest {digest}" in served[upstream.host]
+    assert any("layer" in what for what in served[bad.host])
