@@ -217,3 +217,20 @@ def test_a_digest_pull_checks_the_mirrors_manifest(upstream, tmp_path):
     served = _served(run)
     assert f"{upstream.host}/{REPO}: manifest {digest}" in served[upstream.host]
     assert any("layer" in what for what in served[bad.host])
+
+
+def test_a_mirrors_ca_comes_from_its_own_certs_d(upstream, tmp_path):
+    import shutil
+
+    with Registry(tls=True, proxy_of=upstream.url) as cache:
+        conf = f'[[registry]]\nlocation = "{upstream.host}"\ninsecure = true\n' \
+               f'[[registry.mirror]]\nlocation = "{cache.host}"\n'
+        env = _user_home(tmp_path, conf)
+        run = _pull(f"{upstream.host}/{REPO}:v1", tmp_path / "a", "--retries", "0", env=env)
+        assert run.rc == 0, run.err
+        assert set(_served(run)) == {upstream.host}         # the mirror's CA is unknown
+        certs = tmp_path / "home/.config/containers/certs.d" / cache.host
+        certs.mkdir(parents=True)
+        shutil.copy(cache.ca_file, certs / "ca.crt")
+        run = assert_ok(_pull(f"{upstream.host}/{REPO}:v1", tmp_path / "b", env=env))
+        assert set(_served(run)) == {cache.host}
