@@ -200,3 +200,23 @@ registries = ["evil.example"]
     assert _sources(conf, "plain.example:5000/x") == [("plain.example:5000/x:latest", False, True)]
     with pytest.raises(DkrError, match="blocked"):
         conf.sources(parse_reference("evil.example/x"))
+
+
+def test_a_choice_at_the_prompt_is_recorded_where_podman_keeps_it(tmp_path):
+    cache = tmp_path / "cache/containers/short-name-aliases.conf"
+    path = tmp_path / "registries.conf"
+    path.write_text('unqualified-search-registries = ["one.example", "two.example"]\n'
+                    'short-name-mode = "enforcing"\n[aliases]\n"tool" = "one.example/tool"\n')
+    conf = rc.load(str(path), alias_cache=cache)
+    asked = []
+    chosen = conf.candidates("app:3", terminal=True,
+                             choose=lambda found: asked.append(found) or found[1])
+    assert [str(r) for r in chosen] == ["two.example/app:3"] and len(asked) == 1
+    conf.record("app:3")
+    assert '"app" = "two.example/app"' in cache.read_text()
+    # Next time (podman's choices too) nobody is asked; the cache comes before registries.conf.
+    cache.write_text(cache.read_text() + '"tool" = "two.example/other-tool"\n')
+    conf = rc.load(str(path), alias_cache=cache)
+    assert [str(r) for r in conf.candidates("app", terminal=False)] == ["two.example/app:latest"]
+    assert [str(r) for r in conf.candidates("tool", terminal=False)] == \
+        ["two.example/other-tool:latest"]

@@ -279,14 +279,17 @@ class Puller:
             -> tuple[Reference, SourceSet, ImagePlan]:
         """The first of ``refs`` (a short name's candidates) whose manifest resolves;
         a reference as the user wrote it is resolved through registries.conf first."""
-        refs = self.candidates(refs) if isinstance(refs, str) else \
+        text = refs if isinstance(refs, str) else None
+        refs = self.candidates(text) if text is not None else \
             refs if isinstance(refs, list) else [refs]
         failures = []
         for ref in refs:
             try:
                 client = await self.client(ref)
-                return ref, client, await ManifestResolver(client, ref,
-                                                           self.options.platform).resolve()
+                plan = await ManifestResolver(client, ref, self.options.platform).resolve()
+                if text is not None:
+                    self.registries.record(text)       # what the user chose at a prompt
+                return ref, client, plan
             except DkrError as e:
                 if len(refs) == 1:
                     raise

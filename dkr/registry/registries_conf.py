@@ -33,6 +33,8 @@ from dkr.registry.reference import DOCKER_HUB, Reference, host_is_valid, parse_r
 
 SYSTEM_FILE = Path("/etc/containers/registries.conf")
 USER_FILE = Path(".config/containers/registries.conf")     # below $HOME
+# Where podman records the choices users made at its short-name prompt.
+ALIAS_CACHE = Path("containers/short-name-aliases.conf")    # below /var/cache, ~/.cache
 MAX_FILE = 1024 * 1024
 SHORT_NAME_MODES = ("enforcing", "permissive", "disabled")
 PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
@@ -80,6 +82,9 @@ class RegistriesConf:
         self.aliases: dict[str, tuple[str, str]] = {}      # name: (value, origin)
         self.short_name_mode = ""
         self.files: list[str] = []
+        self.alias_cache: Path | None = None
+        self.recorded: dict[str, tuple[str, str]] = {}     # the alias cache's, first
+        self._chosen: dict[str, str] = {}                   # prompted this run: text: value
 
     # --- lookup --------------------------------------------------------------------
     def find(self, name: str) -> RegistryEntry | None:
@@ -121,9 +126,12 @@ class RegistriesConf:
         if not is_short_name(text):
             return [parsed]
         repo, suffix = _split_short(text)
-        if repo in self.aliases:
-            value, _ = self.aliases[repo]
-            return [parse_reference(value + suffix)]
+        for aliases in (self.recorded, self.aliases):
+            if repo in aliases:
+                value, _ = aliases[repo]
+                if not value:                  # (an alias removed in the cache)
+                    break
+                return [parse_reference(value + suffix)]
         if not self.search:
             if not self.files:
                 # No configuration at all: Docker's rule, as dkr always did.
@@ -141,7 +149,49 @@ class RegistriesConf:
             raise DkrError(f"short name {text!r} is ambiguous and short-name-mode is enforcing "
                            "(there is no terminal to ask on): use one of "
                            f"{', '.join(str(r) for r in found)}")
-        return [choose(found)]
+        chosen = choose(found)
+        self._chosen[text] = f"{chosen.host}/{chosen.name}"
+        return [chosen]
+
+    def record(self, text: str) -> None:
+        """After a pull: keep what the user chose for ``text`` at the prompt where podman
+        keeps it, so that neither asks again. Failing to is worth a warning only."""
+        value = self._chosen.pop(text, None)
+        if value is None or self.alias_cache is None:
+            return
+        import logging
+        path = self.alias_cache
+        try:
+            try:
+                old = path.read_text()
+            except FileNotFoundError:
+                old = ""
+            if "[aliases]" not in old:
+                old += "\n[aliases]\n" if old.strip() else "[aliases]\n"
+            repo = _split_short(text)[0]
+            head, _, tail = old.partition("[aliases]\n")
+            text_out = f"{head}[aliases]\n  {_toml_string(repo)} = {_toml_string(value)}\n{tail}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(text_out)
+            os.replace(tmp, path)
+        except OSError as e:
+            logging.getLogger("dkr.registry").warning(
+                "Could not record the alias %s = %s in %s: %s", repo, value, path, e.strerror)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def alias_cache_path(home: Path | None = None) -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache") / ALIAS_CACHE
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / ALIAS_CACHE
+    if home is None:
+        home = Path(os.environ.get("HOME") or Path.home())
+    return home / ".cache" / ALIAS_CACHE
 
 
 def is_short_name(text: str) -> bool:
@@ -220,30 +270,46 @@ def _drop_ins(directory: Path) -> list[Path]:
         raise DkrError(f"cannot read {directory}: {e.strerror}") from None
 
 
-def load(named: str | None = None, home: Path | None = None) -> RegistriesConf:
+def load(named: str | None = None, home: Path | None = None,
+         alias_cache: Path | None = None) -> RegistriesConf:
     """The merged configuration. A file named explicitly must exist; the default
-    ones may not."""
+    ones may not. ``alias_cache``: podman's short-name-aliases.conf (default:
+    where podman keeps it)."""
     conf = RegistriesConf()
+    conf.alias_cache = alias_cache or alias_cache_path(home)
+    document = _read_toml(conf.alias_cache, missing_ok=True)
+    for name, value in (document or {}).get("aliases", {}).items():
+        conf.recorded[name] = (value and _alias(name, value, str(conf.alias_cache)),
+                               str(conf.alias_cache))
     explicit = bool(named or os.environ.get("CONTAINERS_REGISTRIES_CONF"))
     for path in config_files(named, home):
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            if explicit:
-                raise DkrError(f"registries configuration {path} does not exist") from None
+        document = _read_toml(path, missing_ok=not explicit)
+        if document is None:
             continue
-        except OSError as e:
-            raise DkrError(f"cannot read {path}: {e.strerror}") from None
-        if len(data) > MAX_FILE:
-            raise DkrError(f"{path}: larger than {MAX_FILE // 1024} KiB")
-        import tomllib               # (only where there is a file to read)
-        try:
-            document = tomllib.loads(data.decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise DkrError(f"{path}: not valid TOML: {e}") from None
         _merge(conf, parse_document(document, str(path)))
         conf.files.append(str(path))
     return conf
+
+
+def _read_toml(path: Path, missing_ok: bool) -> dict | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise DkrError(f"registries configuration {path} does not exist") from None
+    except OSError as e:
+        raise DkrError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_FILE:
+        raise DkrError(f"{path}: larger than {MAX_FILE // 1024} KiB")
+    import tomllib                   # (only where there is a file to read)
+    try:
+        document = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DkrError(f"{path}: not valid TOML: {e}") from None
+    if not isinstance(document.get("aliases", {}), dict):
+        raise DkrError(f"{path}: [aliases] must be a table")
+    return document
 
 
 def _merge(conf: RegistriesConf, update: RegistriesConf) -> None:
