@@ -39,7 +39,8 @@ MAX_FILE = 1024 * 1024
 SHORT_NAME_MODES = ("enforcing", "permissive", "disabled")
 PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
 # (compiled where a file has search registries, not on every start)
-_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?)+(?::[0-9]+)?|\[[0-9A-Fa-f:.]+\](?::[0-9]+)?"
+_DOMAIN = (r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.?)+(?::[0-9]+)?"
+           r"|\[[0-9A-Fa-f:.]+\](?::[0-9]+)?")
 
 
 class Endpoint(NamedTuple):
