@@ -234,3 +234,15 @@ def test_a_mirrors_ca_comes_from_its_own_certs_d(upstream, tmp_path):
         shutil.copy(cache.ca_file, certs / "ca.crt")
         run = assert_ok(_pull(f"{upstream.host}/{REPO}:v1", tmp_path / "b", env=env))
         assert set(_served(run)) == {cache.host}
+
+
+def test_an_air_gapped_site_needs_only_its_mirror(upstream, tmp_path):
+    """The registry itself is never contacted while a mirror serves everything."""
+    with Registry(proxy_of=upstream.url) as cache:
+        conf = tmp_path / "registries.conf"
+        conf.write_text('[[registry]]\nlocation = "registry.invalid"\n'
+                        f'[[registry.mirror]]\nlocation = "{cache.host}"\ninsecure = true\n')
+        run = assert_ok(_pull(f"registry.invalid/{REPO}:v1", tmp_path / "root",
+                              "--registries-conf", conf))
+    assert set(_served(run)) == {cache.host}
+    assert "registry.invalid" not in run.err.replace(f"registry.invalid/{REPO}", "")
