@@ -29,16 +29,15 @@ from dkr.events import Events
 from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, backends, choose_backend
+from dkr.pull.hosts import Hosts
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
-from dkr.registry import registries_conf
 from dkr.registry.auth import Credentials
-from dkr.registry.certs import host_certs
 from dkr.registry.client import RegistryClient
 from dkr.registry.keychain import HelperQuestion, credential_sources
 from dkr.registry.reference import Reference, digest_hex, validate_machine_name
 from dkr.registry.registries_conf import PullSource
-from dkr.registry.sources import SourceSet, SourceState
-from dkr.registry.v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
+from dkr.registry.sources import SourceSet
+from dkr.registry.v2 import ImagePlan, LayerPlan, Platform
 from dkr.store.layout import ImageRoot, remove_entry
 from dkr.store.locks import AsyncFlock
 from dkr.tasks import failed, retrieved, to_the_end
@@ -141,8 +140,7 @@ class Puller:
         self.glue: CurlGlue | None = None
         self.spool = Spool(self.root.meta / "partial", options.spool_limit)
         self._clients: dict[tuple, asyncio.Future] = {}
-        self.registries = registries_conf.load(options.registries_conf)
-        self._sources = SourceState()
+        self.hosts = Hosts(options, self.transfer)     # registries.conf, certs.d
         self._helper_answers: dict[HelperQuestion, asyncio.Future] = {}
         self._helpers_stop = threading.Event()
         self._backend: StorageBackend | None = None
@@ -180,28 +178,20 @@ class Puller:
                 self.events.emit("backend", name=self._backend.name, why=why)
         return self._backend
 
-    def candidates(self, text: str) -> list[Reference]:
-        """What a user's reference stands for: a short name may stand for several
-        (registries.conf), to try in turn."""
-        return self.registries.candidates(text, terminal=self.options.choose is not None,
-                                          choose=self.options.choose)
-
     async def client(self, ref: Reference) -> SourceSet:
-        """``ref``'s pull sources (registries.conf: mirrors, then the registry)."""
-        return SourceSet(ref.name, self.registries.sources(ref), self.source_client, self._sources,
-                         self.events.emit)
+        """``ref``'s pull sources: mirrors (registries.conf), then the registry."""
+        return self.hosts.sources(ref, self.source_client, self.events.emit)
 
     async def source_client(self, source: PullSource) -> RegistryClient:
-        """One client per host, login and TLS settings, pinged once even when many
-        images ask at once. Images of a batch on one host may have different logins:
-        an auth file may name a repository's namespace. --creds is for the registry
-        named, never sent to a mirror."""
+        """One client per host, login and TLS settings, pinged once even when many images
+        ask at once. Images of a batch on one host may have different logins: an
+        auth file may name a repository's namespace. --creds is for the registry
+        named, never sent to a mirror: each host gets its own login."""
         ref = source.reference
         creds = (None if source.mirror else self.options.credentials) or await self._login(ref)
         key = (ref.endpoint, creds, source.insecure, source.mirror)
         if key not in self._clients:
-            self._clients[key] = asyncio.ensure_future(self._connect(ref.endpoint, creds,
-                                                                     source))
+            self._clients[key] = asyncio.ensure_future(self._connect(ref.endpoint, creds, source))
         try:
             return await asyncio.shield(self._clients[key])
         except DkrError:
@@ -227,28 +217,10 @@ class Puller:
 
     async def _connect(self, endpoint: str, creds: Credentials | None,
                        source: PullSource | None = None) -> RegistryClient:
-        options = self.transfer
-        if source is not None:
-            options = self._host_transfer(endpoint, source.insecure, source.mirror)
-        client = RegistryClient(self.glue, endpoint, credentials=creds, options=options)
+        client = RegistryClient(self.glue, endpoint, credentials=creds,
+                                options=self.hosts.transfer_for(endpoint, source))
         await client.ping()
         return client
-
-    def _host_transfer(self, endpoint: str, insecure: bool, mirror: bool) -> TransferOptions:
-        """The TLS settings of one host: its certs.d, and insecure from registries.conf.
-        A mirror is tried once (the next source is the better retry)."""
-        certs = host_certs(endpoint, self.options.cert_dir)
-        insecure = insecure or self.options.insecure
-        if not (certs.directory or insecure != self.options.insecure or mirror):
-            return self.transfer
-        if certs.directory:
-            log.debug("%s: certificates from %s", endpoint, certs.directory)
-        return TransferOptions(
-            insecure=insecure,
-            ca_pem=trusted_pem(self.options.ca_file, insecure, certs.ca_files),
-            client_cert=certs.client_cert, client_key=certs.client_key,
-            retries=min(self.options.retries, 1) if mirror else self.options.retries,
-            low_speed_time=self.options.stall_timeout)
 
     def refuse_existing(self, local: str) -> None:
         if os.path.lexists(self.root.machine_path(local)) and not self.options.force:
@@ -261,7 +233,7 @@ class Puller:
         validate_machine_name(local)
         backend = await self.backend()
         self.refuse_existing(local)
-        ref, client, plan = await self.resolve(ref)
+        ref, client, plan = await self.hosts.resolve(ref, self.client, self.options.platform)
         self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
                          platform=plan.platform, layers=len(plan.layers))
         result = PullResult(str(ref), local, plan.manifest_digest,
@@ -274,27 +246,6 @@ class Puller:
             "config_digest": plan.config_digest, "platform": plan.platform,
             "layers": [digest_hex(layer.chain_id) for layer in plan.layers]})
         return self.finish(result, started)
-
-    async def resolve(self, refs: Reference | list[Reference] | str) \
-            -> tuple[Reference, SourceSet, ImagePlan]:
-        """The first of ``refs`` (a short name's candidates) whose manifest resolves;
-        a reference as the user wrote it is resolved through registries.conf first."""
-        text = refs if isinstance(refs, str) else None
-        refs = self.candidates(text) if text is not None else \
-            refs if isinstance(refs, list) else [refs]
-        failures = []
-        for ref in refs:
-            try:
-                client = await self.client(ref)
-                plan = await ManifestResolver(client, ref, self.options.platform).resolve()
-                if text is not None:
-                    self.registries.record(text)       # what the user chose at a prompt
-                return ref, client, plan
-            except DkrError as e:
-                if len(refs) == 1:
-                    raise
-                failures.append(f"{ref}: {e}")
-        raise DkrError(f"no candidate of the short name could be pulled ({'; '.join(failures)})")
 
     def finish(self, result: PullResult, started: float) -> PullResult:
         """Say what a finished pull did, including what it could not apply."""
