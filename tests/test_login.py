@@ -80,3 +80,23 @@ def test_login_without_a_password_and_no_terminal_is_an_error(locked, tmp_path):
     assert run.rc != 0
     assert run.err.strip() == "dkr: error: no password: give it on a terminal, or with " \
                               "--password-stdin"
+
+
+def test_login_through_a_token_server(tmp_path):
+    from dkr.testing.tokenserver import TokenServer
+
+    with TokenServer(users={"bob": "builder"}, anonymous_pull=False) as tokens, \
+            Registry(auth=("token", tokens)) as reg:
+        images.push_image(reg, "team/app", "v1", Image([Layer([File("etc/a", b"a")])]))
+        env = _env(tmp_path)
+        run = run_dkr("login", "-u", "bob", "--password-stdin", "--tls-verify", "false",
+                      reg.host, input="wrong\n", env=env)
+        assert run.rc != 0 and "Traceback" not in run.err
+        assert run.err.strip().splitlines()[-1].startswith(
+            f"dkr: error: login to {reg.host} failed: token server")
+        assert not (tmp_path / "run/containers/auth.json").exists()
+        assert_ok(run_dkr("login", "-u", "bob", "--password-stdin", "--tls-verify", "false",
+                          reg.host, input="builder\n", env=env))
+        assert tokens.requests and tokens.requests[-1].user == "bob"
+        assert_ok(run_dkr("pull", "--insecure", "--image-root", tmp_path / "root", "--backend",
+                          "dir", f"{reg.host}/team/app:v1", env=env))

@@ -243,6 +243,9 @@ def test_an_air_gapped_site_needs_only_its_mirror(upstream, tmp_path):
         conf.write_text('[[registry]]\nlocation = "registry.invalid"\n'
                         f'[[registry.mirror]]\nlocation = "{cache.host}"\ninsecure = true\n')
         run = assert_ok(_pull(f"registry.invalid/{REPO}:v1", tmp_path / "root",
-                              "--registries-conf", conf))
+                              "--registries-conf", conf, "-v"))
     assert set(_served(run)) == {cache.host}
+    # -v says, request by request, which source served it and how much.
+    assert len(re.findall(rf"layer sha256:\w+: \d+ bytes from {re.escape(cache.host)} \(mirror\)",
+                          run.err)) == 3, run.err
     assert "registry.invalid" not in run.err.replace(f"registry.invalid/{REPO}", "")
