@@ -115,8 +115,7 @@ def login(registry: str, credentials, *, authfile: str | None = None,
     key = logins.login_key(registry)
     host = key.split("/", 1)[0]
     if insecure is None:
-        entry = conf.load(registries_conf).find(key)
-        insecure = bool(entry and entry.endpoint.insecure)
+        insecure = conf.load(registries_conf).insecure(host)
     certs = host_certs(host, cert_dir)
     options = TransferOptions(insecure=insecure, ca_pem=trusted_pem(None, insecure, certs.ca_files),
                               client_cert=certs.client_cert, client_key=certs.client_key)

@@ -100,3 +100,16 @@ def test_login_through_a_token_server(tmp_path):
         assert tokens.requests and tokens.requests[-1].user == "bob"
         assert_ok(run_dkr("pull", "--insecure", "--image-root", tmp_path / "root", "--backend",
                           "dir", f"{reg.host}/team/app:v1", env=env))
+
+
+def test_login_to_a_host_registries_conf_marks_insecure(locked, tmp_path):
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "upstream.example"\n'
+                    f'[[registry.mirror]]\nlocation = "{locked.host}"\ninsecure = true\n')
+    env = {**_env(tmp_path), "CONTAINERS_REGISTRIES_CONF": str(conf)}
+    assert_ok(run_dkr("login", "-u", "alice", "--password-stdin", locked.host,
+                      input="wonderland\n", env=env))
+    env["CONTAINERS_REGISTRIES_CONF"] = os.devnull
+    run = run_dkr("login", "-u", "alice", "--password-stdin", locked.host,
+                  input="wonderland\n", env=env)
+    assert run.rc != 0 and run.err.startswith("dkr: error: cannot reach registry"), run.err

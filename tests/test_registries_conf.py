@@ -220,3 +220,11 @@ def test_a_choice_at_the_prompt_is_recorded_where_podman_keeps_it(tmp_path):
     assert [str(r) for r in conf.candidates("app", terminal=False)] == ["two.example/app:latest"]
     assert [str(r) for r in conf.candidates("tool", terminal=False)] == \
         ["two.example/other-tool:latest"]
+
+
+def test_insecure_hosts_as_registry_or_mirror(tmp_path):
+    conf = _load(tmp_path, '[[registry]]\nlocation = "a.example"\ninsecure = true\n'
+                           '[[registry]]\nlocation = "b.example"\n'
+                           '[[registry.mirror]]\nlocation = "m.example:5000/ns"\ninsecure = true\n')
+    assert conf.insecure("a.example") and conf.insecure("m.example:5000")
+    assert not conf.insecure("b.example") and not conf.insecure("c.example")

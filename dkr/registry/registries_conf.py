@@ -119,6 +119,14 @@ class RegistriesConf:
         return [PullSource(_rewrite(ref, entry, endpoint), endpoint.insecure, is_mirror)
                 for endpoint, is_mirror in endpoints]
 
+    def insecure(self, host: str) -> bool:
+        """Whether registries.conf marks ``host`` insecure, as a registry or a mirror."""
+        entry = self.find(host)
+        if entry is not None and entry.endpoint.insecure:
+            return True
+        return any(endpoint.insecure and endpoint.location.split("/", 1)[0] == host
+                   for e in self.registries for endpoint in (e.endpoint, *e.mirrors))
+
     # --- short names ----------------------------------------------------------------
     def candidates(self, text: str, *, terminal: bool, choose=None) -> list[Reference]:
         """The references a user's ``text`` stands for, to try in order, as podman
