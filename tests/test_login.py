@@ -73,6 +73,8 @@ def test_a_wrong_password_is_not_stored(locked, tmp_path):
     assert_ok(_login(locked, env, "wonderland", "--authfile", authfile))
     config = json.loads(authfile.read_text())
     assert set(config["auths"]) == {"other.example", locked.host} and "credHelpers" in config
+    assert_ok(run_dkr("logout", "--all", "--authfile", authfile, env=env))
+    assert json.loads(authfile.read_text()) == {"auths": {}, "credHelpers": {}}
 
 
 def test_login_without_a_password_and_no_terminal_is_an_error(locked, tmp_path):
