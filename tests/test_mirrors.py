@@ -249,3 +249,28 @@ def test_an_air_gapped_site_needs_only_its_mirror(upstream, tmp_path):
     assert len(re.findall(rf"layer sha256:\w+: \d+ bytes from {re.escape(cache.host)} \(mirror\)",
                           run.err)) == 3, run.err
     assert "registry.invalid" not in run.err.replace(f"registry.invalid/{REPO}", "")
+
+
+@pytest.mark.parametrize("where", ["header", "early", "late"])
+def test_a_mirror_corrupting_a_blob_while_it_is_unpacked(tmp_path, where):
+    """The extractor follows the blob as it arrives and so sees the mirror's bad
+    bytes: the layer starts over from the next source, and the pull succeeds."""
+    import random
+
+    rng = random.Random(7)
+    # Text, so that the gzip stream is made of coded blocks that bad bytes break early.
+    data = b"".join(b"%d %s\n" % (i, rng.choice([b"alpha", b"beta", b"gamma"]) * rng.randint(1, 9))
+                    for i in range(120_000))
+    image = Image([Layer([File("big/data", data)])])
+    with Registry() as reg, FaultProxy("127.0.0.1", reg.port) as bad:
+        images.push_image(reg, REPO, "v1", image)
+        [digest] = _layer_digests(reg)
+        size = len(image.layers[0].blob)
+        bad.add_fault(f"/blobs/{digest}", "corrupt", times=None,
+                      offset={"header": 0, "early": size // 5, "late": size - 10}[where])
+        bad.add_fault(f"/blobs/{digest}", "slow", times=None, rate=size)   # a second
+        env = _user_home(tmp_path, _mirror_conf(reg, bad.host))
+        run = assert_ok(_pull(f"{reg.host}/{REPO}:v1", tmp_path / "root", env=env))
+    assert [e["source"] for e in run.events if e["event"] == "source-failed"] == [bad.host]
+    assert [w for w in _served(run)[reg.host] if "layer" in w] == [f"layer {digest}"]
+    assert (tmp_path / "root/app/big/data").read_bytes() == data
