@@ -246,8 +246,8 @@ def test_an_air_gapped_site_needs_only_its_mirror(upstream, tmp_path):
                               "--registries-conf", conf, "-v"))
     assert set(_served(run)) == {cache.host}
     # -v says, request by request, which source served it and how much.
-    assert len(re.findall(rf"layer sha256:\w+: \d+ bytes from {re.escape(cache.host)} \(mirror\)",
-                          run.err)) == 3, run.err
+    line = rf"layer sha256:\w+: served by {re.escape(cache.host)} \(mirror\), \d+ bytes"
+    assert len(re.findall(line, run.err)) == 3, run.err
     assert "registry.invalid" not in run.err.replace(f"registry.invalid/{REPO}", "")
 
 

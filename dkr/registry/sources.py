@@ -95,7 +95,7 @@ class SourceSet:
                   what=what, reason=why)
 
     def served(self, source: PullSource, what: str, size: int, kind: str) -> None:
-        log.debug("%s: %d bytes from %s.", what, size, source.label)
+        log.debug("%s: served by %s, %d bytes.", what, source.label, size)
         self.emit("source", source=source.reference.host, mirror=source.mirror,
                   request=kind, what=what, bytes=size)
 
