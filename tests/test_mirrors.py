@@ -274,3 +274,13 @@ def test_a_mirror_corrupting_a_blob_while_it_is_unpacked(tmp_path, where):
     assert [e["source"] for e in run.events if e["event"] == "source-failed"] == [bad.host]
     assert [w for w in _served(run)[reg.host] if "layer" in w] == [f"layer {digest}"]
     assert (tmp_path / "root/app/big/data").read_bytes() == data
+
+
+def test_a_mirror_serving_a_broken_tag_manifest_is_passed_over(upstream, tmp_path):
+    with FaultProxy("127.0.0.1", upstream.port) as bad:
+        bad.add_fault("/manifests/v1", "corrupt", times=None, offset=0)
+        env = _user_home(tmp_path, _mirror_conf(upstream, bad.host))
+        run = assert_ok(_pull(f"{upstream.host}/{REPO}:v1", tmp_path / "root", env=env))
+    assert f"{upstream.host}/{REPO}: manifest v1" in _served(run)[upstream.host]
+    assert [e["reason"] for e in run.events if e["event"] == "source-failed"] == \
+        ["a manifest that is no JSON object"]

@@ -19,6 +19,7 @@ blob again in this run.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from typing import Awaitable, Callable
 
@@ -125,7 +126,7 @@ class SourceSet:
                 self._passed_over(source, what, str(e))
                 continue
             if not last:
-                why = _problem(response, digest)
+                why = _problem(response, digest, "/manifests/" in path)
                 if why:
                     self._passed_over(source, what, why)
                     continue
@@ -170,11 +171,19 @@ class SourceSet:
             return
 
 
-def _problem(response: Response, digest: str | None) -> str | None:
-    """Why a mirror's answer is not to be used, or None."""
+def _problem(response: Response, digest: str | None, manifest: bool) -> str | None:
+    """Why a mirror's answer is not to be used, or None. A manifest asked for by tag
+    has no digest to check: it is at least to be a JSON object."""
     if response.status not in (200, 206):
         return f"answered {response.status}"
     if digest and response.status == 200 and \
             "sha256:" + hashlib.sha256(response.body).hexdigest() != digest:
         return "content does not match its digest"
+    if manifest and not digest:
+        try:
+            if isinstance(json.loads(response.body), dict):
+                return None
+        except ValueError:
+            pass
+        return "a manifest that is no JSON object"
     return None
