@@ -14,8 +14,8 @@ from dkr.events import Events
 from dkr.pull.puller import Puller, PullOptions, PullResult
 from dkr.registry.reference import default_machine_name, parse_reference
 
-__all__ = ["PullOptions", "PullResult", "pull", "pull_async", "pull_batch", "pull_batch_async",
-           "pull_v1", "pull_v1_async"]
+__all__ = ["PullOptions", "PullResult", "login", "logout", "pull", "pull_async", "pull_batch",
+           "pull_batch_async", "pull_v1", "pull_v1_async"]
 
 
 async def pull_async(reference: str, local: str | None = None, *,
@@ -24,7 +24,9 @@ async def pull_async(reference: str, local: str | None = None, *,
     ref = parse_reference(reference)
     local = local or default_machine_name(ref.name)
     async with Puller(options or PullOptions(), events) as puller:
-        return await puller.pull(ref, local)
+        # A short name is resolved by the puller (registries.conf); LOCAL is named
+        # after what the user wrote.
+        return await puller.pull(reference, local)
 
 
 def pull(reference: str, local: str | None = None, *, options: PullOptions | None = None,
@@ -49,8 +51,8 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
         if local in seen:
             raise DkrError(f"machine name {local!r} is used for both {seen[local]} and {reference}")
         seen[local] = reference
-        parsed.append((ref, local))
-    hosts = sorted({ref.endpoint for ref, _ in parsed})
+        parsed.append((reference, local))
+    hosts = sorted({parse_reference(reference).endpoint for reference, _ in parsed})
     if options is not None and options.credentials and len(hosts) > 1:
         raise DkrError(f"--creds would go to every registry of the batch ({', '.join(hosts)}): "
                        "put each one's login in ~/.docker/config.json instead")
@@ -96,6 +98,40 @@ async def pull_v1_async(name: str, local: str | None = None, *, index_url: str,
 def pull_v1(name: str, local: str | None = None, *, index_url: str,
             options: PullOptions | None = None, events: Events | None = None) -> PullResult:
     return _run(pull_v1_async(name, local, index_url=index_url, options=options, events=events))
+
+
+def login(registry: str, credentials, *, authfile: str | None = None,
+          cert_dir: str | None = None, insecure: bool | None = None,
+          registries_conf: str | None = None) -> str:
+    """Check ``credentials`` (``registry.auth.Credentials``) against ``registry`` and store
+    them in podman's auth.json; returns the file's path. ``insecure`` None: as
+    registries.conf says for the host."""
+    from dkr.registry import login as logins
+    from dkr.registry import registries_conf as conf
+    from dkr.registry.certs import host_certs
+    from dkr.transport.job import TransferOptions
+    from dkr.transport.trust import trusted_pem
+
+    key = logins.login_key(registry)
+    host = key.split("/", 1)[0]
+    if insecure is None:
+        insecure = conf.load(registries_conf).insecure(host)
+    certs = host_certs(host, cert_dir)
+    options = TransferOptions(insecure=insecure, ca_pem=trusted_pem(None, insecure, certs.ca_files),
+                              client_cert=certs.client_cert, client_key=certs.client_key)
+    path = logins.auth_file(authfile)
+    _run(logins.check_login(key, credentials, options))
+    logins.store_login(path, key, credentials)
+    return str(path)
+
+
+def logout(registry: str | None, *, authfile: str | None = None) -> str:
+    """Remove the login for ``registry`` (None: all of them) from podman's auth.json."""
+    from dkr.registry import login as logins
+
+    path = logins.auth_file(authfile)
+    logins.remove_login(path, logins.login_key(registry) if registry is not None else None)
+    return str(path)
 
 
 def _run(coro):

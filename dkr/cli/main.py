@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dkr import __version__, api
-from dkr.cli import manage
+from dkr.cli import login, manage
 from dkr.cli.render import JsonRenderer, StatsRenderer, log_renderer
 from dkr.errors import DkrError, one_line, os_error_text
 from dkr.events import Events
@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="allow plain HTTP and unverified TLS for this registry")
     pull.add_argument("--ca-file", help="PEM file of CA certificates to trust")
     pull.add_argument("--creds", type=_creds_arg, help="USER:PASS for the registry")
+    pull.add_argument("--registries-conf", metavar="FILE",
+                      help="read this containers-registries.conf(5) file only (mirrors, "
+                           "short names; default: /etc/containers/registries.conf and "
+                           "registries.conf.d, or $CONTAINERS_REGISTRIES_CONF)")
+    pull.add_argument("--cert-dir", metavar="DIR",
+                      help="TLS files for the registries (*.crt CAs, *.cert/*.key client "
+                           "pair) instead of the certs.d directories")
     pull.add_argument("--jobs", type=int, default=6, help="connections per host (default 6)")
     pull.add_argument("--retries", type=int, default=4,
                       help="further attempts after a network failure, 429 or 5xx (default 4)")
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     manage.add_commands(sub, _common)
+    login.add_commands(sub, _common)
     return parser
 
 
@@ -172,7 +180,8 @@ def cmd_pull(args) -> int:
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
         credentials=args.creds, jobs=args.jobs, retries=args.retries,
         stall_timeout=args.stall_timeout, spool_limit=args.spool_limit,
-        stage_ahead=args.stage_ahead)
+        stage_ahead=args.stage_ahead, registries_conf=args.registries_conf,
+        cert_dir=args.cert_dir, choose=_chooser())
     events, stats = _events(args)
     try:
         if args.v1 and not args.index_url:
@@ -194,6 +203,26 @@ def cmd_pull(args) -> int:
     finally:
         if stats:
             stats.print()
+
+
+def _chooser():
+    """A prompt for a short name's candidates, where stdin and stdout are a terminal
+    (as podman asks); None elsewhere."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+
+    def choose(candidates):
+        print("Which image did you mean?", file=sys.stderr)
+        for number, candidate in enumerate(candidates, 1):
+            print(f"  {number}) {candidate}", file=sys.stderr)
+        while True:
+            try:
+                answer = input(f"Select 1-{len(candidates)}: ").strip()
+            except EOFError:
+                raise DkrError("no image selected") from None
+            if answer.isdigit() and 1 <= int(answer) <= len(candidates):
+                return candidates[int(answer) - 1]
+    return choose
 
 
 def _emit_error(events: Events, reference: str, message: str) -> None:

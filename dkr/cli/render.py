@@ -63,6 +63,8 @@ class StatsRenderer:
         self.compressed = self.unpacked = self.layers = 0
         self.download = self.prepare = self.extract = self.commit = self.machine = 0.0
         self.first_download_done: float | None = None
+        # (host, is a mirror): [requests served, bytes, requests failed]
+        self.sources: dict[tuple[str, bool], list[int]] = {}
         self.last_download_done = 0.0
 
     def __call__(self, kind: str, fields: dict) -> None:
@@ -77,6 +79,13 @@ class StatsRenderer:
             self.prepare += fields.get("prepare_seconds", 0.0)
             self.extract += fields.get("extract_seconds", 0.0)
             self.commit += fields.get("commit_seconds", 0.0)
+        elif kind in ("source", "source-failed"):
+            counts = self.sources.setdefault((fields["source"], fields["mirror"]), [0, 0, 0])
+            if kind == "source":
+                counts[0] += 1
+                counts[1] += fields["bytes"]
+            else:
+                counts[2] += 1
         elif kind == "machine":
             self.machine += fields.get("seconds", 0.0)
 
@@ -100,7 +109,9 @@ class StatsRenderer:
             f"({rate(self.unpacked, self.extract)} of tar per extractor), {share(self.extract)}",
             f"  commit   {self.commit:6.2f} s seal+rename, {share(self.commit)}",
             f"  machine  {self.machine:6.2f} s making the machines, {share(self.machine)}",
-        ])
+        ] + [f"  source   {host} ({'mirror' if mirror else 'registry'}): {served} requests, "
+             f"{_mb(size)}" + (f", {failed} failed" if failed else "")
+             for (host, mirror), (served, size, failed) in self.sources.items()])
 
     def print(self) -> None:
         self.stream.write(self.summary() + "\n")

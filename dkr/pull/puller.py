@@ -27,13 +27,16 @@ from dkr.events import Events
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
+from dkr.pull.hosts import Hosts
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
 from dkr.registry.client import RegistryClient
 from dkr.registry.keychain import HelperQuestion, credential_sources
 from dkr.registry.reference import Reference, digest_hex, validate_machine_name
-from dkr.registry.v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
+from dkr.registry.v2 import ImagePlan, LayerPlan, Platform
 from dkr.store.layout import ImageRoot, remove_temps
+from dkr.registry.registries_conf import PullSource
+from dkr.registry.sources import SourceSet
 from dkr.store.locks import AsyncFlock
 from dkr.tasks import failed, retrieved, to_the_end
 from dkr.transport.glue import CurlGlue
@@ -59,6 +62,9 @@ class PullOptions:
     stall_timeout: int = 60
     spool_limit: int | None = 4 * 1024**3     # bytes of blobs downloaded ahead of extraction
     stage_ahead: str = "auto"     # stage stacked layers before their parent is done: always, never, auto
+    registries_conf: str | None = None   # the one registries.conf to read (else the usual files)
+    cert_dir: str | None = None          # certs.d directory for every host (else per host)
+    choose: Callable | None = None       # asks which of a short name's candidates to pull
 
 
 @dataclass
@@ -89,7 +95,8 @@ class Puller:
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
         self.spool = Spool(self.root.meta / "partial", options.spool_limit)
-        self._clients: dict[tuple[str, Credentials | None], asyncio.Future] = {}
+        self._clients: dict[tuple, asyncio.Future] = {}
+        self.hosts = Hosts(options, self.transfer)     # registries.conf, certs.d
         self._helper_answers: dict[HelperQuestion, asyncio.Future] = {}
         self._helpers_stop = threading.Event()
         self._backend: StorageBackend | None = None
@@ -127,14 +134,20 @@ class Puller:
                 self.events.emit("backend", name=self._backend.name, why=why)
         return self._backend
 
-    async def client(self, ref: Reference) -> RegistryClient:
-        """One client per registry host and login, pinged once even when many images
+    async def client(self, ref: Reference) -> SourceSet:
+        """``ref``'s pull sources: mirrors (registries.conf), then the registry."""
+        return self.hosts.sources(ref, self.source_client, self.events.emit)
+
+    async def source_client(self, source: PullSource) -> RegistryClient:
+        """One client per host, login and TLS settings, pinged once even when many images
         ask at once. Images of a batch on one host may have different logins: an
-        auth file may name a repository's namespace."""
-        creds = self.options.credentials or await self._login(ref)
-        key = (ref.endpoint, creds)
+        auth file may name a repository's namespace. --creds is for the registry
+        named, never sent to a mirror: each host gets its own login."""
+        ref = source.reference
+        creds = (None if source.mirror else self.options.credentials) or await self._login(ref)
+        key = (ref.endpoint, creds, source.insecure, source.mirror)
         if key not in self._clients:
-            self._clients[key] = asyncio.ensure_future(self._connect(ref.endpoint, creds))
+            self._clients[key] = asyncio.ensure_future(self._connect(ref.endpoint, creds, source))
         try:
             return await asyncio.shield(self._clients[key])
         except DkrError:
@@ -158,8 +171,10 @@ class Puller:
                 return source
         return None
 
-    async def _connect(self, endpoint: str, creds: Credentials | None) -> RegistryClient:
-        client = RegistryClient(self.glue, endpoint, credentials=creds, options=self.transfer)
+    async def _connect(self, endpoint: str, creds: Credentials | None,
+                       source: PullSource | None = None) -> RegistryClient:
+        client = RegistryClient(self.glue, endpoint, credentials=creds,
+                                options=self.hosts.transfer_for(endpoint, source))
         await client.ping()
         return client
 
@@ -169,13 +184,12 @@ class Puller:
                            "(use --force to replace it)")
 
     # --- one image ---------------------------------------------------------------
-    async def pull(self, ref: Reference, local: str) -> PullResult:
+    async def pull(self, ref: Reference | str, local: str) -> PullResult:
         started = time.monotonic()
         validate_machine_name(local)
         backend = await self.backend()
         self.refuse_existing(local)
-        client = await self.client(ref)
-        plan = await ManifestResolver(client, ref, self.options.platform).resolve()
+        ref, client, plan = await self.hosts.resolve(ref, self.client, self.options.platform)
         self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
                          platform=plan.platform, layers=len(plan.layers))
         result = PullResult(str(ref), local, plan.manifest_digest,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dkr.errors import DkrError
 from dkr.registry.reference import digest_hex
+from dkr.registry.sources import BlobStartsOver, ContentMismatch, SourceSet
 from dkr.tasks import failed, retrieved
 from dkr.treeops import write_all
 
@@ -78,6 +79,10 @@ class SpoolSink:
         if len(self._gathered) >= SPOOL_WRITE:
             self.flush()
         return True
+
+    def drop(self) -> None:
+        """Forget bytes gathered and not written yet (a failed source's)."""
+        self._gathered.clear()
 
     def flush(self) -> None:
         if not self._gathered or self.fd < 0:
@@ -283,15 +288,31 @@ class ResumedBlobMismatch(DkrError):
 
 
 async def download(client, name: str, blob: SpooledBlob, what: str) -> None:
-    """Fetch ``blob`` into its spool file, continuing a partial one; verify the digest."""
+    """Fetch ``blob`` into its spool file, continuing a partial one; verify the digest.
+    ``client``: a registry client, or the image's pull sources to try in order."""
+    if not isinstance(client, SourceSet):
+        await _download(client, name, blob, what)
+        return
+    try:
+        await client.fetch_blob(blob.digest, what,
+                                lambda source, source_name: _download(source, source_name,
+                                                                      blob, what),
+                                lambda: os.fstat(blob.fd).st_size, blob.sink.drop)
+    except BlobStartsOver as e:
+        blob.discard_content()
+        raise ResumedBlobMismatch(str(e)) from None
+
+
+async def _download(client, name: str, blob: SpooledBlob, what: str) -> int:
+    """One source's download of ``blob``; the bytes it fetched."""
     offset, hasher = blob.resume_point()
     if offset:
         log.info("%s: resuming at byte %d of %d.", what, offset, blob.size)
     if offset < blob.size:
         response = await client.get(f"/v2/{name}/blobs/{blob.digest}",
                                     scope=f"repository:{name}:pull", sink=blob.sink,
-                                    expected_size=blob.size, offset=offset, hasher=hasher,
-                                    what=what)
+                                    expected_size=blob.size, offset=offset,
+                                    hasher=hasher, what=what)
         if response.status not in (200, 206):
             raise DkrError(f"{what}: registry answered {response.status}")
         try:
@@ -299,8 +320,9 @@ async def download(client, name: str, blob: SpooledBlob, what: str) -> None:
         except OSError as e:
             raise DkrError(f"{what}: cannot write to {e.filename}: {e.strerror}") from None
     if "sha256:" + hasher.hexdigest() == blob.digest:
-        return
+        return blob.size - offset
     blob.discard_content()
     if offset:
         raise ResumedBlobMismatch(f"{what}: resumed content does not match its digest")
-    raise DkrError(f"{what}: content does not match its digest (got sha256:{hasher.hexdigest()})")
+    raise ContentMismatch(f"{what}: content does not match its digest "
+                          f"(got sha256:{hasher.hexdigest()})")

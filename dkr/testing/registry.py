@@ -139,8 +139,10 @@ class TestCA:
         self.cert_path = self.directory / "ca.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str = "server", hosts=("127.0.0.1", "localhost", "::1")):
-        """Write NAME.pem / NAME-key.pem for `hosts`; returns (cert_path, key_path)."""
+    def issue(self, name: str = "server", hosts=("127.0.0.1", "localhost", "::1"),
+              client: bool = False):
+        """Write NAME.pem / NAME-key.pem for `hosts`; returns (cert_path, key_path).
+        ``client``: a client certificate (mutual TLS) instead of a server's."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -164,7 +166,9 @@ class TestCA:
             .not_valid_after(now + datetime.timedelta(days=7))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                                  else ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
             .sign(self.key, hashes.SHA256())
         )
         cert_path = self.directory / f"{name}.pem"
@@ -206,11 +210,15 @@ class _Client:
     context is ours.
     """
 
-    def __init__(self, base_url: str, credentials=None, ca_file=None, answer_challenges=True):
+    def __init__(self, base_url: str, credentials=None, ca_file=None, answer_challenges=True,
+                 client_cert=None):
         self.base = urllib.parse.urlsplit(base_url)
         self.answer_challenges = answer_challenges
         self.credentials = credentials
         self.ssl_context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        if client_cert:
+            self.ssl_context = self.ssl_context or ssl.create_default_context()
+            self.ssl_context.load_cert_chain(*map(str, client_cert))
         self.basic = False
         self.tokens: dict[str, str] = {}   # scope -> bearer token
 
@@ -312,11 +320,19 @@ class Registry:
           the push client trusts only this CA.
     push_credentials: (user, password) the push helpers use; defaults to the
     first htpasswd user, or the first user of the token server.
+    proxy_of: the URL of a registry this one is a pull-through cache of
+    (distribution's ``proxy: remoteurl:``); it then takes no pushes.
+    client_cas: CA files whose client certificates the server demands (mutual
+    TLS, ``http.tls.clientcas``); the push helpers present ``client_cert``.
     """
 
     def __init__(self, auth=None, tls=False, push_credentials=None, workdir=None,
-                 log_level="info", start=True, redirect_blobs_to=None, link=None):
+                 log_level="info", start=True, redirect_blobs_to=None, link=None,
+                 proxy_of=None, client_cas=(), client_cert=None):
         self.auth = auth
+        self.proxy_of = proxy_of
+        self.client_cas = [str(p) for p in client_cas]
+        self.client_cert = client_cert      # (cert_path, key_path) the helpers present
         # A ShapedLink (dkr.testing.link): serve from inside its namespace, reached over it.
         self.link = link
         self.address = link.server_address if link else "127.0.0.1"
@@ -391,6 +407,10 @@ class Registry:
         }
         if self.cert_path:
             config["http"]["tls"] = {"certificate": str(self.cert_path), "key": str(self.key_path)}
+            if self.client_cas:
+                config["http"]["tls"]["clientcas"] = self.client_cas
+        if self.proxy_of:
+            config["proxy"] = {"remoteurl": self.proxy_of}
         auth = self._auth_config()
         if auth:
             config["auth"] = auth
@@ -477,7 +497,8 @@ class Registry:
     @property
     def client(self) -> _Client:
         if self._client is None:
-            self._client = _Client(self.url, self.push_credentials, self.ca_file)
+            self._client = _Client(self.url, self.push_credentials, self.ca_file,
+                                   client_cert=self.client_cert)
         return self._client
 
     def ssl_context(self):
@@ -488,7 +509,8 @@ class Registry:
         if auth:
             return self.client.request("GET", path, headers=headers, ok=range(100, 600),
                                        scope=_scope_for(path, "pull"))
-        return _Client(self.url, None, self.ca_file, answer_challenges=False).request(
+        return _Client(self.url, None, self.ca_file, answer_challenges=False,
+                       client_cert=self.client_cert).request(
             "GET", path, headers=headers, ok=range(100, 600))
 
     def blob_exists(self, repo: str, digest: str) -> bool:

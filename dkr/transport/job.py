@@ -61,8 +61,23 @@ UNKNOWN_ISSUER = ("unable to get local issuer", "unable to get issuer", "self-si
                   "self signed")
 
 
-def curl_hint(code: int, message: str, url: str) -> str:
+# TLS alerts with which a server refuses the client's certificate, or its lack of one.
+CLIENT_CERT_REFUSED = ("alert bad certificate", "alert certificate required",
+                       "alert unknown ca", "alert certificate unknown")
+
+
+def client_cert_refused(message: str) -> bool:
+    return any(words in message for words in CLIENT_CERT_REFUSED)
+
+
+def curl_hint(code: int, message: str, url: str, client_cert: bool = False) -> str:
     """What the user can do about a libcurl error whose text does not say it."""
+    if client_cert_refused(message):
+        host = urlsplit(url).netloc
+        if client_cert:
+            return f"; {host} refused the client certificate dkr presented"
+        return f"; {host} wants a client certificate: put NAME.cert and NAME.key in " \
+               f"/etc/containers/certs.d/{host}/ (or give --cert-dir)"
     if code == pycurl.E_PEER_FAILED_VERIFICATION and \
             any(words in message for words in UNKNOWN_ISSUER):
         return f"; no trusted CA signed the certificate of {urlsplit(url).netloc}: " \
@@ -107,6 +122,8 @@ class TransferOptions:
 
     insecure: bool = False
     ca_pem: bytes | None = None  # trust.trusted_pem(): None leaves libcurl's default
+    client_cert: str | None = None   # PEM files presented for mutual TLS
+    client_key: str | None = None
     connect_timeout: int = 30
     low_speed_time: int = 60    # a transfer slower than 1 B/s this long is stalled
     retries: int = 4            # further attempts after a failed one
@@ -152,6 +169,7 @@ class Job:
         self._abort_reason = ""        # why, in state ABORTING
         self._sink_failed = False      # ... and whether the sink (not the server) was why
         self.stall_timeout = (options or TransferOptions()).low_speed_time
+        self.client_cert = bool(options and options.client_cert)
         self._last_activity = 0.0
         self._future: asyncio.Future[Response] = glue.loop.create_future()
         self.curl = self._make_curl(url, headers or [], options or TransferOptions(), method)
@@ -179,6 +197,9 @@ class Job:
             c.setopt(pycurl.RANGE, f"{self.range_start}-")
         if options.ca_pem:
             c.setopt(pycurl.CAINFO_BLOB, options.ca_pem)
+        if options.client_cert:
+            c.setopt(pycurl.SSLCERT, options.client_cert)
+            c.setopt(pycurl.SSLKEY, options.client_key)
         if options.insecure:
             c.setopt(pycurl.SSL_VERIFYPEER, 0)
             c.setopt(pycurl.SSL_VERIFYHOST, 0)
@@ -219,8 +240,9 @@ class Job:
             self._fail(self._abort_reason, retryable=False)
         elif code != 0:
             self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code})"
-                       f"{curl_hint(code, message, self.url)}",
-                       retryable=code in RETRYABLE_CURL_ERRORS)
+                       f"{curl_hint(code, message, self.url, self.client_cert)}",
+                       retryable=code in RETRYABLE_CURL_ERRORS and
+                       not client_cert_refused(message))
         elif self._is_success() and self.expected_size is not None and \
                 self.range_start + self.received != self.expected_size:
             self._fail(f"{self.what}: body ended after {self.range_start + self.received} "

@@ -28,7 +28,8 @@ MAX_BUNDLE = 16 * 1024 * 1024                  # the system's bundle is ~0.2 MB
 PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 
-def trusted_pem(ca_file: str | None, insecure: bool = False) -> bytes | None:
+def trusted_pem(ca_file: str | None, insecure: bool = False,
+                extra: tuple[str, ...] = ()) -> bytes | None:
     """The PEM certificates every TLS connection trusts; None leaves libcurl's default.
 
     Raises DkrError, naming the file, if ``ca_file`` cannot be read or holds no
@@ -37,12 +38,15 @@ def trusted_pem(ca_file: str | None, insecure: bool = False) -> bytes | None:
     programs do; with ``insecure`` nothing is verified, so it is not read.
     """
     named_system = None if insecure else os.environ.get("SSL_CERT_FILE")
-    if not ca_file and not named_system:
+    if not ca_file and not named_system and not extra:
         return None
     system = _system_pem(named_system)
-    if not ca_file:
+    added = [_read_pem(ca_file, "CA file")] if ca_file else []
+    # ``extra``: a host's own CAs (certs.d), trusted for that host as well.
+    added += [_read_pem(path, "CA certificate") for path in extra]
+    if not added:
         return system
-    return (system + b"\n" if system else b"") + _read_pem(ca_file, "CA file")
+    return b"\n".join(([system] if system else []) + added)
 
 
 def _system_pem(named: str | None) -> bytes | None:
