@@ -34,6 +34,7 @@ from dkr.registry.auth import Credentials
 from dkr.registry.client import RegistryClient
 from dkr.registry.keychain import HelperQuestion, credential_sources
 from dkr.registry.reference import Reference, digest_hex, validate_machine_name
+from dkr.registry.signatures import Trust
 from dkr.registry.v2 import ImagePlan, LayerPlan, ManifestResolver, Platform
 from dkr.store.layout import ImageRoot, remove_entry
 from dkr.store.locks import AsyncFlock
@@ -63,6 +64,8 @@ class PullOptions:
     stall_timeout: int = 60
     spool_limit: int | None = 4 * 1024**3     # bytes of blobs downloaded ahead of extraction
     stage_ahead: str = "auto"     # stage stacked layers before their parent is done: always, never, auto
+    signature_policy: str | None = None   # policy.json (None: where podman looks)
+    registries_d: str | None = None       # registries.d directory (None: where podman looks)
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Puller:
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
         self._no_gc = AsyncFlock(self.root.meta / "locks" / "gc.lock", "running gc", shared=True)
+        self.trust = Trust(options.signature_policy, options.registries_d)
 
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
@@ -155,6 +159,7 @@ class Puller:
         finally:                      # also when that wait is cancelled (by an API user)
             self._helpers_stop.set()  # a helper still asked is killed: no waiting for it
             self.spool.close()
+            self.trust.close()
             self._no_gc.release()
             if self.glue is not None:
                 self.glue.close()
@@ -220,6 +225,8 @@ class Puller:
         self.refuse_existing(local)
         client = await self.client(ref)
         plan = await ManifestResolver(client, ref, self.options.platform).resolve()
+        # The manifest that is pulled (an index's picked one) is judged before any layer.
+        accepted = await self.trust.check(client, ref, plan.manifest_digest)
         self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
                          platform=plan.platform, layers=len(plan.layers))
         result = PullResult(str(ref), local, plan.manifest_digest,
@@ -230,7 +237,8 @@ class Puller:
         await self.make_machine(local, paths, backend, {
             "reference": str(ref), "manifest_digest": plan.manifest_digest,
             "config_digest": plan.config_digest, "platform": plan.platform,
-            "layers": [digest_hex(layer.chain_id) for layer in plan.layers]})
+            "layers": [digest_hex(layer.chain_id) for layer in plan.layers],
+            "accepted": accepted})
         return self.finish(result, started)
 
     def finish(self, result: PullResult, started: float) -> PullResult:
