@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -145,8 +146,27 @@ class Setup:
                               capture_output=True, text=True, timeout=120)
         return proc.returncode == 0
 
+    def podman(self, ref: str) -> bool:
+        """podman, pointed at the same files: it takes registries.d from $HOME when
+        that has one, and has no option for it."""
+        home = self.tmp / "podman-home"
+        config = home / ".config" / "containers"
+        if not config.exists():
+            config.mkdir(parents=True)
+            (config / "registries.d").symlink_to(self.regd)
+        store = Path(tempfile.mkdtemp(prefix="dkrp-"))     # (podman wants a short runroot)
+        env = {**os.environ, "HOME": str(home)}
+        proc = subprocess.run(["podman", "--root", str(store / "root"), "--runroot",
+                               str(store / "run"), "--storage-driver", "vfs", "pull", "-q",
+                               "--tls-verify=false", "--signature-policy", str(self.policy),
+                               f"{self.registry.host}/{ref}"],
+                              capture_output=True, text=True, timeout=120, env=env)
+        shutil.rmtree(store, ignore_errors=True)
+        print("podman:", proc.returncode, proc.stderr)
+        return proc.returncode == 0
+
     def expect(self, ref: str, accepted: bool, pattern: str = "", *extra):
-        """dkr and skopeo both accept ``ref``, or both refuse it."""
+        """dkr, skopeo and podman all accept ``ref``, or all refuse it."""
         run = self.dkr(ref, *extra)
         if accepted:
             assert_ok(run)
@@ -155,6 +175,7 @@ class Setup:
             assert not (self.root / "img").exists()
             assert not [p for p in self.root.glob(".dkr-*")], "a layer was left behind"
         assert self.skopeo(ref) == accepted, f"skopeo disagrees on {ref}"
+        assert self.podman(ref) == accepted, f"podman disagrees on {ref}"
         return run
 
 
