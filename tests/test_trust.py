@@ -550,3 +550,14 @@ def test_sigstore_signed(case, algorithm):
     case.write_policy({"default": [req]})          # matchRepoDigestOrExact: a tag is not enough
     run = case.dkr(f"{repo}:v1", local="two")
     assert_clean_failure(run, case.root, "identity .* not accepted", "two")
+
+
+@pytest.mark.parametrize("wildcard, matches", [("*.0.0.1", True), ("*.1", True),
+                                               ("*.127.0.0.1", False)])
+def test_wildcard_host_scope(case, wildcard, matches):
+    """``*.DOMAIN`` matches hosts below DOMAIN, by whole labels (the port set aside);
+    the loopback registry's host is an address, which counts as labels too."""
+    repo, _, _ = push_signed(case, who=None)
+    case.write_policy({"default": [{"type": "insecureAcceptAnything"}],
+                       "transports": {"docker": {wildcard: [{"type": "reject"}]}}})
+    case.expect(f"{repo}:v1", not matches, rf'\(transports\.docker\["\{wildcard}"\]\)')
