@@ -561,3 +561,21 @@ def test_wildcard_host_scope(case, wildcard, matches):
     case.write_policy({"default": [{"type": "insecureAcceptAnything"}],
                        "transports": {"docker": {wildcard: [{"type": "reject"}]}}})
     case.expect(f"{repo}:v1", not matches, rf'\(transports\.docker\["\{wildcard}"\]\)')
+
+
+def test_v1_images_have_no_signature(case):
+    from dkr.testing.v1server import V1Server
+    with V1Server() as srv:
+        srv.add_image("ns/app", "latest", [Layer([File("a", b"v1\n")]).tar])
+
+        def pull_v1(local):
+            return run_dkr("pull", "--v1", "--index-url", srv.index_url, "--ca-file",
+                           srv.ca_file, "--image-root", case.root, "--backend", "dir",
+                           "--signature-policy", case.policy, "ns/app", local)
+        case.write_policy({"default": [case.signed_by()]})
+        assert_clean_failure(pull_v1("one"), case.root, r"default\[0\] \(signedBy\) needs a "
+                             "signature, and images of the v1 protocol have none", "one")
+        assert not [p for p in case.root.glob(".dkr-*")]
+        case.write_policy({"default": [case.signed_by()], "transports": {"docker": {
+            "": [{"type": "insecureAcceptAnything"}]}}})
+        assert_ok(pull_v1("two"))

@@ -229,9 +229,10 @@ class Trust:
             raise PolicyError(str(self._dirs))
         return self._dirs
 
-    async def check(self, client, ref: Reference, manifest_digest: str) -> dict:
+    async def check(self, client, ref: Reference, manifest_digest: str | None) -> dict:
         """How the policy accepts the image whose (platform) manifest is
-        ``manifest_digest``, as a record; a PolicyError saying why not otherwise."""
+        ``manifest_digest``, as a record; a PolicyError saying why not otherwise.
+        (None: a v1 image, which no signature can name.)"""
         policy = self.policy()
         intended = intended_reference(ref)
         scope, requirements = policy.requirements_for(intended)
@@ -291,6 +292,9 @@ class _ImageCheck:
             raise _Rejected(f"{req.where} rejects every image here (reject)")
         if req.type == "signedBaseLayer":
             raise _Rejected(f"{req.where}: signedBaseLayer is not supported")
+        if self.digest is None:
+            raise _Rejected(f"{req.where} ({req.type}) needs a signature, and images of the "
+                            "v1 protocol have none")
         if req.type == "signedBy":
             if req.key_type != "GPGKeys":
                 raise _Rejected(f"{req.where}: keyType {req.key_type} is not supported "
