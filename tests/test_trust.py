@@ -579,3 +579,24 @@ def test_v1_images_have_no_signature(case):
         case.write_policy({"default": [case.signed_by()], "transports": {"docker": {
             "": [{"type": "insecureAcceptAnything"}]}}})
         assert_ok(pull_v1("two"))
+
+
+def test_a_key_that_cannot_be_read_refuses_the_pull(case):
+    repo, _, _ = push_signed(case)
+    missing = case.tmp / "no-such-key.gpg"
+    req = case.signed_by()
+    req["keyPath"] = str(missing)
+    case.write_policy({"default": [req]})
+    case.expect(f"{repo}:v1", False, rf"trust policy {case.policy} \(default\): default\[0\]: "
+                rf"key file {missing} cannot be read")
+    (case.tmp / "garbage.gpg").write_bytes(b"not a key at all\n")
+    req["keyPath"] = str(case.tmp / "garbage.gpg")
+    case.write_policy({"default": [req]})
+    case.expect(f"{repo}:v1", False, r"default\[0\]: no OpenPGP public key|not usable OpenPGP")
+
+
+def test_registries_d_that_cannot_be_read_refuses_the_pull(case):
+    repo, _, _ = push_signed(case)
+    (case.regd / "broken.yaml").write_text("docker: [\n")
+    case.write_policy({"default": [case.signed_by()]})
+    case.expect(f"{repo}:v1", False, r"broken\.yaml: not valid YAML")

@@ -241,7 +241,8 @@ class Trust:
         for req in requirements:
             try:
                 accepted.append(await check.requirement(req))
-            except _Rejected as e:
+            except (_Rejected, PolicyError) as e:
+                # (a key or registries.d file that cannot be used is the policy's failure too)
                 raise PolicyError(f"{intended} is not accepted by trust policy {policy.path} "
                                   f"({scope}): {e}") from None
         record = {"policy": str(policy.path), "scope": scope, "requirements": accepted}
