@@ -486,7 +486,7 @@ def test_batch_judges_each_image_alone(case):
     assert run.rc != 0
     assert (case.root / "one").exists() and not (case.root / "two").exists()
     errors = [e for e in run.events if e["event"] == "error"]
-    assert [e["kind"] for e in errors] == ["policy"]
+    assert [e.get("kind") for e in errors] == ["policy"], run.err
     assert unsigned in errors[0]["reference"]
 
 

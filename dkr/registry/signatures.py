@@ -16,7 +16,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
@@ -24,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from dkr.errors import DkrError
 from dkr.registry.policy import (Named, Policy, PolicyError, Requirement, intended_reference,
                                  load_policy, policy_path)
 from dkr.registry.reference import Reference
 from dkr.registry.registries_d import RegistriesD, default_dirs, load_registries_d
+from dkr.tasks import retrieved
 
 log = logging.getLogger("dkr.trust")
 
@@ -132,8 +131,11 @@ class Keyring:
         with tempfile.TemporaryDirectory(prefix="sig-", dir=self.dir) as tmp:
             sig, out = Path(tmp, "signature"), Path(tmp, "payload")
             sig.write_bytes(message)
+            # A signed message may be compressed: the payload it unpacks to is
+            # capped like the signature (ulimit -f counts 512-byte blocks).
             proc = subprocess.run(
-                [_gpg_tool("gpgv"), "--homedir", str(self.home), "--keyring", str(self.path),
+                ["/bin/sh", "-c", f'ulimit -f {MAX_SIGNATURE_BYTES // 512} && exec "$@"', "sh",
+                 _gpg_tool("gpgv"), "--homedir", str(self.home), "--keyring", str(self.path),
                  "--status-fd", "1", "--output", str(out), "--", str(sig)],
                 capture_output=True, timeout=GPG_TIMEOUT)
             status = [line.split()[1:] for line in proc.stdout.decode(errors="replace").splitlines()
@@ -202,7 +204,8 @@ class Trust:
         self._policy: Policy | PolicyError | None = None
         self._dirs: RegistriesD | PolicyError | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self._keys: dict[int, object] = {}
+        self._keys: dict[int, list] = {}
+        self._keyrings: dict[int, asyncio.Future] = {}
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -250,15 +253,20 @@ class Trust:
                   "; ".join(a["accepted"] for a in accepted))
         return record
 
-    def _keyring(self, req: Requirement) -> Keyring:
-        if id(req) not in self._keys:
+    async def keyring(self, req: Requirement) -> Keyring:
+        """``req``'s keyring, made once for all the images of a run (on the event loop,
+        so that images checked side by side share it)."""
+        if id(req) not in self._keyrings:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="dkr-trust-")
             directory = Path(tempfile.mkdtemp(dir=self._tmp.name))
-            self._keys[id(req)] = Keyring(directory, _key_material(req), req.where)
-        return self._keys[id(req)]
+            making = asyncio.ensure_future(
+                asyncio.to_thread(Keyring, directory, _key_material(req), req.where))
+            making.add_done_callback(retrieved)
+            self._keyrings[id(req)] = making
+        return await asyncio.shield(self._keyrings[id(req)])
 
-    def _sigstore_keys(self, req: Requirement) -> list:
+    def sigstore_keys(self, req: Requirement) -> list:
         if id(req) not in self._keys:
             self._keys[id(req)] = _public_keys(_key_material(req), req.where)
         return self._keys[id(req)]
@@ -300,12 +308,12 @@ class _ImageCheck:
             if req.key_type != "GPGKeys":
                 raise _Rejected(f"{req.where}: keyType {req.key_type} is not supported "
                                 "(only GPGKeys)")
-            keyring = await asyncio.to_thread(self.trust._keyring, req)
+            keyring = await self.trust.keyring(req)
             signatures = await self.simple_signatures()
             where = f"in {self._lookaside}"
             verify = lambda sig: self._verify_simple(keyring, sig)   # noqa: E731
         else:
-            keys = self.trust._sigstore_keys(req)
+            keys = self.trust.sigstore_keys(req)
             signatures = await self.sigstore_signatures()
             where = "among the registry's sigstore attachments" \
                 if self.trust.registries().use_sigstore_attachments(self.intended) else \
