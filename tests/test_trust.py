@@ -600,3 +600,20 @@ def test_registries_d_that_cannot_be_read_refuses_the_pull(case):
     (case.regd / "broken.yaml").write_text("docker: [\n")
     case.write_policy({"default": [case.signed_by()]})
     case.expect(f"{repo}:v1", False, r"broken\.yaml: not valid YAML")
+
+
+def test_index_pulled_by_digest(case):
+    """The index's digest pins the pull; the picked instance's signature names the
+    repository (by any tag), which the default signedIdentity accepts."""
+    repo = _repo()
+    amd, arm = _image(repo + "amd"), _image(repo + "arm")
+    index_digest = push_index(case.registry, repo, "v1", {"linux/amd64": amd, "linux/arm64": arm})
+    picked = amd.as_format("oci").with_platform("linux/amd64")
+    case.lookaside.put(repo, picked.manifest_digest, 1, case.keys.sign(
+        picked.manifest_bytes, f"{case.registry.host}/{repo}:v1"))
+    case.write_policy({"default": [case.signed_by()]})
+    case.expect(f"{repo}@{index_digest}", True, "", "--platform", "linux/amd64")
+    shutil.rmtree(case.root)
+    case.write_policy({"default": [case.signed_by(identity={"type": "matchExact"})]})
+    case.expect(f"{repo}@{index_digest}", False, "identity .* not accepted",
+                "--platform", "linux/amd64")
