@@ -161,3 +161,20 @@ def test_registries_d_first_entry_that_says_wins(tmp_path):
 def test_registries_d_errors(tmp_path, files, problem):
     with pytest.raises(PolicyError, match=problem):
         _dirs(tmp_path, **files)
+
+
+@pytest.mark.parametrize("transport, scope, ok", [
+    ("dir", "/srv/images", True), ("dir", "relative", False), ("dir", "/", False),
+    ("oci", "/srv//x", False), ("docker-archive", "", True),
+    ("containers-storage", "[overlay@/var/lib/containers/storage]", True),
+    ("containers-storage", "busybox", False),
+    ("docker-daemon", "anything", True), ("atomic", "anything", True),
+    ("a-new-transport", "anything", True), ("docker", "Not A Reference!", True),
+])
+def test_scopes_of_other_transports(tmp_path, transport, scope, ok):
+    doc = {"default": REQ, "transports": {transport: {scope: REQ}}}
+    if ok:
+        _policy(tmp_path, doc)
+    else:
+        with pytest.raises(PolicyError, match=f'transports\\["{transport}"\\]'):
+            _policy(tmp_path, doc)

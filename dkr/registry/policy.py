@@ -304,10 +304,30 @@ def _parse_policy(path: Path, doc: object) -> Policy:
         if not isinstance(scopes, dict):
             raise _Bad(f'transports["{transport}"] is not an object')
         for scope, reqs in scopes.items():
-            parsed = _requirements(reqs, f'transports["{transport}"]["{scope}"]')
+            where = f'transports["{transport}"]["{scope}"]'
+            _check_scope(transport, scope, where)
+            parsed = _requirements(reqs, where)
             if transport == "docker":
                 docker[scope] = parsed
     return Policy(path, default, docker)
+
+
+# Transports whose scopes are file system paths (containers/image refuses others);
+# the docker transport takes any string, and transports it does not know (ostree, in
+# Debian's builds) are left alone.
+_PATH_TRANSPORTS = ("dir", "oci", "oci-archive", "docker-archive", "sif")
+
+
+def _check_scope(transport: str, scope: str, where: str) -> None:
+    if not scope:
+        return
+    if transport in _PATH_TRANSPORTS:
+        if not scope.startswith("/") or scope == "/":
+            raise _Bad(f"{where}: a {transport} scope is an absolute path other than /")
+        if os.path.normpath(scope) != scope:
+            raise _Bad(f"{where}: a {transport} scope is written as {os.path.normpath(scope)}")
+    elif transport == "containers-storage" and not (scope.startswith("[") and "]" in scope):
+        raise _Bad(f"{where}: a containers-storage scope starts with [STORE]")
 
 
 def _requirements(value: object, where: str) -> list[Requirement]:
