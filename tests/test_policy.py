@@ -59,8 +59,8 @@ def test_other_transports_are_checked_but_not_used(tmp_path):
     policy = _policy(tmp_path, {"default": REQ, "transports": {
         "atomic": {"x": [{"type": "reject"}]}, "some-new-transport": {"": REQ}}})
     assert policy.docker == {}
-    with pytest.raises(PolicyError, match=r'transports\["oci"\]\["x"\] is an empty list'):
-        _policy(tmp_path, {"default": REQ, "transports": {"oci": {"x": []}}})
+    with pytest.raises(PolicyError, match=r'transports\["oci"\]\["/x"\] is an empty list'):
+        _policy(tmp_path, {"default": REQ, "transports": {"oci": {"/x": []}}})
 
 
 @pytest.mark.parametrize("identity, problem", [

@@ -418,7 +418,7 @@ def test_index_where_only_the_index_is_signed(case):
     ('{"default": [{"type": "insecureAcceptAnything"}], "default": []}', "duplicate key"),
     (None, "does not exist"),
     ('{"default": [{"type": "insecureAcceptAnything"}], "transports": {"dir": {"relative": '
-     '[{"type": "reject"}]}}}', r'transports\["dir"\]\["relative"\]: a dir scope is an absolute'),
+     '[{"type": "reject"}]}}}', r'transports\["dir"\]\["relative"\]: a scope of the dir transport is an absolute'),
 ])
 def test_a_policy_that_cannot_be_read_refuses_the_pull(case, text, problem):
     repo, _, _ = push_signed(case)

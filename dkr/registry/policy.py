@@ -323,9 +323,11 @@ def _check_scope(transport: str, scope: str, where: str) -> None:
         return
     if transport in _PATH_TRANSPORTS:
         if not scope.startswith("/") or scope == "/":
-            raise _Bad(f"{where}: a {transport} scope is an absolute path other than /")
+            raise _Bad(f"{where}: a scope of the {transport} transport is an absolute path "
+                       "other than /")
         if os.path.normpath(scope) != scope:
-            raise _Bad(f"{where}: a {transport} scope is written as {os.path.normpath(scope)}")
+            raise _Bad(f"{where}: a scope of the {transport} transport is written "
+                       f"{os.path.normpath(scope)}")
     elif transport == "containers-storage" and not (scope.startswith("[") and "]" in scope):
         raise _Bad(f"{where}: a containers-storage scope starts with [STORE]")
 
