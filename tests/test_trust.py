@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -619,3 +620,21 @@ def test_index_pulled_by_digest(case):
     case.write_policy({"default": [case.signed_by(identity={"type": "matchExact"})]})
     case.expect(f"{repo}@{index_digest}", False, "identity .* not accepted",
                 "--platform", "linux/amd64")
+
+
+def test_a_signature_by_an_expired_key_is_refused(case, keys):
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+                    "dkr test expiring <expiring@dkr.test>", "ed25519", "sign", "seconds=3"],
+                   env=keys.env, check=True, capture_output=True)
+    listing = subprocess.run(["gpg", "--with-colons", "--list-keys", "expiring@dkr.test"],
+                             env=keys.env, check=True, capture_output=True, text=True).stdout
+    keys.fpr["expiring"] = next(line.split(":")[9] for line in listing.splitlines()
+                                if line.startswith("fpr:"))
+    key_file = case.tmp / "expiring.gpg"
+    key_file.write_bytes(subprocess.run(["gpg", "--export", keys.fpr["expiring"]], env=keys.env,
+                                        check=True, capture_output=True).stdout)
+    keys.files["expiring"] = key_file
+    repo, _, _ = push_signed(case, who="expiring")
+    case.write_policy({"default": [case.signed_by(who="expiring")]})
+    time.sleep(4)
+    case.expect(f"{repo}:v1", False, "signed by an expired or revoked key")
