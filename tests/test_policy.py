@@ -178,3 +178,13 @@ def test_scopes_of_other_transports(tmp_path, transport, scope, ok):
     else:
         with pytest.raises(PolicyError, match=f'transports\\["{transport}"\\]'):
             _policy(tmp_path, doc)
+
+
+def test_the_users_registries_d_stands_for_the_systems(tmp_path, monkeypatch):
+    from dkr.registry.registries_d import SYSTEM_DIR, default_dirs
+    monkeypatch.delenv("DKR_REGISTRIES_D", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_dirs() == [SYSTEM_DIR]
+    (tmp_path / ".config/containers/registries.d").mkdir(parents=True)
+    assert default_dirs() == [tmp_path / ".config/containers/registries.d"]
+    assert [str(d) for d in default_dirs("/elsewhere")] == ["/elsewhere"]

@@ -598,10 +598,14 @@ def test_a_key_that_cannot_be_read_refuses_the_pull(case):
     case.expect(f"{repo}:v1", False, r"default\[0\]: no OpenPGP public key|not usable OpenPGP")
 
 
-def test_registries_d_that_cannot_be_read_refuses_the_pull(case):
+@pytest.mark.parametrize("signed", [True, False])
+def test_registries_d_that_cannot_be_read_refuses_the_pull(case, signed):
+    """Also where the policy asks for no signature: podman reads registries.d for
+    every pull from a registry."""
     repo, _, _ = push_signed(case)
     (case.regd / "broken.yaml").write_text("docker: [\n")
-    case.write_policy({"default": [case.signed_by()]})
+    case.write_policy({"default": [case.signed_by() if signed else
+                                   {"type": "insecureAcceptAnything"}]})
     case.expect(f"{repo}:v1", False, r"broken\.yaml: not valid YAML")
 
 

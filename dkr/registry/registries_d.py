@@ -16,23 +16,29 @@ from dkr.registry.policy import Named, PolicyError, policy_identity, policy_name
 
 SYSTEM_DIR = Path("/etc/containers/registries.d")
 DIRS_ENV = "DKR_REGISTRIES_D"        # the default --registries.d
-# Where containers/image looks when no entry names a lookaside store.
+# Where containers/image looks for root when no entry names a lookaside store.
 BUILTIN_LOOKASIDE = "file:///var/lib/containers/sigstore"
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
 def default_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
-    """The directories to read: the one named, else the user's and the system's."""
+    """The directory to read: the one named, else the user's if it exists (it then
+    stands for the system's, as in containers/image), else the system's."""
     if explicit:
         return [Path(explicit)]
     if os.environ.get(DIRS_ENV):
         return [Path(os.environ[DIRS_ENV])]
-    dirs = []
     home = os.environ.get("HOME")
-    if home:
-        dirs.append(Path(home, ".config/containers/registries.d"))
-    dirs.append(SYSTEM_DIR)
-    return dirs
+    if home and Path(home, ".config/containers/registries.d").exists():
+        return [Path(home, ".config/containers/registries.d")]
+    return [SYSTEM_DIR]
+
+
+def builtin_lookaside() -> str:
+    """Where signatures are looked for when no entry names a lookaside store."""
+    if os.geteuid() != 0 and os.environ.get("HOME"):
+        return Path(os.environ["HOME"], ".local/share/containers/sigstore").as_uri()
+    return BUILTIN_LOOKASIDE
 
 
 @dataclass
@@ -57,7 +63,7 @@ class RegistriesD:
         for entry in self._entries(ref):
             if entry.lookaside:
                 return entry.lookaside
-        return BUILTIN_LOOKASIDE
+        return builtin_lookaside()
 
     def use_sigstore_attachments(self, ref: Named) -> bool:
         for entry in self._entries(ref):

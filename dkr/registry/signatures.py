@@ -237,6 +237,13 @@ class Trust:
         ``manifest_digest``, as a record; a PolicyError saying why not otherwise.
         (None: a v1 image, which no signature can name.)"""
         policy = self.policy()
+        if client is not None:
+            # As containers/image does for every pull from a registry, whether the
+            # policy asks for signatures or not: a broken file is never passed over.
+            try:
+                self.registries()
+            except PolicyError as e:
+                raise PolicyError(f"{intended_reference(ref)}: {e}") from None
         intended = intended_reference(ref)
         scope, requirements = policy.requirements_for(intended)
         check = _ImageCheck(self, client, intended, manifest_digest)
