@@ -73,8 +73,6 @@ class RegistriesD:
 
 
 def load_registries_d(dirs: list[Path]) -> RegistriesD:
-    import yaml          # only when signatures are looked for
-
     default: _Entry | None = None
     docker: dict[str, _Entry] = {}
     for directory in dirs:
@@ -89,6 +87,7 @@ def load_registries_d(dirs: list[Path]) -> RegistriesD:
             path = directory / name
             if not path.is_file():
                 continue
+            import yaml          # (only where there is a file: it costs each start-up)
             try:
                 with open(path, "rb") as f:
                     text = f.read(MAX_FILE_BYTES + 1)
