@@ -502,8 +502,11 @@ def _cosign_sign(case: Setup, repo: str, image: Image, digest: str, private_key,
         "type": "cosign container image signature"}, "optional": None}).encode()
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
         signature = private_key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    elif isinstance(private_key, rsa.RSAPrivateKey):
+        signature = private_key.sign(payload, padding.PKCS1v15(), hashes.SHA256())
     else:
         signature = private_key.sign(payload)
     layer_digest = case.registry.push_blob(repo, payload)
@@ -527,11 +530,12 @@ def _pem(private_key) -> str:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-@pytest.mark.parametrize("algorithm", ["ecdsa", "ed25519"])
+@pytest.mark.parametrize("algorithm", ["ecdsa", "ed25519", "rsa"])
 def test_sigstore_signed(case, algorithm):
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-    make = (lambda: ec.generate_private_key(ec.SECP256R1())) if algorithm == "ecdsa" \
-        else ed25519.Ed25519PrivateKey.generate
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    make = {"ecdsa": lambda: ec.generate_private_key(ec.SECP256R1()),
+            "ed25519": ed25519.Ed25519PrivateKey.generate,
+            "rsa": lambda: rsa.generate_private_key(65537, 2048)}[algorithm]
     key, stranger = make(), make()
     repo, image, digest = push_signed(case, who=None)
     (case.regd / "default.yaml").write_text("default-docker:\n  use-sigstore-attachments: true\n")
@@ -549,7 +553,8 @@ def test_sigstore_signed(case, algorithm):
 
     _cosign_sign(case, repo, image, digest, key, f"{case.registry.host}/{repo}")
     assert_ok(case.dkr(f"{repo}:v1"))
-    req = {"type": "sigstoreSigned", "keyData": base64.b64encode(_pem(key).encode()).decode()}
+    req = {"type": "sigstoreSigned", "keyDatas": [base64.b64encode(_pem(k).encode()).decode()
+                                                  for k in (stranger, key)]}
     case.write_policy({"default": [req]})          # matchRepoDigestOrExact: a tag is not enough
     run = case.dkr(f"{repo}:v1", local="two")
     assert_clean_failure(run, case.root, "identity .* not accepted", "two")
@@ -642,3 +647,24 @@ def test_a_signature_by_an_expired_key_is_refused(case, keys):
     case.write_policy({"default": [case.signed_by(who="expiring")]})
     time.sleep(4)
     case.expect(f"{repo}:v1", False, "signed by an expired or revoked key")
+
+
+def test_a_lookaside_server_that_fails_fails_the_pull(case, tmp_path):
+    repo, _, _ = push_signed(case)
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(500)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (case.regd / "default.yaml").write_text(
+            f"default-docker:\n  lookaside: http://127.0.0.1:{server.server_address[1]}\n")
+        case.write_policy({"default": [case.signed_by()]})
+        case.expect(f"{repo}:v1", False, r"signature-1: server answered 500", "--retries", "0")
+    finally:
+        server.shutdown()
+        server.server_close()
