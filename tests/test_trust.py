@@ -381,7 +381,7 @@ def test_transport_default_before_global_default(case):
 def test_every_requirement_must_hold(case):
     repo, _, _ = push_signed(case)
     case.write_policy({"default": [case.signed_by(), {"type": "reject"}]})
-    case.expect(f"{repo}:v1", False, r"default\[1\] rejects")
+    case.expect(f"{repo}:v1", False, r"default\[1\] is reject: the scope accepts no image")
 
 
 def test_index_whose_picked_instance_is_signed(case):

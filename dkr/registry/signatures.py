@@ -305,7 +305,7 @@ class _ImageCheck:
         if req.type == "insecureAcceptAnything":
             return {"type": req.type, "accepted": f"{req.where}: insecureAcceptAnything"}
         if req.type == "reject":
-            raise _Rejected(f"{req.where} rejects every image here (reject)")
+            raise _Rejected(f"{req.where} is reject: the scope accepts no image")
         if req.type == "signedBaseLayer":
             raise _Rejected(f"{req.where}: signedBaseLayer is not supported")
         if self.digest is None:
