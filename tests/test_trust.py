@@ -668,3 +668,44 @@ def test_a_lookaside_server_that_fails_fails_the_pull(case, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_https_lookaside_with_a_private_ca(case, tmp_path):
+    """An https lookaside store is trusted as the pull's other hosts are (--ca-file):
+    here the registry has one private CA and the store another. (dkr alone:
+    podman would take the CAs from the host's certs.d.)"""
+    from dkr.testing.registry import Registry, TestCA
+    registry_ca = TestCA(tmp_path / "ca1")
+    store_ca = TestCA(tmp_path / "ca2", name="dkr test lookaside CA")
+    both = tmp_path / "both.pem"
+    both.write_bytes(registry_ca.cert_path.read_bytes() + store_ca.cert_path.read_bytes())
+    handler = type("Quiet", (http.server.SimpleHTTPRequestHandler,),
+                   {"log_message": lambda *a: None})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(case.lookaside.dir)))
+    server.socket = store_ca.server_context().wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Registry(tls=registry_ca) as registry:
+            repo = _repo()
+            image = _image(repo)
+            digest = push_image(registry, repo, "v1", image)
+            case.lookaside.put(repo, digest, 1, case.keys.sign(image.manifest_bytes,
+                                                               f"{registry.host}/{repo}:v1"))
+            (case.regd / "default.yaml").write_text(
+                f"default-docker:\n  lookaside: https://127.0.0.1:{server.server_address[1]}\n")
+            case.write_policy({"default": [case.signed_by()]})
+
+            def pull(ca_file):
+                return run_dkr("pull", "--backend", "dir", "--image-root", case.root,
+                               "--retries", "0", "--signature-policy", case.policy,
+                               "--registries.d", case.regd, "--ca-file", ca_file,
+                               f"{registry.host}/{repo}:v1", "img")
+            assert_ok(pull(both))
+            shutil.rmtree(case.root)
+            assert_clean_failure(pull(registry_ca.cert_path), case.root,
+                                 r"/trust/r\d+@sha256=[0-9a-f]+/signature-1: .*(certificate|SSL)",
+                                 "img")
+    finally:
+        server.shutdown()
+        server.server_close()
