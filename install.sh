@@ -8,7 +8,14 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc libc6-dev libbtrfsutil-dev \
     btrfs-progs tar coreutils util-linux ca-certificates openssl \
-    docker-registry skopeo umoci pigz zstd >/dev/null
+    docker-registry skopeo umoci pigz zstd gnupg podman >/dev/null
+# dkr obeys the host's containers-policy.json(5) as podman does, and refuses to
+# pull without one: give a host that has none Debian's default (accept anything).
+if [ ! -e /etc/containers/policy.json ]; then
+    mkdir -p /etc/containers
+    printf '{\n    "default": [\n        {\n            "type": "insecureAcceptAnything"\n        }\n    ]\n}\n' \
+        >/etc/containers/policy.json
+fi
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

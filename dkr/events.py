@@ -17,6 +17,6 @@ class Events:
     def __init__(self, renderers: list[Renderer] | None = None):
         self.renderers = list(renderers or [])
 
-    def emit(self, kind: str, **fields) -> None:
+    def emit(self, kind: str, /, **fields) -> None:
         for render in self.renderers:
             render(kind, fields)

@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="inflate and check btrfs/dir layers while their parent is still "
                            "being built, to replay them once it is done (auto: with 4 or more "
                            "cores, where that is faster)")
+    pull.add_argument("--signature-policy", metavar="FILE",
+                      help="trust policy (default: ~/.config/containers/policy.json, else "
+                           "/etc/containers/policy.json)")
+    pull.add_argument("--registries.d", dest="registries_d", metavar="DIR",
+                      help="where signatures are kept (default: ~/.config/containers/"
+                           "registries.d and /etc/containers/registries.d)")
     pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
     pull.add_argument("--v1", action="store_true",
                       help="use the Docker Registry v1 protocol (REFERENCE is NAMESPACE/REPO[:TAG])")
@@ -181,7 +187,8 @@ def cmd_pull(args) -> int:
         credentials=args.creds, jobs=args.jobs, retries=args.retries,
         stall_timeout=args.stall_timeout, spool_limit=args.spool_limit,
         stage_ahead=args.stage_ahead, registries_conf=args.registries_conf,
-        cert_dir=args.cert_dir, choose=_chooser())
+        cert_dir=args.cert_dir, choose=_chooser(),
+        signature_policy=args.signature_policy, registries_d=args.registries_d)
     events, stats = _events(args)
     try:
         if args.v1 and not args.index_url:
@@ -197,7 +204,7 @@ def cmd_pull(args) -> int:
             else:
                 api.pull(args.reference, args.local, options=options, events=events)
         except DkrError as e:         # (one image's failure in a batch has its own event)
-            _emit_error(events, args.reference or args.batch, str(e))
+            _emit_error(events, args.reference or args.batch, e)
             raise
         return 0
     finally:
@@ -225,11 +232,13 @@ def _chooser():
     return choose
 
 
-def _emit_error(events: Events, reference: str, message: str) -> None:
+def _emit_error(events: Events, reference: str, error: DkrError) -> None:
     """The error event; if stdout's reader is gone, the error line on stderr still
     tells what failed (the event must not turn it into a broken pipe)."""
+    kind = getattr(error, "kind", None)
     try:
-        events.emit("error", reference=reference, message=message)
+        events.emit("error", reference=reference, message=str(error),
+                    **({"kind": kind} if kind else {}))
     except BrokenPipeError:
         pass
 
@@ -243,7 +252,7 @@ def _pull_batch(path: str, options, events) -> int:
     outcomes = api.pull_batch(items, options=options, events=events)
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
     for (reference, _), error in failed:
-        _emit_error(events, reference, str(error))
+        _emit_error(events, reference, error)
         print(one_line(f"dkr: error: {reference}: {error}"), file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")

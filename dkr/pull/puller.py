@@ -37,6 +37,7 @@ from dkr.registry.v2 import ImagePlan, LayerPlan, Platform
 from dkr.store.layout import ImageRoot, remove_temps
 from dkr.registry.registries_conf import PullSource
 from dkr.registry.sources import SourceSet
+from dkr.registry.signatures import Trust
 from dkr.store.locks import AsyncFlock
 from dkr.tasks import failed, retrieved, to_the_end
 from dkr.transport.glue import CurlGlue
@@ -65,6 +66,8 @@ class PullOptions:
     registries_conf: str | None = None   # the one registries.conf to read (else the usual files)
     cert_dir: str | None = None          # certs.d directory for every host (else per host)
     choose: Callable | None = None       # asks which of a short name's candidates to pull
+    signature_policy: str | None = None   # policy.json (None: where podman looks)
+    registries_d: str | None = None       # registries.d directory (None: where podman looks)
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Puller:
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
         self._kept: dict[str, tuple[AsyncFlock, asyncio.Future]] = {}
+        self.trust = Trust(options.signature_policy, options.registries_d)
 
     async def __aenter__(self) -> "Puller":
         self.glue = CurlGlue(max_host_connections=self.options.jobs)
@@ -120,6 +124,7 @@ class Puller:
             self._helpers_stop.set()  # a helper still asked is killed: no waiting for it
             self.spool.close()
             self._release_kept()
+            self.trust.close()
             if self.glue is not None:
                 self.glue.close()
                 self.glue = None
@@ -190,6 +195,8 @@ class Puller:
         backend = await self.backend()
         self.refuse_existing(local)
         ref, client, plan = await self.hosts.resolve(ref, self.client, self.options.platform)
+        # The manifest that is pulled (an index's picked one) is judged before any layer.
+        accepted = await self.trust.check(client, ref, plan.manifest_digest)
         self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
                          platform=plan.platform, layers=len(plan.layers))
         result = PullResult(str(ref), local, plan.manifest_digest,
@@ -200,7 +207,8 @@ class Puller:
         await self.make_machine(local, paths, backend, {
             "reference": str(ref), "manifest_digest": plan.manifest_digest,
             "config_digest": plan.config_digest, "platform": plan.platform,
-            "layers": [digest_hex(layer.chain_id) for layer in plan.layers]})
+            "layers": [digest_hex(layer.chain_id) for layer in plan.layers],
+            "accepted": accepted})
         return self.finish(result, started)
 
     def finish(self, result: PullResult, started: float) -> PullResult:

@@ -11,6 +11,7 @@ from pathlib import Path
 from dkr.errors import DkrError
 from dkr.pull.puller import PullResult
 from dkr.registry.reference import (
+    Reference,
     default_machine_name,
     parse_v1_name,
     validate_machine_name,
@@ -32,6 +33,8 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
 
     await session.lookup_index(repo)
     image_id = await session.resolve_tag(repo, tag)
+    # No v1 image is signed: only a policy that asks for no signature lets it in.
+    accepted = await puller.trust.check(None, Reference(session.registry, repo, tag, None), None)
     ancestry, (config, config_body) = await both(
         session.ancestry(image_id), session.image_json(image_id))
 
@@ -51,7 +54,8 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
     await puller.make_machine(local, paths, backend, {
         "reference": reference, "protocol": "v1", "index": session.index,
         "registry": session.registry, "image_id": image_id,
-        "config_digest": config_digest, "ids": list(ancestry), "layers": keys})
+        "config_digest": config_digest, "ids": list(ancestry), "layers": keys,
+        "accepted": accepted})
     return puller.finish(result, started)
 
 

@@ -65,6 +65,11 @@ class SourceSet:
     def host(self) -> str:
         return self.sources[-1].reference.host
 
+    async def registry(self) -> RegistryClient:
+        """The registry's own client (the last source): for what no mirror serves, such
+        as the retries of a request to a signature store."""
+        return await self._client(self.sources[-1])
+
     def _eligible(self, digest: str | None) -> list[PullSource]:
         last = self.sources[-1]
         return [s for s in self.sources if s is last or not (
