@@ -193,13 +193,18 @@ def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def alias_cache_path(home: Path | None = None) -> Path:
+def alias_cache_path(home: Path | None = None) -> Path | None:
+    """Where podman records short-name choices; None for a user with no home (a uid
+    with no passwd entry and no $HOME, as in CI containers): then there is none."""
     if os.geteuid() == 0:
         return Path("/var/cache") / ALIAS_CACHE
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]) / ALIAS_CACHE
     if home is None:
-        home = Path(os.environ.get("HOME") or Path.home())
+        try:
+            home = Path(os.environ.get("HOME") or Path.home())
+        except RuntimeError:
+            return None
     return home / ".cache" / ALIAS_CACHE
 
 
@@ -286,7 +291,7 @@ def load(named: str | None = None, home: Path | None = None,
     where podman keeps it)."""
     conf = RegistriesConf()
     conf.alias_cache = alias_cache or alias_cache_path(home)
-    document = _read_toml(conf.alias_cache, missing_ok=True)
+    document = conf.alias_cache and _read_toml(conf.alias_cache, missing_ok=True)
     for name, value in (document or {}).get("aliases", {}).items():
         conf.recorded[name] = (value and _alias(name, value, str(conf.alias_cache)),
                                str(conf.alias_cache))
