@@ -14,10 +14,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from dkr.errors import DkrError
-from dkr.fsinfo import BTRFS_SUPER_MAGIC, statfs_magic
 from dkr.hookspecs import hookimpl
-from dkr.treeops import remove_tree
+from dkr.pluginkit import BTRFS_SUPER_MAGIC, DkrError, remove_tree, statfs_magic
 
 try:
     import btrfsutil

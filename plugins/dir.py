@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from dkr.errors import DkrError
 from dkr.hookspecs import hookimpl
-from dkr.treeops import remove_tree, tied
+from dkr.pluginkit import DkrError, remove_tree, tied
 
 
 def _cp(args: list[str], what: str) -> None:

@@ -28,11 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dkr.errors import DkrError
-from dkr.fsinfo import OVERLAYFS_SUPER_MAGIC, mount_type, statfs_magic
 from dkr.hookspecs import OPAQUE_XATTR, hookimpl
-from dkr.libc import AT_FDCWD, libc, os_error
-from dkr.treeops import remove_tree
+from dkr.pluginkit import (AT_FDCWD, OVERLAYFS_SUPER_MAGIC, DkrError, libc, mount_type,
+                           os_error, remove_tree, statfs_magic)
 
 STATE_XATTR = "trusted.dkr.overlay"
 MACHINE_TMP_PREFIX = ".dkr-local-"

@@ -15,9 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from dkr.errors import DkrError
 from dkr.hookspecs import hookimpl
-from dkr.treeops import tied
+from dkr.pluginkit import DkrError, tied
 
 
 def _copy(source: Path, target: Path) -> None:
