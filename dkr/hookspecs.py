@@ -131,6 +131,21 @@ def dkr_storage_backends() -> Sequence[StorageBackend]:
     """Return the storage backends this plugin provides.
 
     Names must be unique across all plugins; ``--backend NAME`` selects one.
+    Called once per process.
+    """
+
+
+@hookspec(firstresult=True)
+def dkr_tree_owner(image_root: Path, path: Path) -> str | None:
+    """The ``name`` of the backend that made the layer or machine entry ``path``.
+
+    dkr asks where no record says (a machine whose record cannot be read, a
+    temporary entry a killed run left, a record that is gone), to know whose
+    ``deactivate_machine`` and ``remove`` take it away. ``path`` is an entry
+    directly in ``image_root`` and may be half made. Answer only for an entry
+    your backend can tell is its own (a mount of yours on it, a mark it keeps
+    on it, its file format), else None. The first answer wins; when nobody
+    answers, the backend ``--backend auto`` picks for ``image_root`` removes it.
     """
 
 

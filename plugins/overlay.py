@@ -354,3 +354,15 @@ def _copy_root_attributes(source: Path, target: Path) -> None:
 @hookimpl
 def dkr_storage_backends():
     return [OverlayBackend()]
+
+
+@hookimpl
+def dkr_tree_owner(image_root: Path, path: Path) -> str | None:
+    """A machine of ours has an overlay mounted on it, or our id on its mount point."""
+    try:
+        if mount_type(path) == "overlay" or (path.is_dir() and not path.is_symlink()
+                                             and _state_id(path) is not None):
+            return OverlayBackend.name
+    except (OSError, DkrError):
+        pass
+    return None

@@ -20,12 +20,12 @@ import re
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dkr.errors import DkrError, one_line
 from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
-from dkr.plugins import backend_on_disk, backends, fallback_backend
+from dkr.plugins import backend_on_disk, backends
 from dkr.registry.reference import validate_existing_machine_name
 from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, refuse_mounts_in, remove_entry, text_list, remove_temps
 from dkr.store.locks import AsyncFlock
@@ -414,17 +414,11 @@ class _Collector:
         self.freed = 0
         self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0,
                        "partial download": 0, "temporary file": 0}
-        self._fallback: StorageBackend | None = None
 
-    # which backend removes an entry that names none
-    def fallback_backend(self) -> StorageBackend:
-        if self._fallback is None:
-            self._fallback = fallback_backend(self.root.path)
-        return self._fallback
-
-    def layer_backend(self, key: str) -> StorageBackend:
+    def layer_backend(self, key: str, path: Path) -> StorageBackend:
+        """The backend its record names, else the one that says the entry is its own."""
         made_by = _layer_record(self.root, key).get("backend")
-        return backends().get(made_by or "") or self.fallback_backend()
+        return backends().get(made_by or "") or backend_on_disk(path, self.root.path)
 
     def needed_layers(self) -> set[str]:
         """Every layer a machine stands on; while a --force pull swaps a machine's
@@ -480,9 +474,11 @@ class _Collector:
                 self.layer(m.group(1))
         for name in entries:
             if m := LAYER_TMP_RE.fullmatch(name):
-                self.leftover(name, f"layer-{m.group(1)}", self.layer_backend(m.group(1)))
+                self.leftover(name, f"layer-{m.group(1)}",
+                              lambda path, key=m.group(1): self.layer_backend(key, path))
             elif m := MACHINE_TMP_RE.fullmatch(name):
-                self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend(),
+                self.leftover(name, f"machine-{m.group(1)}",
+                              lambda path: backend_on_disk(path, self.root.path),
                               machine=m.group(1))
         self.temporary_files()
         self.layer_records()
@@ -548,7 +544,7 @@ class _Collector:
                     # Out of the layer's name first: a removal that stops half-way
                     # (an error, a kill) leaves a leftover, never a layer with
                     # files missing that the next pull would take as it is.
-                    backend, doomed = self.layer_backend(key), self.root.layer_tmp(key)
+                    backend, doomed = self.layer_backend(key, path), self.root.layer_tmp(key)
                     os.rename(path, doomed)
                     remove_entry(backend, doomed)
                     (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
@@ -567,7 +563,7 @@ class _Collector:
         tar_bytes = _layer_record(self.root, key).get("tar_bytes")
         return tree_size(path) if tar_bytes is None else tar_bytes
 
-    def leftover(self, name: str, lock: str, backend: StorageBackend,
+    def leftover(self, name: str, lock: str, backend_of: Callable[[Path], StorageBackend],
                  machine: str | None = None) -> None:
         with ExitStack() as stack:
             if not _try_flock_into(self.root, lock, stack):
@@ -578,6 +574,7 @@ class _Collector:
             size = tree_size(path)
             if not self.dry_run:
                 with _wrap_os_error(f"cannot remove {name}"):
+                    backend = backend_of(path)
                     if machine is not None:     # a new tree is up before its swap
                         backend.deactivate_machine(path)
                     remove_entry(backend, path)
