@@ -130,17 +130,17 @@ def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
     class Recording(DirBackend):
         name = "handmade"
 
-        def create_layer(self, path, parent):
+        def create_layer(self, image_root, key, path, parent):
             calls.append(("create_layer", os.getpid()))
-            super().create_layer(path, parent)
+            super().create_layer(image_root, key, path, parent)
 
-        def seal_layer(self, path):
+        def seal_layer(self, image_root, key, path):
             calls.append(("seal_layer", os.getpid()))
-            super().seal_layer(path)
+            super().seal_layer(image_root, key, path)
 
-        def create_machine(self, path, layers):
+        def create_machine(self, image_root, local, path, layers):
             calls.append(("create_machine", os.getpid()))
-            super().create_machine(path, layers)
+            super().create_machine(image_root, local, path, layers)
 
     with backend_registered_by_hand(Recording(), "handmade-test"):
         images.push_image(registry, "byhand/img", "latest", images.sample_image())

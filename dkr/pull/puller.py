@@ -14,6 +14,7 @@ finally makes the machine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -352,7 +353,7 @@ class Puller:
                 await fill.start()
                 began = time.monotonic()
                 try:
-                    backend.create_layer(tmp, parent and parent.path)
+                    backend.create_layer(self.root.path, claim.key, tmp, parent and parent.path)
                 except BaseException:
                     await to_the_end(fill.close())
                     raise
@@ -367,7 +368,8 @@ class Puller:
                     sealed = time.monotonic()
                     if parent_committed is not None:
                         await _outcome(parent_committed)
-                    claim.claim.commit(final)
+                    claim.claim.commit(final, functools.partial(backend.commit_layer,
+                                                                self.root.path, claim.key))
                     break
                 except ResumedBlobMismatch as e:
                     self._unmake(backend, tmp, claim.key)
@@ -395,23 +397,26 @@ class Puller:
     def _unmake(self, backend: StorageBackend, tmp: Path, key: str) -> None:
         """A layer that will not be committed: its tree goes, and its record with it
         (written just before the commit), so that no record names a missing tree."""
-        backend.remove(tmp)
+        backend.remove_layer(self.root.path, key, tmp)
         (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
 
     async def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
         """What an interrupted pull left of a layer we hold the lock of."""
         for leftover in self.root.leftovers(self.root.layer_path(key).name):
             log.info("Removing %s left by an interrupted pull.", leftover.name)
-            await remove_leftover(backend.remove, leftover)
+            await remove_leftover(functools.partial(backend.remove_layer, self.root.path, key),
+                                  leftover)
         remove_temps(self.root.meta / "layers", f"{key}.json")
 
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
         """Seal and record a layer, off the event loop: both wait for its data to reach disk."""
         loop = asyncio.get_running_loop()
-        sealed = await self.extractor_pool.run_job({"seal": str(tree), "backend": backend.name})
+        sealed = await self.extractor_pool.run_job({"seal": str(tree), "backend": backend.name,
+                                                    "image_root": str(self.root.path),
+                                                    "key": key})
         if sealed.get("unknown"):     # a backend only this process knows (registered by hand)
-            await loop.run_in_executor(None, backend.seal_layer, tree)
+            await loop.run_in_executor(None, backend.seal_layer, self.root.path, key, tree)
         elif "error" in sealed:
             raise DkrError(sealed["error"])
         # To its end even when cancelled: the thread would write on regardless, after
@@ -542,14 +547,15 @@ class Puller:
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 # (taken down too: a killed --force may leave one mounted)
-                await remove_leftover(lambda path: swap.take_away(backend, path), leftover)
+                await remove_leftover(functools.partial(swap.take_away, self.root, local, backend),
+                                      leftover)
             remove_temps(self.root.meta / "machines", f"{local}.json")
             tmp = self.root.machine_tmp(local)
             try:
-                backend.create_machine(tmp, layers)
+                backend.create_machine(self.root.path, local, tmp, layers)
             except BaseException:
                 if os.path.lexists(tmp):
-                    backend.remove(tmp)
+                    backend.remove_machine(self.root.path, local, tmp)
                 raise
             # From here on the swap or placement owns tmp (after an exchange it is the old tree).
             record = {**record, "local": local, "backend": backend.name, "created": _now()}

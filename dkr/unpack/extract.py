@@ -680,7 +680,7 @@ def _serve(classify=None) -> dict | None:
     if "replay" in spec:
         return run_replay(spec["root"], spec["format"], spec["replay"], classify)
     if "seal" in spec:
-        return run_seal(spec["backend"], spec["seal"])
+        return run_seal(spec["backend"], spec["image_root"], spec["key"], spec["seal"])
     spool = spec.get("spool")
     if spool and "root" not in spec and "stage" not in spec:
         return run_ahead(spec["format"], spec.get("max_bytes"), spool, spec["size"], classify)
@@ -693,7 +693,7 @@ def _serve(classify=None) -> dict | None:
     return run(spec["root"], spec["format"], classify=classify, **source)
 
 
-def run_seal(backend_name: str, path: str) -> dict:
+def run_seal(backend_name: str, image_root: str, key: str, path: str) -> dict:
     """The backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
     Python's GIL while btrfs commits a read-only flag (and flushes the
     layer), which would stop dkr's event loop, and every download with it."""
@@ -701,7 +701,7 @@ def run_seal(backend_name: str, path: str) -> dict:
     backend = backends().get(backend_name)
     if backend is None:
         return {"error": f"no storage backend named {backend_name!r} here", "unknown": True}
-    backend.seal_layer(Path(path))
+    backend.seal_layer(Path(image_root), key, Path(path))
     return {"sealed": path}
 
 
