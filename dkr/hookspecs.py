@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from types import MappingProxyType
+from typing import Literal, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import pluggy
 
@@ -44,6 +45,31 @@ independent and may be extracted side by side.
 OPAQUE_XATTR = "trusted.overlay.opaque"
 """The xattr (value ``y``) that marks a directory opaque in a ``diff`` layer, as
 overlayfs reads it: what lower layers had below it is hidden."""
+
+
+MemberKind = Literal["file", "hardlink", "symlink", "char", "block", "dir", "fifo"]
+
+
+class LayerMember(NamedTuple):
+    """One member of a layer's tar, as a whiteout resolver sees it (all of it but its body).
+
+    ``path`` is normalised: relative to the layer root, ``/``-separated, no
+    ``.`` or ``..`` components; it and ``linkname`` are decoded with
+    ``surrogateescape``. ``mode`` holds the permission bits (and set-id,
+    sticky) only; ``kind`` says the type. ``xattrs`` are the member's pax
+    ``SCHILY.xattr.*`` records, by name.
+    """
+
+    path: str
+    kind: MemberKind
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: Mapping[str, bytes] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -195,12 +221,16 @@ def dkr_tree_owner(image_root: Path, path: Path) -> str | None:
 # ---------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
-def dkr_whiteout_classify(path: str) -> Whiteout | None:
-    """Tell whether the layer member at ``path`` is a whiteout.
+def dkr_whiteout_resolve(member: LayerMember) -> Whiteout | None:
+    """Decide whether a layer's ``member`` is a whiteout, and what it does.
 
-    ``path`` is normalised: relative to the layer root, ``/``-separated, no
-    ``.`` or ``..`` components (decoded with ``surrogateescape``). Return a
-    Whiteout for a marker, None for an ordinary member. The first plugin that
-    returns a result wins. A whiteout member itself never appears in a
-    machine.
+    Return a Whiteout for a marker: dkr applies it (on a ``stacked`` backend
+    by deleting what lower layers had, on a ``diff`` one by writing
+    overlayfs's markers) and the member itself never appears in a machine.
+    Return None for an ordinary member, which the next resolver is asked
+    about. The first answer wins; dkr's own OCI/aufs resolver (``.wh.NAME``,
+    ``.wh..wh..opq``) is ``trylast``, so an installed resolver is asked
+    first. Runs in the confined extractor process, once per member (so keep
+    it cheap): dkr loads the plugins before the process ``chroot``s into the
+    layer, so it must be a pure function of ``member``.
     """

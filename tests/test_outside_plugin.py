@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -215,3 +216,35 @@ def test_backends_are_asked_for_once_per_process():
     finally:
         plugins.manager().unregister(name="counting-test")
     assert "dir" in plugins.backends() and len(asked) == 1
+
+
+@contextlib.contextmanager
+def installed(package: Path, dist: str):
+    """An example plugin package, pip-installed into this venv while the block runs."""
+    done = _pip("install", "--no-build-isolation", "--no-deps", "--no-index", str(package))
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        yield
+    finally:
+        removed = _pip("uninstall", "--yes", dist)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+
+
+@pytest.mark.parametrize("backend", ["dir", "overlay"])
+def test_an_outside_whiteout_resolver_is_asked_before_the_oci_one(registry, image_root, backend):
+    """A resolver that sees the whole member: a 0/0 character device (overlayfs's own
+    whiteout) deletes its name, while .wh. files still go to dkr's OCI resolver."""
+    from dkr.testing.images import Device, Dir
+    images.push_image(registry, "outside/chardev", "latest", Image([
+        Layer([File("gone", b"1"), Dir("d"), File("d/x", b"2"), File("oci-gone", b"3"),
+               File("kept", b"4"), Device("dev-kept", "c", 1, 3)]),
+        Layer([Device("gone", "c", 0, 0), Device("d", "c", 0, 0),
+               images.Whiteout("oci-gone")]),
+    ]))
+    with installed(Path(__file__).parent / "outside_whiteouts", "dkr-chardev-whiteouts"):
+        assert_ok(pull(registry, "outside/chardev", image_root, "--backend", backend))
+        try:
+            machine = image_root / "chardev"
+            assert sorted(os.listdir(machine)) == ["dev-kept", "kept"]
+        finally:
+            assert_ok(run_dkr("remove", "--image-root", image_root, "chardev"))

@@ -40,13 +40,14 @@ import signal
 import socket
 import stat
 import sys
+from types import MappingProxyType
 import threading
 import time
 import zlib
 from pathlib import Path
 
 from dkr.errors import DkrError
-from dkr.hookspecs import OPAQUE_XATTR
+from dkr.hookspecs import OPAQUE_XATTR, LayerMember
 from dkr.libc import libc, os_error
 from dkr.startup import modules_loaded
 from dkr.treeops import remove_tree, write_all
@@ -184,7 +185,11 @@ class Extractor:
     # --- members -------------------------------------------------------------
     def apply(self, member: Member, reader: tarstream.TarReader) -> None:
         path = normalize(member.path)
-        whiteout = self.classify(path.decode("utf-8", "surrogateescape"))
+        whiteout = self.classify.resolve(LayerMember(
+            path.decode("utf-8", "surrogateescape"), member.kind, member.mode & 0o7777,
+            member.uid, member.gid, member.size,
+            member.linkname.decode("utf-8", "surrogateescape"), member.devmajor,
+            member.devminor, MappingProxyType(member.xattrs)))
         if whiteout is not None:
             target = whiteout.target.encode("utf-8", "surrogateescape")
             if target:
@@ -510,27 +515,36 @@ def _enter_user_namespace() -> None:
         f.write(f"0 {gid} 1")
 
 
-def _load_classifier():
-    """The whiteout hook as a plain function: firstresult, in pluggy's call order.
+class _Resolver:
+    """The whiteout hook as plain functions: firstresult, in pluggy's call order.
 
     It runs once per member; going through pluggy's machinery each time cost
-    more than creating the file.
+    more than creating the file. Called with a path and the numbers of a plain
+    regular file, it is the C fast path's question (see _tarcore.c).
     """
-    from dkr.plugins import manager
-    hook = manager().hook.dkr_whiteout_classify
-    impls = [impl for impl in reversed(hook.get_hookimpls())
-             if not (impl.hookwrapper or getattr(impl, "wrapper", False))]
-    if len(impls) != len(hook.get_hookimpls()):
-        return lambda path: hook(path=path)       # wrappers need pluggy itself
-    functions = [impl.function for impl in impls]
 
-    def classify(path: str):
-        for function in functions:
-            result = function(path=path)
+    def __init__(self, hook):
+        impls = [impl for impl in reversed(hook.get_hookimpls())
+                 if not (impl.hookwrapper or getattr(impl, "wrapper", False))]
+        self.hook = hook if len(impls) != len(hook.get_hookimpls()) else None   # wrappers need pluggy
+        self.functions = [impl.function for impl in impls]
+
+    def resolve(self, member: LayerMember):
+        if self.hook is not None:
+            return self.hook(member=member)
+        for function in self.functions:
+            result = function(member=member)
             if result is not None:
                 return result
         return None
-    return classify
+
+    def __call__(self, path: str, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0):
+        return self.resolve(LayerMember(path, "file", mode & 0o7777, uid, gid, size))
+
+
+def _load_classifier() -> _Resolver:
+    from dkr.plugins import manager
+    return _Resolver(manager().hook.dkr_whiteout_resolve)
 
 
 def _open_input(spool: str | None, size: int | None, wake_fd: int | None,
