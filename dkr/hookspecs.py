@@ -10,8 +10,11 @@ implements any of the hooks below with ``@hookimpl`` (from ``dkr.hookspecs``)::
     dkr =
         mybackend = mypackage.dkrplugin
 
-Hooks are grouped by the phase of a pull in which dkr calls them.
-See docs/plugins.md for a worked example.
+Hooks are grouped by the phase of a pull in which dkr calls them; a storage
+backend is an object that follows the ``StorageBackend`` protocol below.
+Besides this module a plugin may use ``dkr.pluginkit`` (errors, tree
+operations, mounts, libc), and nothing else of dkr. See docs/plugins.md for
+worked examples.
 """
 
 from __future__ import annotations
@@ -201,6 +204,11 @@ def dkr_storage_backends() -> Sequence[StorageBackend]:
     Called once per process.
     """
 
+
+
+# ---------------------------------------------------------------------------
+# Clean-up: whose is an entry that no record names
+# ---------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
 def dkr_tree_owner(image_root: Path, path: Path) -> str | None:
