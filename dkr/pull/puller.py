@@ -7,8 +7,8 @@ every layer it lacks (an flock per layer, and an in-process table so that two
 images needing one layer build it once), starts all their downloads at once,
 extracts each layer as soon as its bytes arrive and its parent exists (or,
 staging ahead, inflates and checks it at once and replays it into the
-parent's snapshot later: see dkr.staging), makes it visible by rename, and
-finally makes the machine.
+parent's snapshot later: see dkr.staging), makes it visible by the backend's
+commit (a rename, for dkr's own backends), and finally makes the machine.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@
     IMAGE_ROOT/.dkr/blobs/sha256/<hex>     manifests and configs, as fetched
     IMAGE_ROOT/.dkr/locks/                 flock(2) files
 
-Anything becomes visible only by a final rename(), so a crash leaves at
-most ``.tmp-`` entries. Every temporary entry belongs to one lock, which
+Anything becomes visible only in one final step (a rename() of records and
+blobs here; the backend's commit of a layer or machine, which is a rename()
+for dkr's own backends), so a crash leaves at most ``.tmp-`` entries. Every temporary entry belongs to one lock, which
 its writer holds from before it creates the entry until the entry is
 renamed into place or removed:
 
