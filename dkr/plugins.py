@@ -141,12 +141,13 @@ def choose_backend(name: str, image_root: Path) -> tuple[StorageBackend, str]:
     raise DkrError(f"no storage backend can be used on {image_root}: {'; '.join(refused)}")
 
 
-def backend_on_disk(path: Path, image_root: Path) -> StorageBackend:
+def backend_on_disk(path: Path, image_root: Path,
+                    default: StorageBackend | None = None) -> StorageBackend:
     """The backend to take down and remove an entry that no record names a backend of:
-    the one whose plugin says it made it (``dkr_tree_owner``), else the one
-    ``--backend auto`` picks for the image root."""
+    the one whose plugin says it made it (``dkr_tree_owner``), else ``default``, else
+    the one ``--backend auto`` picks for the image root."""
     owner = manager().hook.dkr_tree_owner(image_root=image_root, path=path)
-    found = backends().get(owner or "")
+    found = backends().get(owner or "") or default
     if found is not None:
         return found
     return choose_backend("auto", image_root)[0]

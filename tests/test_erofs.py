@@ -141,3 +141,19 @@ def test_a_leftover_machine_is_taken_down_by_its_own_backend(registry, erofs_plu
     assert not os.path.lexists(leftover) and our_mounts(root) == []
     assert sorted(os.listdir(root)) == [".dkr"]
     assert not (root / ".dkr" / "erofs" / "machines" / "left").exists()   # its upper dir too
+
+
+def test_a_pull_with_another_backend_removes_a_leftover_by_the_one_that_made_it(
+        registry, erofs_plugin, root):
+    """A killed pull's machine tree is taken down by its own backend, even when the next
+    pull of that machine chose another one."""
+    images.push_image(registry, "erofs/switch", "latest", Image([Layer([File("f", b"f")])]))
+    assert_ok(pull(registry, "erofs/switch", root, "--backend", "erofs", local="sw"))
+    assert_ok(run_dkr("umount", "--image-root", root, "sw"))
+    os.rename(root / "sw", root / ".dkr-local-sw.tmp-0badc0de")
+    (root / ".dkr" / "machines" / "sw.json").unlink()
+    images.push_image(registry, "erofs/switch", "other", Image([Layer([File("g", b"g")])]))
+    assert_ok(pull(registry, "erofs/switch:other", root, "--backend", "dir", local="sw"))
+    assert (root / "sw" / "g").read_bytes() == b"g"
+    assert not os.path.lexists(root / ".dkr-local-sw.tmp-0badc0de")
+    assert not (root / ".dkr" / "erofs" / "machines" / "sw").exists()

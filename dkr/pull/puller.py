@@ -26,7 +26,7 @@ from typing import Awaitable, Callable, Protocol
 from dkr.errors import DkrError, os_error_text
 from dkr.events import Events
 from dkr.hookspecs import StorageBackend
-from dkr.plugins import choose_backend
+from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
@@ -547,7 +547,9 @@ class Puller:
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 # (taken down too: a killed --force may leave one mounted)
-                await remove_leftover(functools.partial(swap.take_away, self.root, local, backend),
+                # (by the backend that made it, which an earlier pull may have chosen)
+                made_by = backend_on_disk(leftover, self.root.path, default=backend)
+                await remove_leftover(functools.partial(swap.take_away, self.root, local, made_by),
                                       leftover)
             remove_temps(self.root.meta / "machines", f"{local}.json")
             tmp = self.root.machine_tmp(local)
