@@ -83,10 +83,17 @@ class Whiteout:
     removed from what lower layers provide. ``kind == "opaque"``: everything
     lower layers had below the directory ``target`` is hidden; what the same
     layer adds there stays.
+
+    ``keep_member``: the member is an entry of the layer as well, and is
+    written (without an ``OPAQUE_XATTR`` of its own: dkr marks an opaque
+    directory itself, as the backend's ``layer_format`` wants). For a
+    directory that a tar made from an overlayfs upper dir marks opaque by
+    that xattr. Otherwise the whiteout member never appears in a machine.
     """
 
     kind: Literal["delete", "opaque"]
     target: str
+    keep_member: bool = False
 
 
 @runtime_checkable

@@ -237,14 +237,20 @@ def test_an_outside_whiteout_resolver_is_asked_before_the_oci_one(registry, imag
     from dkr.testing.images import Device, Dir
     images.push_image(registry, "outside/chardev", "latest", Image([
         Layer([File("gone", b"1"), Dir("d"), File("d/x", b"2"), File("oci-gone", b"3"),
-               File("kept", b"4"), Device("dev-kept", "c", 1, 3)]),
+               File("kept", b"4"), Device("dev-kept", "c", 1, 3), Dir("o", mode=0o700),
+               File("o/old", b"5")]),
         Layer([Device("gone", "c", 0, 0), Device("d", "c", 0, 0),
-               images.Whiteout("oci-gone")]),
+               images.Whiteout("oci-gone"),
+               Dir("o", mode=0o750, xattrs={"trusted.overlay.opaque": b"y"}),
+               File("o/new", b"6")]),
     ]))
     with installed(Path(__file__).parent / "outside_whiteouts", "dkr-chardev-whiteouts"):
         assert_ok(pull(registry, "outside/chardev", image_root, "--backend", backend))
         try:
             machine = image_root / "chardev"
-            assert sorted(os.listdir(machine)) == ["dev-kept", "kept"]
+            assert sorted(os.listdir(machine)) == ["dev-kept", "kept", "o"]
+            assert os.listdir(machine / "o") == ["new"]
+            assert os.stat(machine / "o").st_mode & 0o7777 == 0o750     # the member, applied
+            assert "trusted.overlay.opaque" not in os.listxattr(machine / "o")
         finally:
             assert_ok(run_dkr("remove", "--image-root", image_root, "chardev"))

@@ -31,6 +31,7 @@ if __name__ == "__main__":                # a job started by hand: see dkr.start
     loading_modules()
 
 import argparse
+import dataclasses
 import errno
 import io
 import json
@@ -196,7 +197,11 @@ class Extractor:
                 (self.opaques if whiteout.kind == "opaque" else self.deletes).append(target or b".")
             elif whiteout.kind == "opaque":
                 self.opaques.append(b".")
-            return
+            if not whiteout.keep_member:
+                return
+            if OPAQUE_XATTR in member.xattrs:       # (how to mark it is the layer format's)
+                member = dataclasses.replace(member, xattrs={
+                    k: v for k, v in member.xattrs.items() if k != OPAQUE_XATTR})
         if path == b"." and member.kind != DIRECTORY:
             raise ExtractError(f"{member_label(member.path)}: would replace the layer root")
         self.entries += 1
