@@ -8,7 +8,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc libc6-dev libbtrfsutil-dev \
     btrfs-progs tar coreutils util-linux ca-certificates openssl \
-    docker-registry skopeo umoci pigz zstd gnupg podman >/dev/null
+    docker-registry skopeo umoci pigz zstd gnupg podman erofs-utils >/dev/null
 # dkr obeys the host's containers-policy.json(5) as podman does, and refuses to
 # pull without one: give a host that has none Debian's default (accept anything).
 if [ ! -e /etc/containers/policy.json ]; then

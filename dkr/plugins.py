@@ -141,19 +141,13 @@ def choose_backend(name: str, image_root: Path) -> tuple[StorageBackend, str]:
     raise DkrError(f"no storage backend can be used on {image_root}: {'; '.join(refused)}")
 
 
-def fallback_backend(image_root: Path) -> StorageBackend:
-    """The backend that removes an entry that names none: the one ``--backend auto``
-    picks for the image root, else dir (every backend removes plain trees)."""
-    try:
-        return choose_backend("auto", image_root)[0]
-    except DkrError:
-        return backends()["dir"]
-
-
-def backend_on_disk(machine: Path, image_root: Path) -> StorageBackend:
-    """The backend to take down a machine whose record names none it has (the record
-    is unreadable, or gone): overlay if an overlay is mounted on it, else the fallback."""
-    from dkr.fsinfo import mount_type
-    if mount_type(machine) == "overlay" and "overlay" in backends():
-        return backends()["overlay"]
-    return fallback_backend(image_root)
+def backend_on_disk(path: Path, image_root: Path,
+                    default: StorageBackend | None = None) -> StorageBackend:
+    """The backend to take down and remove an entry that no record names a backend of:
+    the one whose plugin says it made it (``dkr_tree_owner``), else ``default``, else
+    the one ``--backend auto`` picks for the image root."""
+    owner = manager().hook.dkr_tree_owner(image_root=image_root, path=path)
+    found = backends().get(owner or "") or default
+    if found is not None:
+        return found
+    return choose_backend("auto", image_root)[0]

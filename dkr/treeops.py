@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
+
+from dkr.fsinfo import is_mount_point
+from dkr.libc import AT_FDCWD, libc, os_error
+
+RENAME_EXCHANGE = 2
+CLONE_NEWNS = 0x20000
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+MNT_DETACH = 2
 
 # A program a pull starts must die with it: a ``cp`` that outlived a killed dkr
 # (the OOM killer takes the main process alone) went on writing into a tree
@@ -84,3 +95,57 @@ def tree_size(path: Path | str) -> int:
                 seen.add(key)
                 total += st.st_blocks * 512
     return total
+
+
+# --- swapping two directory entries, mounts and all ------------------------------------
+
+def _rename_exchange(a: Path, b: Path) -> None:
+    if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
+        raise os_error(path=b)
+
+
+def _exchange_unmounted(a: Path, b: Path) -> None:
+    """In this thread's own mount namespace: nothing mounted on ``a`` or ``b``, then swap.
+
+    Private first, so that taking the mounts away here is not passed on to the
+    namespace dkr was started in (a shared mount would be).
+    """
+    if libc.unshare(CLONE_NEWNS):
+        raise os_error("cannot make a mount namespace to swap mounted machines in", b)
+    if libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None):
+        raise os_error("cannot make the swap's mount namespace private", b)
+    for path in (a, b):
+        for _ in range(100):      # mounts may be stacked; EINVAL: nothing (more) mounted
+            if libc.umount2(os.fsencode(path), MNT_DETACH):
+                if ctypes.get_errno() != errno.EINVAL:
+                    raise os_error("cannot unmount in the swap's mount namespace", path)
+                break
+    _rename_exchange(a, b)
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Atomically swap two directory entries, whatever is mounted on them: the mounts
+    go with their directories."""
+    if not (is_mount_point(a) or is_mount_point(b)):
+        _rename_exchange(a, b)
+        return
+    # A thread of its own may leave this process's mount namespace; it ends after.
+    failure: list[BaseException] = []
+
+    def swap() -> None:
+        try:
+            _exchange_unmounted(a, b)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            failure.append(e)
+    thread = threading.Thread(target=swap, name="dkr-swap")
+    thread.start()
+    interrupted = None
+    while thread.is_alive():      # an undo must not start before the rename is done or not
+        try:
+            thread.join()
+        except BaseException as e:  # noqa: BLE001 - raised once the thread is done
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
+    if failure:
+        raise failure[0]

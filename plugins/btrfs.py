@@ -14,10 +14,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from dkr.errors import DkrError
-from dkr.fsinfo import BTRFS_SUPER_MAGIC, statfs_magic
 from dkr.hookspecs import hookimpl
-from dkr.treeops import remove_tree
+from dkr.pluginkit import BTRFS_SUPER_MAGIC, DirectoryEntries, DkrError, remove_tree, statfs_magic
 
 try:
     import btrfsutil
@@ -29,7 +27,7 @@ def _fail(what: str, path: Path, e: Exception) -> DkrError:
     return DkrError(f"btrfs: {what} {path}: {detail}")
 
 
-class BtrfsBackend:
+class BtrfsBackend(DirectoryEntries):
     name = "btrfs"
     layer_format = "stacked"
     auto_priority = 100
@@ -45,7 +43,7 @@ class BtrfsBackend:
             return f"{image_root} is not on btrfs"
         return None
 
-    def create_layer(self, path: Path, parent: Path | None) -> None:
+    def create_layer(self, image_root: Path, key: str, path: Path, parent: Path | None) -> None:
         try:
             if parent is None:
                 btrfsutil.create_subvolume(path)
@@ -54,13 +52,14 @@ class BtrfsBackend:
         except btrfsutil.BtrfsUtilError as e:
             raise _fail("cannot create layer subvolume", path, e) from None
 
-    def seal_layer(self, path: Path) -> None:
+    def seal_layer(self, image_root: Path, key: str, path: Path) -> None:
         try:
             btrfsutil.set_subvolume_read_only(path, True)
         except btrfsutil.BtrfsUtilError as e:
             raise _fail("cannot make layer read-only", path, e) from None
 
-    def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def create_machine(self, image_root: Path, local: str, path: Path,
+                       layers: Sequence[Path]) -> None:
         try:
             if layers:
                 btrfsutil.create_snapshot(layers[-1], path)
@@ -69,10 +68,11 @@ class BtrfsBackend:
         except btrfsutil.BtrfsUtilError as e:
             raise _fail("cannot snapshot machine", path, e) from None
 
-    def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def activate_machine(self, image_root: Path, local: str, path: Path,
+                         layers: Sequence[Path]) -> None:
         pass
 
-    def deactivate_machine(self, path: Path) -> None:
+    def deactivate_machine(self, image_root: Path, local: str, path: Path) -> None:
         pass
 
     def remove(self, path: Path) -> None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from dkr.errors import DkrError
 from dkr.hookspecs import hookimpl
-from dkr.treeops import remove_tree, tied
+from dkr.pluginkit import DirectoryEntries, DkrError, remove_tree, tied
 
 
 def _cp(args: list[str], what: str) -> None:
@@ -27,7 +26,7 @@ def _cp(args: list[str], what: str) -> None:
         raise DkrError(f"{what} failed: {detail[-1] if detail else 'cp exited ' + str(proc.returncode)}")
 
 
-class DirBackend:
+class DirBackend(DirectoryEntries):
     name = "dir"
     layer_format = "stacked"
     auto_priority = 0
@@ -35,26 +34,28 @@ class DirBackend:
     def unusable_reason(self, image_root: Path) -> str | None:
         return None
 
-    def create_layer(self, path: Path, parent: Path | None) -> None:
+    def create_layer(self, image_root: Path, key: str, path: Path, parent: Path | None) -> None:
         if parent is None:
             path.mkdir(mode=0o755)
         else:
             _cp(["-a", "--link", "--", str(parent), str(path)], f"linking layer {parent.name}")
 
-    def seal_layer(self, path: Path) -> None:
+    def seal_layer(self, image_root: Path, key: str, path: Path) -> None:
         pass
 
-    def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def create_machine(self, image_root: Path, local: str, path: Path,
+                       layers: Sequence[Path]) -> None:
         if not layers:
             path.mkdir(mode=0o755)
             return
         _cp(["-a", "--reflink=auto", "--", str(layers[-1]), str(path)],
             f"copying layer {layers[-1].name} to {path.name}")
 
-    def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def activate_machine(self, image_root: Path, local: str, path: Path,
+                         layers: Sequence[Path]) -> None:
         pass
 
-    def deactivate_machine(self, path: Path) -> None:
+    def deactivate_machine(self, image_root: Path, local: str, path: Path) -> None:
         pass
 
     def remove(self, path: Path) -> None:

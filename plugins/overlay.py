@@ -28,14 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dkr.errors import DkrError
-from dkr.fsinfo import OVERLAYFS_SUPER_MAGIC, mount_type, statfs_magic
 from dkr.hookspecs import OPAQUE_XATTR, hookimpl
-from dkr.libc import AT_FDCWD, libc, os_error
-from dkr.treeops import remove_tree
+from dkr.pluginkit import (AT_FDCWD, OVERLAYFS_SUPER_MAGIC, DirectoryEntries, DkrError, libc,
+                           mount_type, os_error, remove_tree, statfs_magic)
 
 STATE_XATTR = "trusted.dkr.overlay"
-MACHINE_TMP_PREFIX = ".dkr-local-"
 MAX_STACK = 500                 # OVL_MAX_STACK: lower layers one mount can take
 
 # Linux's generic syscall numbers (the same on every architecture but alpha).
@@ -206,14 +203,6 @@ def _check_stack(layers: Sequence[Path]) -> None:
                        f"at most {MAX_STACK} (use --backend btrfs or dir)")
 
 
-def _machine_name(path: Path) -> str:
-    """LOCAL from ``IMAGE_ROOT/LOCAL`` or ``IMAGE_ROOT/.dkr-local-LOCAL.tmp-XXXX``."""
-    name = path.name
-    if name.startswith(MACHINE_TMP_PREFIX) and ".tmp-" in name:
-        return name[len(MACHINE_TMP_PREFIX):name.rindex(".tmp-")]
-    return name
-
-
 def _state_id(path: Path) -> str | None:
     try:
         return os.getxattr(path, STATE_XATTR, follow_symlinks=False).decode()
@@ -223,7 +212,7 @@ def _state_id(path: Path) -> str | None:
         raise DkrError(f"overlay: cannot read {STATE_XATTR} of {path}: {e.strerror}") from None
 
 
-class OverlayBackend:
+class OverlayBackend(DirectoryEntries):
     name = "overlay"
     layer_format = "diff"
     auto_priority = 50
@@ -241,20 +230,21 @@ class OverlayBackend:
         return _trusted_xattrs_refused(image_root / ".dkr")
 
     # --- layers: plain directories --------------------------------------------
-    def create_layer(self, path: Path, parent: Path | None) -> None:
+    def create_layer(self, image_root: Path, key: str, path: Path, parent: Path | None) -> None:
         try:
             path.mkdir(mode=0o755)      # a diff layer does not start from its parent
         except OSError as e:
             raise DkrError(f"overlay: cannot create layer {path}: {e.strerror}") from None
 
-    def seal_layer(self, path: Path) -> None:
+    def seal_layer(self, image_root: Path, key: str, path: Path) -> None:
         pass
 
     # --- machines ---------------------------------------------------------------------
-    def state_dir(self, path: Path, state_id: str) -> Path:
-        return path.parent / ".dkr" / "overlay" / _machine_name(path) / state_id
+    def state_dir(self, image_root: Path, local: str, state_id: str) -> Path:
+        return image_root / ".dkr" / "overlay" / local / state_id
 
-    def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def create_machine(self, image_root: Path, local: str, path: Path,
+                       layers: Sequence[Path]) -> None:
         _check_stack(layers)
         import secrets    # here: every start of the extractors' server loads this module
         state_id = secrets.token_hex(8)
@@ -263,7 +253,7 @@ class OverlayBackend:
             # The id goes on the mount point first: a crash never leaves a state dir
             # that no machine directory names.
             os.setxattr(path, STATE_XATTR, state_id.encode())
-            state = self.state_dir(path, state_id)
+            state = self.state_dir(image_root, local, state_id)
             (state / "work").mkdir(parents=True, mode=0o700)
             (state / "upper").mkdir(mode=0o755)
             if layers:
@@ -273,13 +263,14 @@ class OverlayBackend:
         except OSError as e:
             raise DkrError(f"overlay: cannot prepare machine {path.name}: {e.strerror}") from None
 
-    def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def activate_machine(self, image_root: Path, local: str, path: Path,
+                         layers: Sequence[Path]) -> None:
         mounted = mount_type(path)
         if mounted == "overlay":
             return
         if mounted is not None:
             raise DkrError(f"{path} has a {mounted} file system mounted on it, not an overlay")
-        state = self._state(path)
+        state = self._state(image_root, local, path)
         _check_stack(layers)
         for layer in layers:
             if not layer.is_dir():
@@ -291,7 +282,7 @@ class OverlayBackend:
         except OSError as e:
             raise DkrError(f"cannot mount machine {path.name}: {e.strerror}") from None
 
-    def deactivate_machine(self, path: Path) -> None:
+    def deactivate_machine(self, image_root: Path, local: str, path: Path) -> None:
         mounted = mount_type(path)
         if mounted is None:
             return
@@ -306,14 +297,21 @@ class OverlayBackend:
             raise DkrError(f"cannot unmount machine {path.name}: {e.strerror}") from None
 
     def remove(self, path: Path) -> None:
+        """A layer: a plain directory."""
+        try:
+            remove_tree(path)
+        except OSError as e:
+            raise DkrError(f"overlay: cannot remove {path}: {e.strerror}") from None
+
+    def remove_machine(self, image_root: Path, local: str, path: Path) -> None:
         if not os.path.lexists(path):
             return
         if mount_type(path) is not None:
-            self.deactivate_machine(path)
+            self.deactivate_machine(image_root, local, path)
         try:
             state_id = _state_id(path) if path.is_dir() and not path.is_symlink() else None
             if state_id is not None:
-                state = self.state_dir(path, state_id)
+                state = self.state_dir(image_root, local, state_id)
                 remove_tree(state)
                 try:
                     state.parent.rmdir()        # that was the last state of this LOCAL
@@ -323,11 +321,11 @@ class OverlayBackend:
         except OSError as e:
             raise DkrError(f"overlay: cannot remove {path}: {e.strerror}") from None
 
-    def _state(self, path: Path) -> Path:
+    def _state(self, image_root: Path, local: str, path: Path) -> Path:
         state_id = _state_id(path)
         if state_id is None:
             raise DkrError(f"{path} was not made by the overlay backend (no {STATE_XATTR})")
-        state = self.state_dir(path, state_id)
+        state = self.state_dir(image_root, local, state_id)
         if not (state / "upper").is_dir() or not (state / "work").is_dir():
             raise DkrError(f"the upper directory of machine {path.name} is missing ({state})")
         return state
@@ -356,3 +354,15 @@ def _copy_root_attributes(source: Path, target: Path) -> None:
 @hookimpl
 def dkr_storage_backends():
     return [OverlayBackend()]
+
+
+@hookimpl
+def dkr_tree_owner(image_root: Path, path: Path) -> str | None:
+    """A machine of ours has an overlay mounted on it, or our id on its mount point."""
+    try:
+        if mount_type(path) == "overlay" or (path.is_dir() and not path.is_symlink()
+                                             and _state_id(path) is not None):
+            return OverlayBackend.name
+    except (OSError, DkrError):
+        pass
+    return None

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dkr.hookspecs import Whiteout, hookimpl
+from dkr.hookspecs import LayerMember, Whiteout, hookimpl
 
 PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
 
 
-@hookimpl
-def dkr_whiteout_classify(path: str) -> Whiteout | None:
-    parent, _, base = path.rpartition("/")
+@hookimpl(trylast=True)         # the image format's own rule: other conventions come first
+def dkr_whiteout_resolve(member: LayerMember) -> Whiteout | None:
+    parent, _, base = member.path.rpartition("/")
     if not base.startswith(PREFIX):
         return None
     if base == OPAQUE:

@@ -150,7 +150,7 @@ def test_extracted_gives_children_the_tree_and_commit_makes_it_visible(locks, tm
         assert claim.state is ClaimState.EXTRACTED and claim.builds
         assert claim.tree.result() is tree and tree.path == tmp
         assert not claim.future.done() and held(locks)
-        claim.commit(final)
+        claim.commit(final, os.rename)
         assert claim.state is ClaimState.DONE and not claim.builds
         assert claim.future.result() == final and tree.path == final      # children follow it
         assert final.is_dir() and not tmp.exists() and not held(locks)
@@ -163,7 +163,7 @@ def test_a_commit_whose_rename_fails_stays_extracted(locks, tmp_path):
         await claim.acquire(absent)
         claim.extracted(tmp_path / "gone")
         with pytest.raises(FileNotFoundError):
-            claim.commit(tmp_path / ".dkr-k")
+            claim.commit(tmp_path / ".dkr-k", os.rename)
         assert claim.state is ClaimState.EXTRACTED and held(locks)
     run(main())
 
@@ -190,7 +190,8 @@ def test_transitions_out_of_order_are_refused(locks, tmp_path, state, transition
             if transition == "acquire":
                 await claim.acquire(absent)
             else:
-                getattr(claim, transition)(tmp_path / "x")
+                extra = (os.rename,) if transition == "commit" else ()
+                getattr(claim, transition)(tmp_path / "x", *extra)
         assert claim.state is before
     run(main())
 

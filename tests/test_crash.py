@@ -383,13 +383,13 @@ def test_ctrl_c_while_an_extractor_starts(proxy, image_root, tmp_path):
 DIES_AT = """
 import os, signal, sys
 from dkr.pull import puller as pull
-from dkr.store import swap
+from dkr import treeops
 from dkr_plugins import btrfs, dir, overlay
 step = sys.argv.pop(1)
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
-if step == "exchange_paths":
-    exchange = swap.exchange_paths
-    swap.exchange_paths = lambda a, b: (exchange(a, b), die())
+if step == "exchange_paths":      # (how the built-in backends swap machines)
+    exchange = treeops.exchange_paths
+    treeops.exchange_paths = lambda a, b: (exchange(a, b), die())
 else:
     for backend in (btrfs.BtrfsBackend, dir.DirBackend, overlay.OverlayBackend):
         setattr(backend, step, die)
@@ -533,9 +533,10 @@ def test_a_second_force_pull_over_a_crashed_swap_keeps_what_both_trees_need(push
 # disk), and, with "also-back", cannot swap them back either.
 JOURNAL_FAILS = """
 import errno, sys
+from dkr import treeops
 from dkr.store import swap
 also_back = sys.argv.pop(1) == "also-back"
-write, exchange = swap.MachineSwap._write, swap.exchange_paths
+write, exchange = swap.MachineSwap._write, treeops.exchange_paths
 def full(self):
     if self.state == swap.EXCHANGED:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -545,7 +546,7 @@ def once(a, b, calls=[]):
     if also_back and len(calls) == 2:
         raise OSError(errno.EBUSY, "Device or resource busy", str(b))
     exchange(a, b)
-swap.MachineSwap._write, swap.exchange_paths = full, once
+swap.MachineSwap._write, treeops.exchange_paths = full, once
 from dkr.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -130,17 +131,17 @@ def test_a_backend_registered_by_hand_works_in_process(registry, image_root):
     class Recording(DirBackend):
         name = "handmade"
 
-        def create_layer(self, path, parent):
+        def create_layer(self, image_root, key, path, parent):
             calls.append(("create_layer", os.getpid()))
-            super().create_layer(path, parent)
+            super().create_layer(image_root, key, path, parent)
 
-        def seal_layer(self, path):
+        def seal_layer(self, image_root, key, path):
             calls.append(("seal_layer", os.getpid()))
-            super().seal_layer(path)
+            super().seal_layer(image_root, key, path)
 
-        def create_machine(self, path, layers):
+        def create_machine(self, image_root, local, path, layers):
             calls.append(("create_machine", os.getpid()))
-            super().create_machine(path, layers)
+            super().create_machine(image_root, local, path, layers)
 
     with backend_registered_by_hand(Recording(), "handmade-test"):
         images.push_image(registry, "byhand/img", "latest", images.sample_image())
@@ -215,3 +216,41 @@ def test_backends_are_asked_for_once_per_process():
     finally:
         plugins.manager().unregister(name="counting-test")
     assert "dir" in plugins.backends() and len(asked) == 1
+
+
+@contextlib.contextmanager
+def installed(package: Path, dist: str):
+    """An example plugin package, pip-installed into this venv while the block runs."""
+    done = _pip("install", "--no-build-isolation", "--no-deps", "--no-index", str(package))
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        yield
+    finally:
+        removed = _pip("uninstall", "--yes", dist)
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+
+
+@pytest.mark.parametrize("backend", ["dir", "overlay"])
+def test_an_outside_whiteout_resolver_is_asked_before_the_oci_one(registry, image_root, backend):
+    """A resolver that sees the whole member: a 0/0 character device (overlayfs's own
+    whiteout) deletes its name, while .wh. files still go to dkr's OCI resolver."""
+    from dkr.testing.images import Device, Dir
+    images.push_image(registry, "outside/chardev", "latest", Image([
+        Layer([File("gone", b"1"), Dir("d"), File("d/x", b"2"), File("oci-gone", b"3"),
+               File("kept", b"4"), Device("dev-kept", "c", 1, 3), Dir("o", mode=0o700),
+               File("o/old", b"5")]),
+        Layer([Device("gone", "c", 0, 0), Device("d", "c", 0, 0),
+               images.Whiteout("oci-gone"),
+               Dir("o", mode=0o750, xattrs={"trusted.overlay.opaque": b"y"}),
+               File("o/new", b"6")]),
+    ]))
+    with installed(Path(__file__).parent / "outside_whiteouts", "dkr-chardev-whiteouts"):
+        assert_ok(pull(registry, "outside/chardev", image_root, "--backend", backend))
+        try:
+            machine = image_root / "chardev"
+            assert sorted(os.listdir(machine)) == ["dev-kept", "kept", "o"]
+            assert os.listdir(machine / "o") == ["new"]
+            assert os.stat(machine / "o").st_mode & 0o7777 == 0o750     # the member, applied
+            assert "trusted.overlay.opaque" not in os.listxattr(machine / "o")
+        finally:
+            assert_ok(run_dkr("remove", "--image-root", image_root, "chardev"))

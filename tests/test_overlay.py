@@ -224,10 +224,10 @@ def test_a_broken_record_stops_gc_and_is_no_dead_end(registry, root, damage, unr
 # RENAME_EXCHANGE, say): an OSError after the old machine was taken down.
 EXCHANGE_FAILS = """
 import errno, sys
-from dkr.store import swap
+from dkr import treeops
 def refuse(a, b):
     raise OSError(errno.EINVAL, "Invalid argument", str(b))
-swap.exchange_paths = refuse
+treeops.exchange_paths = refuse
 from dkr.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -244,7 +244,7 @@ def test_a_failed_swap_leaves_the_old_machine_up_or_down_as_it_was(registry, roo
     assert_ok(pull(registry, "ovl/swapfail:v2" if after_a_crash else "ovl/swapfail:v1", root,
                    local="box"))
     if after_a_crash:
-        died = subprocess.run([sys.executable, "-c", DIES_AT, "remove", "pull", "--insecure",
+        died = subprocess.run([sys.executable, "-c", DIES_AT, "remove_machine", "pull", "--insecure",
                                "--image-root", str(root), "--force",
                                f"{registry.host}/ovl/swapfail:v1", "box"])
         assert died.returncode == -signal.SIGKILL
@@ -363,7 +363,7 @@ def test_a_machine_that_cannot_be_mounted_leaves_the_old_one_as_it_was(registry,
     class Refused(overlay.OverlayBackend):
         name = "overlay-refused"
 
-        def activate_machine(self, path, layers):
+        def activate_machine(self, image_root, local, path, layers):
             raise DkrError(f"cannot mount machine {path.name}: refused")
 
     images.push_image(registry, "ovl/keep", "v1", Image([Layer([File("version", b"1")])]))
@@ -520,16 +520,16 @@ def test_too_many_layers_is_a_clear_error(root):
         layers.append(root / f".dkr-{i:064x}")
         layers[-1].mkdir()
     with pytest.raises(DkrError, match=r"has 501 layers; an overlay mount stacks at most 500"):
-        backend.create_machine(machine, layers)
+        backend.create_machine(root, "tall", machine, layers)
     assert not os.path.lexists(machine)
-    backend.create_machine(machine, layers[:-1])
+    backend.create_machine(root, "tall", machine, layers[:-1])
     with pytest.raises(DkrError, match=r"has 501 layers; an overlay mount stacks at most 500"):
-        backend.activate_machine(machine, layers)
+        backend.activate_machine(root, "tall", machine, layers)
     # Without lowerdir+ (before Linux 6.8) one page of options is the limit.
-    state = backend._state(machine)
+    state = backend._state(root, "tall", machine)
     with pytest.raises(DkrError, match=r"more than this kernel's overlay mount can stack"):
         overlay.mount_old_api(machine, layers[:80], state / "upper", state / "work")
-    backend.remove(machine)
+    backend.remove_machine(root, "tall", machine)
     assert not machine.exists() and not (root / ".dkr" / "overlay" / "tall").exists()
 
 
@@ -542,8 +542,8 @@ def test_every_mount_api_mounts(root, way):
         (layer / f"only-{i}").write_text("x")
     backend = overlay.OverlayBackend()
     machine = root / "m"
-    backend.create_machine(machine, lower)
-    state = backend._state(machine)
+    backend.create_machine(root, "m", machine, lower)
+    state = backend._state(root, "m", machine)
     args = (machine, list(reversed(lower)), state / "upper", state / "work")
     try:
         if way == "mount(2)":
@@ -556,7 +556,7 @@ def test_every_mount_api_mounts(root, way):
         assert (machine / "file").read_text() == "layer 1"
         assert sorted(os.listdir(machine)) == ["file", "only-0", "only-1"]
     finally:
-        backend.remove(machine)
+        backend.remove_machine(root, "m", machine)
     assert overlay.mount_type(machine) is None and not machine.exists()
 
 

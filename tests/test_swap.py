@@ -21,10 +21,10 @@ class Backend(DirBackend):
     def __init__(self):
         self.calls = []
 
-    def activate_machine(self, path, layers):
+    def activate_machine(self, image_root, local, path, layers):
         self.calls.append(("activate", path.name))
 
-    def deactivate_machine(self, path):
+    def deactivate_machine(self, image_root, local, path):
         self.calls.append(("deactivate", path.name))
 
 
@@ -116,7 +116,7 @@ def test_finish_that_cannot_remove_the_old_tree_keeps_the_journal(root, machine,
     transaction = prepared(root, machine)
     transaction.exchange()
 
-    def busy(path):
+    def busy(image_root, local, path):
         raise DkrError(f"machine {path.name} is busy")
     monkeypatch.setattr(root.backend, "deactivate_machine", busy)
     assert transaction.finish() is False

@@ -222,13 +222,13 @@ def test_a_pull_inflates_each_layer_while_its_tree_is_made(registry, image_root)
     class Watching(DirBackend):
         name = "watching"
 
-        def create_layer(self, path, parent):
+        def create_layer(self, image_root, key, path, parent):
             import time
             deadline = time.monotonic() + 30
             while not spool_read_by_another_process() and time.monotonic() < deadline:
                 time.sleep(0.01)
             seen.append(spool_read_by_another_process())
-            super().create_layer(path, parent)
+            super().create_layer(image_root, key, path, parent)
 
     with backend_registered_by_hand(Watching(), "watching-test"):
         images.push_image(registry, "ahead/img", "latest", images.sample_image())

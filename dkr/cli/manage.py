@@ -20,14 +20,14 @@ import re
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dkr.errors import DkrError, one_line
 from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
-from dkr.plugins import backend_on_disk, backends, fallback_backend
+from dkr.plugins import backend_on_disk, backends
 from dkr.registry.reference import validate_existing_machine_name
-from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, refuse_mounts_in, remove_entry, text_list, remove_temps
+from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH, ImageRoot, refuse_mounts_in, remove_layer_entry, remove_machine_entry, text_list, remove_temps
 from dkr.store.locks import AsyncFlock
 from dkr.treeops import tree_size
 from dkr.store.swap import recover, recover_if_idle
@@ -271,7 +271,7 @@ def _deactivate_all(root: ImageRoot, plan: list) -> list:
         was_up = is_mount_point(root.machine_path(local))
         try:
             with _wrap_os_error(f"cannot take machine {local} down"):
-                backend.deactivate_machine(root.machine_path(local))
+                backend.deactivate_machine(root.path, local, root.machine_path(local))
         except DkrError:
             _reactivate(root, taken_down)
             raise
@@ -285,7 +285,8 @@ def _reactivate(root: ImageRoot, taken_down: list) -> None:
     for local, backend, info in reversed(taken_down):
         try:
             if info:          # (without a record, it was never ours to mount)
-                backend.activate_machine(root.machine_path(local), root.machine_layers(info))
+                backend.activate_machine(root.path, local, root.machine_path(local),
+                                         root.machine_layers(info))
         except (DkrError, OSError) as e:
             log.warning("Could not mount %s again: %s", local, e)
 
@@ -306,11 +307,11 @@ def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> Non
     machine = root.machine_path(local)
     with _wrap_os_error(f"cannot remove machine {local}"):
         if os.path.lexists(machine):
-            os.rename(machine, root.machine_tmp(local))
+            backend.withdraw(root.path, machine, root.machine_tmp(local))
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
         remove_temps(root.meta / "machines", f"{local}.json")
         for tree in _trees_of(root, local):
-            remove_entry(backend, tree)
+            remove_machine_entry(backend, root.path, local, tree)
 
 
 # --- mount and umount -----------------------------------------------------------------------
@@ -379,7 +380,7 @@ def _mount(root: ImageRoot, local: str, backend, info: dict) -> None:
                            "--force, or remove it")
         was = is_mount_point(machine)
         with _wrap_os_error(f"cannot mount machine {local}"):
-            backend.activate_machine(machine, root.machine_layers(info))
+            backend.activate_machine(root.path, local, machine, root.machine_layers(info))
         if was:
             log.info("Machine %s is already mounted.", local)
         elif is_mount_point(machine):
@@ -399,7 +400,7 @@ def _umount(root: ImageRoot, local: str, backend, info: dict) -> None:
         _machine_lock(root, local, stack)
         was = is_mount_point(machine)
         with _wrap_os_error(f"cannot unmount machine {local}"):
-            backend.deactivate_machine(machine)
+            backend.deactivate_machine(root.path, local, machine)
         log.info("Unmounted machine %s." if was else "Machine %s is not mounted.", local)
 
 
@@ -414,17 +415,11 @@ class _Collector:
         self.freed = 0
         self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0,
                        "partial download": 0, "temporary file": 0}
-        self._fallback: StorageBackend | None = None
 
-    # which backend removes an entry that names none
-    def fallback_backend(self) -> StorageBackend:
-        if self._fallback is None:
-            self._fallback = fallback_backend(self.root.path)
-        return self._fallback
-
-    def layer_backend(self, key: str) -> StorageBackend:
+    def layer_backend(self, key: str, path: Path) -> StorageBackend:
+        """The backend its record names, else the one that says the entry is its own."""
         made_by = _layer_record(self.root, key).get("backend")
-        return backends().get(made_by or "") or self.fallback_backend()
+        return backends().get(made_by or "") or backend_on_disk(path, self.root.path)
 
     def needed_layers(self) -> set[str]:
         """Every layer a machine stands on; while a --force pull swaps a machine's
@@ -480,9 +475,12 @@ class _Collector:
                 self.layer(m.group(1))
         for name in entries:
             if m := LAYER_TMP_RE.fullmatch(name):
-                self.leftover(name, f"layer-{m.group(1)}", self.layer_backend(m.group(1)))
+                self.leftover(name, f"layer-{m.group(1)}",
+                              lambda path, key=m.group(1): self.layer_backend(key, path),
+                              layer=m.group(1))
             elif m := MACHINE_TMP_RE.fullmatch(name):
-                self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend(),
+                self.leftover(name, f"machine-{m.group(1)}",
+                              lambda path: backend_on_disk(path, self.root.path),
                               machine=m.group(1))
         self.temporary_files()
         self.layer_records()
@@ -548,9 +546,9 @@ class _Collector:
                     # Out of the layer's name first: a removal that stops half-way
                     # (an error, a kill) leaves a leftover, never a layer with
                     # files missing that the next pull would take as it is.
-                    backend, doomed = self.layer_backend(key), self.root.layer_tmp(key)
-                    os.rename(path, doomed)
-                    remove_entry(backend, doomed)
+                    backend, doomed = self.layer_backend(key, path), self.root.layer_tmp(key)
+                    backend.withdraw(self.root.path, path, doomed)
+                    remove_layer_entry(backend, self.root.path, key, doomed)
                     (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
             self.report("layer", key[:12], size)
 
@@ -567,8 +565,8 @@ class _Collector:
         tar_bytes = _layer_record(self.root, key).get("tar_bytes")
         return tree_size(path) if tar_bytes is None else tar_bytes
 
-    def leftover(self, name: str, lock: str, backend: StorageBackend,
-                 machine: str | None = None) -> None:
+    def leftover(self, name: str, lock: str, backend_of: Callable[[Path], StorageBackend],
+                 machine: str | None = None, layer: str | None = None) -> None:
         with ExitStack() as stack:
             if not _try_flock_into(self.root, lock, stack):
                 return                        # a pull is writing it right now
@@ -578,9 +576,12 @@ class _Collector:
             size = tree_size(path)
             if not self.dry_run:
                 with _wrap_os_error(f"cannot remove {name}"):
+                    backend = backend_of(path)
                     if machine is not None:     # a new tree is up before its swap
-                        backend.deactivate_machine(path)
-                    remove_entry(backend, path)
+                        backend.deactivate_machine(self.root.path, machine, path)
+                        remove_machine_entry(backend, self.root.path, machine, path)
+                    else:
+                        remove_layer_entry(backend, self.root.path, layer, path)
             self.report("leftover", name, size)
 
     def layer_records(self) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -52,8 +51,9 @@ class LayerTree:
     def __init__(self, path: Path):
         self.path = path
 
-    def rename(self, final: Path) -> None:
-        os.rename(self.path, final)
+    def commit(self, final: Path, move: Callable[[Path, Path], None]) -> None:
+        """``move(path, final)`` is the backend's commit of the tree to ``final``."""
+        move(self.path, final)
         self.path = final
 
 
@@ -133,11 +133,12 @@ class LayerClaim:
         self.tree.set_result(tree)
         return tree
 
-    def commit(self, final: Path) -> None:
-        """EXTRACTED → DONE: the tree takes its final name, which makes it visible;
-        the lock goes. (If the rename fails, the claim stays EXTRACTED.)"""
+    def commit(self, final: Path, move: Callable[[Path, Path], None]) -> None:
+        """EXTRACTED → DONE: ``move`` (the backend's commit) gives the tree its final
+        name, which makes it visible; the lock goes. (If ``move`` fails, the claim
+        stays EXTRACTED.)"""
         self._expect(ClaimState.EXTRACTED)
-        self.tree.result().rename(final)
+        self.tree.result().commit(final, move)
         self.lock.release()
         self._done(final)
 

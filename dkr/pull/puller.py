@@ -7,13 +7,14 @@ every layer it lacks (an flock per layer, and an in-process table so that two
 images needing one layer build it once), starts all their downloads at once,
 extracts each layer as soon as its bytes arrive and its parent exists (or,
 staging ahead, inflates and checks it at once and replays it into the
-parent's snapshot later: see dkr.staging), makes it visible by rename, and
-finally makes the machine.
+parent's snapshot later: see dkr.staging), makes it visible by the backend's
+commit (a rename, for dkr's own backends), and finally makes the machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -25,7 +26,7 @@ from typing import Awaitable, Callable, Protocol
 from dkr.errors import DkrError, os_error_text
 from dkr.events import Events
 from dkr.hookspecs import StorageBackend
-from dkr.plugins import choose_backend
+from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.hosts import Hosts
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
@@ -374,7 +375,7 @@ class Puller:
                 await fill.start()
                 began = time.monotonic()
                 try:
-                    backend.create_layer(tmp, parent and parent.path)
+                    backend.create_layer(self.root.path, claim.key, tmp, parent and parent.path)
                 except BaseException:
                     await to_the_end(fill.close())
                     raise
@@ -389,7 +390,8 @@ class Puller:
                     sealed = time.monotonic()
                     if parent_committed is not None:
                         await _outcome(parent_committed)
-                    claim.claim.commit(final)
+                    claim.claim.commit(final, functools.partial(backend.commit_layer,
+                                                                self.root.path, claim.key))
                     break
                 except ResumedBlobMismatch as e:
                     self._unmake(backend, tmp, claim.key)
@@ -417,23 +419,26 @@ class Puller:
     def _unmake(self, backend: StorageBackend, tmp: Path, key: str) -> None:
         """A layer that will not be committed: its tree goes, and its record with it
         (written just before the commit), so that no record names a missing tree."""
-        backend.remove(tmp)
+        backend.remove_layer(self.root.path, key, tmp)
         (self.root.meta / "layers" / f"{key}.json").unlink(missing_ok=True)
 
     async def _remove_leftovers(self, key: str, backend: StorageBackend) -> None:
         """What an interrupted pull left of a layer we hold the lock of."""
         for leftover in self.root.leftovers(self.root.layer_path(key).name):
             log.info("Removing %s left by an interrupted pull.", leftover.name)
-            await remove_leftover(backend.remove, leftover)
+            await remove_leftover(functools.partial(backend.remove_layer, self.root.path, key),
+                                  leftover)
         remove_temps(self.root.meta / "layers", f"{key}.json")
 
     async def _seal(self, backend: StorageBackend, tree: Path, key: str, meta: dict,
                     unpacked: dict) -> None:
         """Seal and record a layer, off the event loop: both wait for its data to reach disk."""
         loop = asyncio.get_running_loop()
-        sealed = await self.extractor_pool.run_job({"seal": str(tree), "backend": backend.name})
+        sealed = await self.extractor_pool.run_job({"seal": str(tree), "backend": backend.name,
+                                                    "image_root": str(self.root.path),
+                                                    "key": key})
         if sealed.get("unknown"):     # a backend only this process knows (registered by hand)
-            await loop.run_in_executor(None, backend.seal_layer, tree)
+            await loop.run_in_executor(None, backend.seal_layer, self.root.path, key, tree)
         elif "error" in sealed:
             raise DkrError(sealed["error"])
         # To its end even when cancelled: the thread would write on regardless, after
@@ -564,14 +569,17 @@ class Puller:
             self.refuse_existing(local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 # (taken down too: a killed --force may leave one mounted)
-                await remove_leftover(lambda path: swap.take_away(backend, path), leftover)
+                # (by the backend that made it, which an earlier pull may have chosen)
+                made_by = backend_on_disk(leftover, self.root.path, default=backend)
+                await remove_leftover(functools.partial(swap.take_away, self.root, local, made_by),
+                                      leftover)
             remove_temps(self.root.meta / "machines", f"{local}.json")
             tmp = self.root.machine_tmp(local)
             try:
-                backend.create_machine(tmp, layers)
+                backend.create_machine(self.root.path, local, tmp, layers)
             except BaseException:
                 if os.path.lexists(tmp):
-                    backend.remove(tmp)
+                    backend.remove_machine(self.root.path, local, tmp)
                 raise
             # From here on the swap or placement owns tmp (after an exchange it is the old tree).
             record = {**record, "local": local, "backend": backend.name, "created": _now()}

@@ -9,8 +9,9 @@
     IMAGE_ROOT/.dkr/blobs/sha256/<hex>     manifests and configs, as fetched
     IMAGE_ROOT/.dkr/locks/                 flock(2) files
 
-Anything becomes visible only by a final rename(), so a crash leaves at
-most ``.tmp-`` entries. Every temporary entry belongs to one lock, which
+Anything becomes visible only in one final step (a rename() of records and
+blobs here; the backend's commit of a layer or machine, which is a rename()
+for dkr's own backends), so a crash leaves at most ``.tmp-`` entries. Every temporary entry belongs to one lock, which
 its writer holds from before it creates the entry until the entry is
 renamed into place or removed:
 
@@ -46,15 +47,23 @@ LAYER_PREFIX = ".dkr-"
 MACHINE_TMP_PREFIX = ".dkr-local-"
 
 
-def remove_entry(backend, path: Path) -> None:
-    """Remove a layer or machine tree (taken down already) with ``backend``'s ``remove``.
+def remove_layer_entry(backend, image_root: Path, key: str, path: Path) -> None:
+    """Remove layer ``key``'s entry at ``path`` with its backend's ``remove_layer``
+    (not while anything is mounted in it: see remove_machine_entry)."""
+    refuse_mounts_in(path)
+    backend.remove_layer(image_root, key, path)
+
+
+def remove_machine_entry(backend, image_root: Path, local: str, path: Path) -> None:
+    """Remove a tree of machine ``local`` (taken down already) with its backend's
+    ``remove_machine``.
 
     Not while anything is mounted in it (a bind mount of the host's /dev, of a
     data directory): removing a tree goes on into its mounts, and what is
     mounted there is not the machine's to lose.
     """
     refuse_mounts_in(path)
-    backend.remove(path)
+    backend.remove_machine(image_root, local, path)
 
 
 def refuse_mounts_in(path: Path) -> None:

@@ -33,23 +33,18 @@ import errno
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 
 from dkr.errors import DkrError, os_error_text
-from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
-from dkr.libc import AT_FDCWD, libc, os_error
+from dkr.libc import AT_FDCWD, libc
 from dkr.store.locks import AsyncFlock
 from dkr.plugins import backend_on_disk, backends
-from dkr.store.layout import MACHINE_TMP_PREFIX, ImageRoot, remove_entry
+from dkr.store.layout import MACHINE_TMP_PREFIX, ImageRoot, remove_machine_entry
+from dkr.treeops import exchange_paths  # noqa: F401 - (tests call it from here)
 
 log = logging.getLogger("dkr.swap")
 
-RENAME_EXCHANGE = 2
-CLONE_NEWNS = 0x20000
-MS_REC, MS_PRIVATE = 0x4000, 0x40000
-MNT_DETACH = 2
 SYS_OPEN_TREE = 428
 OPEN_TREE_CLONE = 1
 MAX_HANDLE_SZ = 128
@@ -57,63 +52,7 @@ MAX_HANDLE_SZ = 128
 READY, EXCHANGED = "ready", "exchanged"
 
 
-# --- the two system-level steps: exchange, identity ---------------------------------------
-
-def _error(what: str, path) -> OSError:
-    return os_error(what, path)
-
-
-def _rename_exchange(a: Path, b: Path) -> None:
-    if libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE):
-        raise os_error(path=b)
-
-
-def _exchange_unmounted(a: Path, b: Path) -> None:
-    """In this thread's own mount namespace: nothing mounted on ``a`` or ``b``, then swap.
-
-    Private first, so that taking the mounts away here is not passed on to the
-    namespace dkr was started in (a shared mount would be).
-    """
-    if libc.unshare(CLONE_NEWNS):
-        raise _error("cannot make a mount namespace to swap mounted machines in", b)
-    if libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None):
-        raise _error("cannot make the swap's mount namespace private", b)
-    for path in (a, b):
-        for _ in range(100):      # mounts may be stacked; EINVAL: nothing (more) mounted
-            if libc.umount2(os.fsencode(path), MNT_DETACH):
-                if ctypes.get_errno() != errno.EINVAL:
-                    raise _error("cannot unmount in the swap's mount namespace", path)
-                break
-    _rename_exchange(a, b)
-
-
-def exchange_paths(a: Path, b: Path) -> None:
-    """Atomically swap two directory entries, whatever is mounted on them: the mounts
-    go with their directories."""
-    if not (is_mount_point(a) or is_mount_point(b)):
-        _rename_exchange(a, b)
-        return
-    # A thread of its own may leave this process's mount namespace; it ends after.
-    failure: list[BaseException] = []
-
-    def swap() -> None:
-        try:
-            _exchange_unmounted(a, b)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            failure.append(e)
-    thread = threading.Thread(target=swap, name="dkr-swap")
-    thread.start()
-    interrupted = None
-    while thread.is_alive():      # an undo must not start before the rename is done or not
-        try:
-            thread.join()
-        except BaseException as e:  # noqa: BLE001 - raised once the thread is done
-            interrupted = interrupted or e
-    if interrupted is not None:
-        raise interrupted
-    if failure:
-        raise failure[0]
-
+# --- identity: whether an exchange happened ----------------------------------------------
 
 class _FileHandle(ctypes.Structure):
     _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
@@ -153,10 +92,10 @@ def tree_id(path: Path) -> str | None:
 
 # --- trees --------------------------------------------------------------------------------
 
-def take_away(backend: StorageBackend, tree: Path) -> None:
-    """Take a machine tree down and remove it (a temp or replaced one)."""
-    backend.deactivate_machine(tree)
-    remove_entry(backend, tree)
+def take_away(root: ImageRoot, local: str, backend: StorageBackend, tree: Path) -> None:
+    """Take a tree of machine ``local`` down and remove it (a temp or replaced one)."""
+    backend.deactivate_machine(root.path, local, tree)
+    remove_machine_entry(backend, root.path, local, tree)
 
 
 def place(root: ImageRoot, local: str, tmp: Path, layers: list[Path],
@@ -174,12 +113,12 @@ def place(root: ImageRoot, local: str, tmp: Path, layers: list[Path],
         stale = _read_or_none(root.meta / relative)       # (a crash may leave one)
         root.write_json(relative, record)
         written = True
-        os.rename(tmp, machine)
+        backend.commit_machine(root.path, local, tmp, machine)
         try:
-            backend.activate_machine(machine, layers)
+            backend.activate_machine(root.path, local, machine, layers)
         except BaseException:
-            backend.deactivate_machine(machine)              # in case it got that far
-            os.rename(machine, tmp)
+            backend.deactivate_machine(root.path, local, machine)    # in case it got that far
+            backend.withdraw(root.path, machine, tmp)
             raise
     except BaseException:
         try:
@@ -187,7 +126,7 @@ def place(root: ImageRoot, local: str, tmp: Path, layers: list[Path],
                 _put_back(root, relative, stale)
         finally:
             if os.path.lexists(tmp):
-                take_away(backend, tmp)
+                take_away(root, local, backend, tmp)
         raise
 
 
@@ -228,11 +167,11 @@ class MachineSwap:
         self.state = READY
         if self.old is not None:
             self._write()
-        backend.activate_machine(tmp, layers)
+        backend.activate_machine(self.root.path, self.local, tmp, layers)
 
     def exchange(self) -> None:
         """ready → exchanged: the new tree at LOCAL, the old one at ``tree``."""
-        exchange_paths(self.tree, self.machine)
+        self._new_backend().exchange_machines(self.root.path, self.local, self.tree, self.machine)
         self.state = EXCHANGED
         self._write()
 
@@ -240,7 +179,7 @@ class MachineSwap:
         """exchanged → no swap: the old tree taken down and removed. False if it could
         not be (busy, say): the journal stays, and the next recovery tries again."""
         try:
-            take_away(self._old_backend(), self.tree)
+            take_away(self.root, self.local, self._old_backend(), self.tree)
         except (DkrError, OSError) as e:
             why = os_error_text(e) if isinstance(e, OSError) else e
             log.warning("The machine that %s replaced is left at %s: %s", self.local,
@@ -253,7 +192,7 @@ class MachineSwap:
     def roll_back(self) -> None:
         """ready → no swap, the old machine untouched: the new tree taken away."""
         if self.tree is not None and os.path.lexists(self.tree):
-            take_away(self._new_backend(), self.tree)
+            take_away(self.root, self.local, self._new_backend(), self.tree)
         self.state = None
         if self.written:
             _put_back(self.root, self.relative, self.old_bytes)
@@ -274,7 +213,8 @@ class MachineSwap:
     def _undo(self) -> None:
         try:
             if self.state == EXCHANGED or self._exchanged():
-                exchange_paths(self.machine, self.tree)         # the old one back
+                self._new_backend().exchange_machines(             # the old one back
+                    self.root.path, self.local, self.tree, self.machine)
             self.roll_back()
         except BaseException as e:  # noqa: BLE001 - the first failure is the one to tell
             log.warning("Could not undo the replacement of machine %s (%s); the next "

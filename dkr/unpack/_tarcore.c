@@ -234,15 +234,16 @@ fail:;
     return saved;
 }
 
-/* classify(path) is None: not a whiteout. -1 on a Python error. */
+/* classify(path, mode, uid, gid, size) is None: not a whiteout (a resolver may
+ * look at more than the name). -1 on a Python error. */
 static int
 not_a_whiteout(PyObject *classify, const PlainFile *f)
 {
     PyObject *text = PyUnicode_DecodeUTF8(f->path, (Py_ssize_t)f->path_len, "surrogateescape");
     if (text == NULL)
         return -1;
-    PyObject *verdict = PyObject_CallOneArg(classify, text);
-    Py_DECREF(text);
+    PyObject *verdict = PyObject_CallFunction(classify, "NIIIK", text, f->mode, f->uid, f->gid,
+                                              f->size);
     if (verdict == NULL)
         return -1;
     int plain = verdict == Py_None;
@@ -252,6 +253,7 @@ not_a_whiteout(PyObject *classify, const PlainFile *f)
 
 PyDoc_STRVAR(create_plain_files_doc,
 "create_plain_files(buffer, pos, classify, added) -> (pos, created)\n\n"
+"``classify(path, mode, uid, gid, size)`` says whether a file is a whiteout.\n"
 "Create the plain regular files whose headers and bodies follow one another\n"
 "in ``buffer`` from ``pos``, relative to the current directory, as root:\n"
 "mode, owner and mtime from the header; each path goes into the set\n"

@@ -31,6 +31,7 @@ if __name__ == "__main__":                # a job started by hand: see dkr.start
     loading_modules()
 
 import argparse
+import dataclasses
 import errno
 import io
 import json
@@ -40,13 +41,14 @@ import signal
 import socket
 import stat
 import sys
+from types import MappingProxyType
 import threading
 import time
 import zlib
 from pathlib import Path
 
 from dkr.errors import DkrError
-from dkr.hookspecs import OPAQUE_XATTR
+from dkr.hookspecs import OPAQUE_XATTR, LayerMember
 from dkr.libc import libc, os_error
 from dkr.startup import modules_loaded
 from dkr.treeops import remove_tree, write_all
@@ -184,14 +186,22 @@ class Extractor:
     # --- members -------------------------------------------------------------
     def apply(self, member: Member, reader: tarstream.TarReader) -> None:
         path = normalize(member.path)
-        whiteout = self.classify(path.decode("utf-8", "surrogateescape"))
+        whiteout = self.classify.resolve(LayerMember(
+            path.decode("utf-8", "surrogateescape"), member.kind, member.mode & 0o7777,
+            member.uid, member.gid, member.size,
+            member.linkname.decode("utf-8", "surrogateescape"), member.devmajor,
+            member.devminor, MappingProxyType(member.xattrs)))
         if whiteout is not None:
             target = whiteout.target.encode("utf-8", "surrogateescape")
             if target:
                 (self.opaques if whiteout.kind == "opaque" else self.deletes).append(target or b".")
             elif whiteout.kind == "opaque":
                 self.opaques.append(b".")
-            return
+            if not whiteout.keep_member:
+                return
+            if OPAQUE_XATTR in member.xattrs:       # (how to mark it is the layer format's)
+                member = dataclasses.replace(member, xattrs={
+                    k: v for k, v in member.xattrs.items() if k != OPAQUE_XATTR})
         if path == b"." and member.kind != DIRECTORY:
             raise ExtractError(f"{member_label(member.path)}: would replace the layer root")
         self.entries += 1
@@ -510,27 +520,36 @@ def _enter_user_namespace() -> None:
         f.write(f"0 {gid} 1")
 
 
-def _load_classifier():
-    """The whiteout hook as a plain function: firstresult, in pluggy's call order.
+class _Resolver:
+    """The whiteout hook as plain functions: firstresult, in pluggy's call order.
 
     It runs once per member; going through pluggy's machinery each time cost
-    more than creating the file.
+    more than creating the file. Called with a path and the numbers of a plain
+    regular file, it is the C fast path's question (see _tarcore.c).
     """
-    from dkr.plugins import manager
-    hook = manager().hook.dkr_whiteout_classify
-    impls = [impl for impl in reversed(hook.get_hookimpls())
-             if not (impl.hookwrapper or getattr(impl, "wrapper", False))]
-    if len(impls) != len(hook.get_hookimpls()):
-        return lambda path: hook(path=path)       # wrappers need pluggy itself
-    functions = [impl.function for impl in impls]
 
-    def classify(path: str):
-        for function in functions:
-            result = function(path=path)
+    def __init__(self, hook):
+        impls = [impl for impl in reversed(hook.get_hookimpls())
+                 if not (impl.hookwrapper or getattr(impl, "wrapper", False))]
+        self.hook = hook if len(impls) != len(hook.get_hookimpls()) else None   # wrappers need pluggy
+        self.functions = [impl.function for impl in impls]
+
+    def resolve(self, member: LayerMember):
+        if self.hook is not None:
+            return self.hook(member=member)
+        for function in self.functions:
+            result = function(member=member)
             if result is not None:
                 return result
         return None
-    return classify
+
+    def __call__(self, path: str, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0):
+        return self.resolve(LayerMember(path, "file", mode & 0o7777, uid, gid, size))
+
+
+def _load_classifier() -> _Resolver:
+    from dkr.plugins import manager
+    return _Resolver(manager().hook.dkr_whiteout_resolve)
 
 
 def _open_input(spool: str | None, size: int | None, wake_fd: int | None,
@@ -680,7 +699,7 @@ def _serve(classify=None) -> dict | None:
     if "replay" in spec:
         return run_replay(spec["root"], spec["format"], spec["replay"], classify)
     if "seal" in spec:
-        return run_seal(spec["backend"], spec["seal"])
+        return run_seal(spec["backend"], spec["image_root"], spec["key"], spec["seal"])
     spool = spec.get("spool")
     if spool and "root" not in spec and "stage" not in spec:
         return run_ahead(spec["format"], spec.get("max_bytes"), spool, spec["size"], classify)
@@ -693,7 +712,7 @@ def _serve(classify=None) -> dict | None:
     return run(spec["root"], spec["format"], classify=classify, **source)
 
 
-def run_seal(backend_name: str, path: str) -> dict:
+def run_seal(backend_name: str, image_root: str, key: str, path: str) -> dict:
     """The backend's ``seal_layer``, here rather than in dkr: btrfsutil holds
     Python's GIL while btrfs commits a read-only flag (and flushes the
     layer), which would stop dkr's event loop, and every download with it."""
@@ -701,7 +720,7 @@ def run_seal(backend_name: str, path: str) -> dict:
     backend = backends().get(backend_name)
     if backend is None:
         return {"error": f"no storage backend named {backend_name!r} here", "unknown": True}
-    backend.seal_layer(Path(path))
+    backend.seal_layer(Path(image_root), key, Path(path))
     return {"sealed": path}
 
 

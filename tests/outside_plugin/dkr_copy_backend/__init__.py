@@ -15,9 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from dkr.errors import DkrError
 from dkr.hookspecs import hookimpl
-from dkr.treeops import tied
+from dkr.pluginkit import DirectoryEntries, DkrError, tied
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -30,7 +29,7 @@ def _copy(source: Path, target: Path) -> None:
         raise DkrError(f"copy backend: {lines[-1] if lines else 'cp failed'}")
 
 
-class CopyBackend:
+class CopyBackend(DirectoryEntries):   # commits: one rename(2) each
     name = "copy"
     layer_format = "stacked"        # each layer holds all of its parents' files
     auto_priority = -1              # only on request
@@ -38,28 +37,30 @@ class CopyBackend:
     def unusable_reason(self, image_root: Path) -> str | None:
         return None if shutil.which("cp") else "cp is not installed"
 
-    def create_layer(self, path: Path, parent: Path | None) -> None:
+    def create_layer(self, image_root: Path, key: str, path: Path, parent: Path | None) -> None:
         if parent is None:
             path.mkdir(mode=0o755)
         else:
             _copy(parent, path)
 
-    def seal_layer(self, path: Path) -> None:
+    def seal_layer(self, image_root: Path, key: str, path: Path) -> None:
         pass                        # plain directories cannot be made read-only as a whole
 
-    def create_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def create_machine(self, image_root: Path, local: str, path: Path,
+                       layers: Sequence[Path]) -> None:
         if layers:
             _copy(layers[-1], path)
         else:
             path.mkdir(mode=0o755)
 
-    def activate_machine(self, path: Path, layers: Sequence[Path]) -> None:
+    def activate_machine(self, image_root: Path, local: str, path: Path,
+                         layers: Sequence[Path]) -> None:
         pass                        # nothing to mount
 
-    def deactivate_machine(self, path: Path) -> None:
+    def deactivate_machine(self, image_root: Path, local: str, path: Path) -> None:
         pass
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: Path) -> None:       # layers and machines alike
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif os.path.lexists(path):
