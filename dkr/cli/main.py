@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pull)
     pull.add_argument("--backend", default="auto", help="auto, btrfs, overlay, dir or a plugin's")
     pull.add_argument("--force", action="store_true",
-                      help="replace an existing machine, in one step: its path never shows "
-                           "an empty or half tree")
+                      help="replace a machine that holds another image, "
+                           "discarding changes made in it, in one step: its path never shows "
+                           "an empty or half tree. Without it, a machine that already holds "
+                           "the image is left as it is (exit 0), one that holds another is "
+                           "an error. A tree dkr did not make is never replaced")
     pull.add_argument("--platform", type=_platform_arg, help="OS/ARCH[/VARIANT] to pick from an index")
     pull.add_argument("--insecure", action="store_true",
                       help="allow plain HTTP and unverified TLS for this registry")

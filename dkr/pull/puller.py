@@ -41,7 +41,7 @@ from dkr.transport.job import TransferOptions
 from dkr.transport.trust import trusted_pem
 from dkr.treeops import remove_tree
 from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
-from dkr.store import swap
+from dkr.store import machines, swap
 
 log = logging.getLogger("dkr.pull")
 
@@ -164,9 +164,18 @@ class Puller:
         return client
 
     def refuse_existing(self, local: str) -> None:
-        if os.path.lexists(self.root.machine_path(local)) and not self.options.force:
-            raise DkrError(f"machine {local!r} already exists in {self.root.path} "
-                           "(use --force to replace it)")
+        """Before anything is fetched: a DkrError if LOCAL is a name dkr may not use.
+        (Whether a machine of dkr's is replaced is told once the digest is known.)"""
+        machines.refuse_foreign(self.root, local)
+
+    def up_to_date(self, local: str, digest: str, backend: StorageBackend) -> bool:
+        """True (and says so) if machine ``local`` holds image ``digest`` already;
+        a DkrError if it holds another one and --force was not given."""
+        if not machines.up_to_date(self.root, local, digest, backend.name, self.options.force):
+            return False
+        self.events.emit("up-to-date", local=local, digest=digest,
+                         path=str(self.root.machine_path(local)))
+        return True
 
     # --- one image ---------------------------------------------------------------
     async def pull(self, ref: Reference, local: str) -> PullResult:
@@ -180,6 +189,8 @@ class Puller:
                          platform=plan.platform, layers=len(plan.layers))
         result = PullResult(str(ref), local, plan.manifest_digest,
                             chain=[layer.chain_id for layer in plan.layers])
+        if self.up_to_date(local, plan.manifest_digest, backend):
+            return self.finish(result, started, up_to_date=True)
         paths = await self._layers(client, plan, backend, result)
         await self.save_blob(plan.manifest_digest, plan.manifest)
         await self.save_blob(plan.config_digest, plan.config)
@@ -189,7 +200,7 @@ class Puller:
             "layers": [digest_hex(layer.chain_id) for layer in plan.layers]})
         return self.finish(result, started)
 
-    def finish(self, result: PullResult, started: float) -> PullResult:
+    def finish(self, result: PullResult, started: float, up_to_date: bool = False) -> PullResult:
         """Say what a finished pull did, including what it could not apply."""
         result.seconds = time.monotonic() - started
         if result.recorded_stats or result.device_stand_ins:
@@ -203,7 +214,8 @@ class Puller:
                         "here and were left out.", result.skipped_xattrs)
         self.events.emit("done", reference=result.reference, local=result.local,
                          seconds=result.seconds, fetched=result.layers_fetched,
-                         reused=result.layers_reused, bytes=result.bytes_fetched)
+                         reused=result.layers_reused, bytes=result.bytes_fetched,
+                         up_to_date=up_to_date)
         return result
 
     async def _layers(self, client: RegistryClient, plan: ImagePlan, backend: StorageBackend,
@@ -539,7 +551,9 @@ class Puller:
             if not swap.recover(self.root, local) and self.options.force:
                 raise DkrError(f"machine {local}: the machine an earlier pull replaced is "
                                "still in use (see the warning); stop what runs in it first")
-            self.refuse_existing(local)
+            if self.up_to_date(local, machines.image_digest(record), backend):
+                return            # another pull made it meanwhile
+            replaced = machines.held(self.root, local)
             for leftover in self.root.leftovers(f".dkr-local-{local}"):
                 # (taken down too: a killed --force may leave one mounted)
                 await remove_leftover(lambda path: swap.take_away(backend, path), leftover)
@@ -558,7 +572,9 @@ class Puller:
             else:
                 swap.place(self.root, local, tmp, layers, backend, record)
         self.events.emit("machine", local=local, path=str(machine),
-                         seconds=time.monotonic() - began)
+                         seconds=time.monotonic() - began,
+                         digest=machines.image_digest(record),
+                         replaced=(replaced.digest or "an unknown image") if replaced else None)
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str) -> AsyncFlock:
