@@ -8,7 +8,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc libc6-dev libbtrfsutil-dev \
     btrfs-progs tar coreutils util-linux ca-certificates openssl \
-    docker-registry skopeo umoci pigz zstd >/dev/null
+    docker-registry skopeo umoci pigz zstd systemd-container >/dev/null
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "an empty or half tree. Without it, a machine that already holds "
                            "the image is left as it is (exit 0), one that holds another is "
                            "an error. A tree dkr did not make is never replaced")
+    pull.add_argument("--no-settings", dest="settings", action="store_false",
+                      help="write no IMAGE_ROOT/LOCAL.nspawn from the image's config")
     pull.add_argument("--platform", type=_platform_arg, help="OS/ARCH[/VARIANT] to pick from an index")
     pull.add_argument("--insecure", action="store_true",
                       help="allow plain HTTP and unverified TLS for this registry")
@@ -175,7 +177,7 @@ def cmd_pull(args) -> int:
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
         credentials=args.creds, jobs=args.jobs, retries=args.retries,
         stall_timeout=args.stall_timeout, spool_limit=args.spool_limit,
-        stage_ahead=args.stage_ahead)
+        stage_ahead=args.stage_ahead, settings=args.settings)
     events, stats = _events(args)
     try:
         if args.v1 and not args.index_url:

@@ -31,6 +31,7 @@ from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH
 from dkr.store.locks import AsyncFlock
 from dkr.treeops import tree_size
 from dkr.store.swap import recover, recover_if_idle
+from dkr.store import nspawn
 
 log = logging.getLogger("dkr.manage")
 
@@ -217,7 +218,8 @@ def cmd_inspect(args) -> int:
     info = _machine(root, args.local)
     out = {"machine": info,
            "manifest": _blob_json(root, info.get("manifest_digest")),
-           "config": _blob_json(root, info.get("config_digest"))}
+           "config": _blob_json(root, info.get("config_digest")),
+           "nspawn": nspawn.read(root.path, args.local)}
     json.dump(out, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0
@@ -309,6 +311,7 @@ def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> Non
             os.rename(machine, root.machine_tmp(local))
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
         remove_temps(root.meta / "machines", f"{local}.json")
+        nspawn.remove(root.path, local)
         for tree in _trees_of(root, local):
             remove_entry(backend, tree)
 

@@ -14,6 +14,7 @@ finally makes the machine.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -41,7 +42,7 @@ from dkr.transport.job import TransferOptions
 from dkr.transport.trust import trusted_pem
 from dkr.treeops import remove_tree
 from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
-from dkr.store import machines, swap
+from dkr.store import machines, nspawn, swap
 
 log = logging.getLogger("dkr.pull")
 
@@ -59,6 +60,7 @@ class PullOptions:
     stall_timeout: int = 60
     spool_limit: int | None = 4 * 1024**3     # bytes of blobs downloaded ahead of extraction
     stage_ahead: str = "auto"     # stage stacked layers before their parent is done: always, never, auto
+    settings: bool = True         # write IMAGE_ROOT/LOCAL.nspawn from the image's config
 
 
 @dataclass
@@ -567,14 +569,40 @@ class Puller:
                 raise
             # From here on the swap or placement owns tmp (after an exchange it is the old tree).
             record = {**record, "local": local, "backend": backend.name, "created": _now()}
-            if os.path.lexists(machine):
-                swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
-            else:
-                swap.place(self.root, local, tmp, layers, backend, record)
+            settings = self._settings(local, record)
+            try:
+                if os.path.lexists(machine):
+                    swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
+                else:
+                    swap.place(self.root, local, tmp, layers, backend, record)
+            except BaseException:
+                nspawn.discard(settings)
+                raise
+            if not nspawn.put(self.root.path, local, settings):
+                log.warning("%s was not written by dkr: left as it is, without the image's "
+                            "settings.", nspawn.settings_path(self.root.path, local))
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began,
                          digest=machines.image_digest(record),
                          replaced=(replaced.digest or "an unknown image") if replaced else None)
+
+    def _settings(self, local: str, record: dict):
+        """LOCAL.nspawn from the image's config, prepared to go in place with the
+        machine (None: the machine gets none); what does not reach nspawn is said."""
+        nspawn.remove_leftovers(self.root.path, local)
+        config = self.root.read_blob(record.get("config_digest") or "") \
+            if record.get("config_digest") else None
+        if not self.options.settings or config is None:
+            return None
+        try:
+            text, warnings = nspawn.settings(json.loads(config))
+        except (ValueError, AttributeError):
+            log.warning("Machine %s: the image's config is no JSON object; no %s.nspawn "
+                        "written.", local, local)
+            return None
+        for warning in warnings:
+            log.warning("Machine %s: %s.", local, warning)
+        return nspawn.prepare(self.root.path, local, text)
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str) -> AsyncFlock:
