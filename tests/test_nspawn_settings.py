@@ -139,8 +139,15 @@ def test_a_settings_file_dkr_did_not_write_is_kept(registry, pushed, image_root)
 def test_nspawn_runs_the_image_as_it_says(registry, pushed, image_root, backend):
     assert_ok(pull(registry, "nspawn/settings", image_root, "--backend", backend, local="app"))
     machine = image_root / "app"
-    proc = nspawn(machine)
-    out, err = proc.communicate(timeout=120)
+    try:
+        proc = nspawn(machine)
+        out, err = proc.communicate(timeout=120)
+        _check_what_it_saw(proc, out, err, machine)
+    finally:
+        assert_ok(run_dkr("remove", "--image-root", image_root, "app"))
+
+
+def _check_what_it_saw(proc, out, err, machine):
     assert proc.returncode == 0, (out, err)
     env = (machine / "out" / "env").read_bytes().decode().split("\0")[:-1]
     for entry in ENV:
