@@ -32,7 +32,9 @@ def os_layer(extra=()) -> Layer:
         for i in range(1, len(parts)):
             dirs.add("/".join(parts[:i]))
         entries.append(File(path.strip("/"), Path(real).read_bytes(), mode=0o755))
-    dirs |= {"etc", "out", "srv", "srv/work dir"}
+    # (what nspawn mounts on must be there for --read-only)
+    dirs |= {"etc", "out", "srv", "srv/work dir", "dev", "proc", "sys", "run", "tmp", "var",
+             "var/tmp", "root"}
     return Layer([*(Dir(d, mode=0o1777 if d == "out" else 0o755) for d in sorted(dirs)),
                   *entries,
                   File("etc/os-release", b"ID=dkrtest\n"),

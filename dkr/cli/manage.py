@@ -32,6 +32,7 @@ from dkr.store.locks import AsyncFlock
 from dkr.treeops import tree_size
 from dkr.store.swap import recover, recover_if_idle
 from dkr.store import nspawn
+from dkr.store.imagelock import ImageInUse, ImageLock
 
 log = logging.getLogger("dkr.manage")
 
@@ -235,6 +236,8 @@ def cmd_remove(args) -> int:
         plan = [(local, *_machine_to_remove(root, local)) for local in names]
         for local in names:
             _machine_lock(root, local, stack)
+        for local in names:       # systemd's locks: nothing runs in it, nothing starts
+            stack.enter_context(ImageLock(root.machine_path(local), f"machine {local}", local))
         if any(_recover(root, local) for local in names):    # the record may say otherwise now
             plan = [(local, *_machine_to_remove(root, local)) for local in names]
         taken_down = _deactivate_all(root, plan)
@@ -544,6 +547,11 @@ class _Collector:
             path = self.root.layer_path(key)
             # A pull may have made a machine of it since the first look.
             if key in self.needed_layers() or not os.path.lexists(path):
+                return
+            try:            # (systemd-nspawn -D .dkr-KEY, say)
+                stack.enter_context(ImageLock(path, f"layer {key[:12]}"))
+            except ImageInUse as e:
+                log.warning("%s; keeping it.", str(e).removesuffix(": stop it first"))
                 return
             size = self._layer_size(key, path)
             if not self.dry_run:

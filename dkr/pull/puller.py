@@ -42,7 +42,7 @@ from dkr.transport.job import TransferOptions
 from dkr.transport.trust import trusted_pem
 from dkr.treeops import remove_tree
 from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
-from dkr.store import machines, nspawn, swap
+from dkr.store import imagelock, machines, nspawn, swap
 
 log = logging.getLogger("dkr.pull")
 
@@ -169,6 +169,8 @@ class Puller:
         """Before anything is fetched: a DkrError if LOCAL is a name dkr may not use.
         (Whether a machine of dkr's is replaced is told once the digest is known.)"""
         machines.refuse_foreign(self.root, local)
+        if self.options.force and os.path.lexists(self.root.machine_path(local)):
+            imagelock.check_not_in_use(self.root.machine_path(local), f"machine {local}", local)
 
     def up_to_date(self, local: str, digest: str, backend: StorageBackend) -> bool:
         """True (and says so) if machine ``local`` holds image ``digest`` already;
@@ -556,35 +558,43 @@ class Puller:
             if self.up_to_date(local, machines.image_digest(record), backend):
                 return            # another pull made it meanwhile
             replaced = machines.held(self.root, local)
-            for leftover in self.root.leftovers(f".dkr-local-{local}"):
-                # (taken down too: a killed --force may leave one mounted)
-                await remove_leftover(lambda path: swap.take_away(backend, path), leftover)
-            remove_temps(self.root.meta / "machines", f"{local}.json")
-            tmp = self.root.machine_tmp(local)
-            try:
-                backend.create_machine(tmp, layers)
-            except BaseException:
-                if os.path.lexists(tmp):
-                    backend.remove(tmp)
-                raise
-            # From here on the swap or placement owns tmp (after an exchange it is the old tree).
-            record = {**record, "local": local, "backend": backend.name, "created": _now()}
-            settings = self._settings(local, record)
-            try:
-                if os.path.lexists(machine):
-                    swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
-                else:
-                    swap.place(self.root, local, tmp, layers, backend, record)
-            except BaseException:
-                nspawn.discard(settings)
-                raise
-            if not nspawn.put(self.root.path, local, settings):
-                log.warning("%s was not written by dkr: left as it is, without the image's "
-                            "settings.", nspawn.settings_path(self.root.path, local))
+            # systemd's locks, until the machine is in place: nspawn cannot start on
+            # it half replaced, and one running in it keeps it.
+            with imagelock.ImageLock(machine, f"machine {local}", local):
+                await self._place_machine(local, layers, backend, record)
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began,
                          digest=machines.image_digest(record),
                          replaced=(replaced.digest or "an unknown image") if replaced else None)
+
+    async def _place_machine(self, local: str, layers: list[Path], backend: StorageBackend,
+                             record: dict) -> None:
+        machine = self.root.machine_path(local)
+        for leftover in self.root.leftovers(f".dkr-local-{local}"):
+            # (taken down too: a killed --force may leave one mounted)
+            await remove_leftover(lambda path: swap.take_away(backend, path), leftover)
+        remove_temps(self.root.meta / "machines", f"{local}.json")
+        tmp = self.root.machine_tmp(local)
+        try:
+            backend.create_machine(tmp, layers)
+        except BaseException:
+            if os.path.lexists(tmp):
+                backend.remove(tmp)
+            raise
+        # From here on the swap or placement owns tmp (after an exchange it is the old tree).
+        record.update(local=local, backend=backend.name, created=_now())
+        settings = self._settings(local, record)
+        try:
+            if os.path.lexists(machine):
+                swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
+            else:
+                swap.place(self.root, local, tmp, layers, backend, record)
+        except BaseException:
+            nspawn.discard(settings)
+            raise
+        if not nspawn.put(self.root.path, local, settings):
+            log.warning("%s was not written by dkr: left as it is, without the image's "
+                        "settings.", nspawn.settings_path(self.root.path, local))
 
     def _settings(self, local: str, record: dict):
         """LOCAL.nspawn from the image's config, prepared to go in place with the
