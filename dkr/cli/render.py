@@ -33,7 +33,8 @@ _LINES: dict[str, Callable[[dict], str]] = {
     "layer-done": lambda f: (f"Layer {_short(f['chain_id'])} committed "
                              f"({_mb(f['size'])} → {_mb(f['tar_bytes'])} unpacked)."),
     "machine": lambda f: (
-        f"Replaced machine {f['local']} ({f['replaced']} → {f['digest']}) in {f['path']}."
+        f"Replaced machine {f['local']} ({f['replaced']} → {f['digest']}) in {f['path']}"
+        + ("; the changes made in it are discarded." if f.get("discarded") else ".")
         if f.get("replaced") else f"Created machine {f['local']} in {f['path']}."),
     "up-to-date": lambda f: f"Machine {f['local']} is up to date ({f['digest']}).",
     # (an image found up to date said so already)

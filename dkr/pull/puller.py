@@ -42,7 +42,7 @@ from dkr.transport.job import TransferOptions
 from dkr.transport.trust import trusted_pem
 from dkr.treeops import remove_tree
 from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
-from dkr.store import imagelock, machines, nspawn, swap
+from dkr.store import changes, imagelock, machines, nspawn, swap
 
 log = logging.getLogger("dkr.pull")
 
@@ -561,11 +561,26 @@ class Puller:
             # systemd's locks, until the machine is in place: nspawn cannot start on
             # it half replaced, and one running in it keeps it.
             with imagelock.ImageLock(machine, f"machine {local}", local):
+                discarded = self._changes_to_discard(local, replaced)
                 await self._place_machine(local, layers, backend, record)
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began,
                          digest=machines.image_digest(record),
-                         replaced=(replaced.digest or "an unknown image") if replaced else None)
+                         replaced=(replaced.digest or "an unknown image") if replaced else None,
+                         discarded=discarded)
+
+    def _changes_to_discard(self, local: str, replaced: machines.Held | None) -> bool:
+        """Warn, before --force replaces machine ``local``, of the changes made in it."""
+        if replaced is None:
+            return False
+        found = changes.changed_paths(self.root.path, local, replaced.record or {})
+        if found:
+            log.warning("Machine %s was changed since it was made (%s); replacing it "
+                        "discards those changes.", local, changes.describe(found))
+        elif found is None:
+            log.warning("Whether machine %s was changed since it was made cannot be told; "
+                        "replacing it discards any changes.", local)
+        return bool(found)
 
     async def _place_machine(self, local: str, layers: list[Path], backend: StorageBackend,
                              record: dict) -> None:
@@ -582,7 +597,9 @@ class Puller:
                 backend.remove(tmp)
             raise
         # From here on the swap or placement owns tmp (after an exchange it is the old tree).
-        record.update(local=local, backend=backend.name, created=_now())
+        # ("made": what changed in the tree after it is a change of the user's, see
+        # dkr.store.changes)
+        record.update(local=local, backend=backend.name, created=_now(), made=time.time())
         settings = self._settings(local, record)
         try:
             if os.path.lexists(machine):
