@@ -12,4 +12,16 @@ apt-get install -y -qq --no-install-recommends \
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# The boot unit that mounts overlay machines again after a reboot, naming this dkr.
+units=/etc/systemd/system
+mkdir -p "$units/systemd-nspawn@.service.d"
+sed "s|^ExecStart=/usr/local/bin/dkr |ExecStart=$(pwd)/.venv/bin/dkr |" \
+    dkr/data/dkr-mount.service > "$units/dkr-mount.service"
+cp dkr/data/systemd-nspawn@.service.d-dkr-mount.conf "$units/systemd-nspawn@.service.d/dkr-mount.conf"
+if [ -d /run/systemd/system ]; then       # (systemd runs this system)
+    systemctl daemon-reload && systemctl enable dkr-mount.service
+else
+    mkdir -p "$units/machines.target.wants"
+    ln -sf ../dkr-mount.service "$units/machines.target.wants/dkr-mount.service"
+fi
 echo "dkr installed: $(.venv/bin/dkr --version)"

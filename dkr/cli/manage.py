@@ -31,7 +31,7 @@ from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH
 from dkr.store.locks import AsyncFlock
 from dkr.treeops import tree_size
 from dkr.store.swap import recover, recover_if_idle
-from dkr.store import nspawn
+from dkr.store import machines, nspawn
 from dkr.store.imagelock import ImageInUse, ImageLock
 
 log = logging.getLogger("dkr.manage")
@@ -185,17 +185,24 @@ def cmd_list(args) -> int:
         for local, info in root.machine_records():
             if isinstance(info, dict) and "swap" in info:     # left by a pull that was killed
                 recover_if_idle(root, local)
-    rows = [_summary(root, info) for info in (root.machines() if root.meta.is_dir() else [])]
+    rows = []
+    for local, info in (root.machine_records() if root.meta.is_dir() else []):
+        if isinstance(info, dict):
+            row = _summary(root, info)
+        else:
+            log.warning("%s; its machine is listed as unreadable.", info)
+            row = {"local": local, "path": str(root.machine_path(local)), "error": str(info)}
+        rows.append({**row, "state": machines.state(root, local, info)})
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    table = [("LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED")]
+    table = [("LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED", "STATE")]
     for row in rows:
-        digest = (row["digest"] or "-").split(":", 1)[-1][:12]
-        local = row["local"] + ("" if row["present"] else " (missing)")
-        table.append((local, row["reference"] or "-", digest, row["backend"] or "-",
-                      _human(row["size"]), row["created"] or "-"))
+        digest = (row.get("digest") or "-").split(":", 1)[-1][:12]
+        table.append((row["local"], row.get("reference") or "-", digest,
+                      row.get("backend") or "-", _human(row.get("size")),
+                      row.get("created") or "-", row["state"]))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dkr.errors import DkrError
+from dkr.fsinfo import is_mount_point
+from dkr.store.imagelock import local_lock_path
 from dkr.store.layout import ImageRoot
 
 # Other names under which machinectl lists an image NAME (see the docstring).
@@ -97,3 +99,46 @@ def up_to_date(root: ImageRoot, local: str, digest: str, backend: str, force: bo
     wanted = digest if found.digest != digest else f"{digest} made by backend {backend}"
     raise DkrError(f"machine {local!r} in {root.path} holds {holds}, this pull gives "
                    f"{wanted}: --force replaces the machine and discards changes made in it")
+
+
+# --- is it usable as it stands? ----------------------------------------------------------
+
+def state(root: ImageRoot, local: str, record: dict | DkrError) -> str:
+    """What ``dkr list`` says of a machine: "ready", "in use" (systemd holds its
+    image lock: nspawn runs it), or why it is not usable as it stands."""
+    if isinstance(record, DkrError):
+        return "record unreadable"
+    machine = root.machine_path(local)
+    if not os.path.lexists(machine):
+        return "tree missing"
+    if "swap" in record or record.get("swap_pending"):
+        return "being replaced"
+    if not is_mount_point(machine) and _empty_dir(machine):
+        # (an overlay machine's directory is empty until it is mounted; no image
+        # makes an empty machine)
+        return "not mounted" if record.get("backend") == "overlay" else "empty"
+    return "in use" if _lock_held(local_lock_path(machine)) else "ready"
+
+
+def _empty_dir(path: Path) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except NotADirectoryError:
+        return False
+    except OSError:
+        return False
+
+
+def _lock_held(path: Path) -> bool:
+    """Does anyone hold a lock on ``path``? (Read from /proc/locks: taking the lock
+    to see would, for a moment, keep nspawn from starting.)"""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            locks = f.read()
+    except OSError:
+        return False
+    name = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(len(fields) > 5 and fields[5] == name
+               for fields in (line.split() for line in locks.splitlines()))
