@@ -322,6 +322,7 @@ def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> Non
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
         remove_temps(root.meta / "machines", f"{local}.json")
         nspawn.remove(root.path, local)
+        nspawn.remove_leftovers(root.path, local)
         for tree in _trees_of(root, local):
             remove_entry(backend, tree)
 

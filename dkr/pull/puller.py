@@ -600,16 +600,14 @@ class Puller:
         # ("made": what changed in the tree after it is a change of the user's, see
         # dkr.store.changes)
         record.update(local=local, backend=backend.name, created=_now(), made=time.time())
-        settings = self._settings(local, record)
-        try:
-            if os.path.lexists(machine):
-                swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
-            else:
-                swap.place(self.root, local, tmp, layers, backend, record)
-        except BaseException:
-            nspawn.discard(settings)
-            raise
-        if not nspawn.put(self.root.path, local, settings):
+        if os.path.lexists(machine):
+            swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
+        else:
+            swap.place(self.root, local, tmp, layers, backend, record)
+        # Right after the tree, still under the machine's locks (nspawn cannot start
+        # meanwhile); not before it: a swap that is killed and rolled back must not
+        # leave the new image's settings beside the old machine.
+        if not nspawn.put(self.root.path, local, self._settings(local, record)):
             log.warning("%s was not written by dkr: left as it is, without the image's "
                         "settings.", nspawn.settings_path(self.root.path, local))
 
@@ -629,7 +627,12 @@ class Puller:
             return None
         for warning in warnings:
             log.warning("Machine %s: %s.", local, warning)
-        return nspawn.prepare(self.root.path, local, text)
+        try:
+            return nspawn.prepare(self.root.path, local, text)
+        except OSError as e:        # (the machine is in place: it stays, without them)
+            log.warning("Machine %s: cannot write its settings %s: %s.", local,
+                        nspawn.settings_path(self.root.path, local), os_error_text(e))
+            return None
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str) -> AsyncFlock:
