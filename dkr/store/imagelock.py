@@ -119,9 +119,16 @@ class ImageLock:
             for path in paths:
                 if path is None:
                     continue
-                if path.parent == LOCK_DIR:
-                    _make_lock_dir()
-                fd = _lock_file(path)
+                try:
+                    if path.parent == LOCK_DIR:
+                        _make_lock_dir()
+                    fd = _lock_file(path)
+                except PermissionError:
+                    if path.parent == LOCK_DIR and os.geteuid() != 0:
+                        # Without root: systemd's own locks in /run are root's, as is
+                        # nspawn; the lock beside the image is the one that counts.
+                        continue
+                    raise
                 if fd is None:
                     holder = lock_holder(path)
                     raise ImageInUse(f"{self.what} is in use{f' by {holder}' if holder else ''} "
