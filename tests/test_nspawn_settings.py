@@ -157,3 +157,12 @@ def _check_what_it_saw(proc, out, err, machine):
     assert (machine / "out" / "pwd").read_text() == "/srv/work dir\n"
     assert (machine / "out" / "uid").read_text() == "1000\n"
     assert os.stat(machine / "out" / "env").st_uid == 1000
+
+
+def test_gc_removes_settings_a_killed_pull_left(registry, pushed, image_root):
+    assert_ok(pull(registry, "nspawn/settings", image_root, "--backend", "dir", local="app"))
+    left = image_root / ".#app.nspawn.tmp-0123abcd"
+    left.write_text("half")
+    gc = assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert not left.exists(), gc.err
+    assert (image_root / "app.nspawn").read_text().startswith(HEADER)

@@ -41,6 +41,7 @@ _TMP = rf"\.tmp-[0-9a-f]{{{TMP_SUFFIX_LENGTH}}}"
 LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})" + _TMP)
 MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)" + _TMP)
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+NSPAWN_TMP_RE = re.compile(r"\.#(.+)\.nspawn" + _TMP)      # (see dkr.store.nspawn)
 # A record or blob being written: .NAME.tmp-<rand> (see dkr.store)
 RECORD_TMP_RE = re.compile(r"\.(.+)" + _TMP)
 
@@ -498,6 +499,12 @@ class _Collector:
             elif m := MACHINE_TMP_RE.fullmatch(name):
                 self.leftover(name, f"machine-{m.group(1)}", self.fallback_backend(),
                               machine=m.group(1))
+            elif m := NSPAWN_TMP_RE.fullmatch(name):    # a machine's settings, half written
+                with ExitStack() as stack:
+                    if _try_flock_into(self.root, f"machine-{m.group(1)}", stack):
+                        if not self.dry_run:
+                            (self.root.path / name).unlink(missing_ok=True)
+                        self.report("temporary file", name, 0)
         self.temporary_files()
         self.layer_records()
         self.blobs()

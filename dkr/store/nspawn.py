@@ -207,7 +207,7 @@ def remove_leftovers(root_path: Path, local: str) -> None:
 
 def prepare(root_path: Path, local: str, text: str) -> Path:
     """``text`` written and synced under a temp name beside the machine, for ``put``."""
-    tmp = root_path / f"{_temp_prefix(local)}{secrets.token_hex(4)}"
+    tmp = root_path / f"{_temp_prefix(local)}{secrets.token_hex(4)}"     # (gc knows the form)
     try:
         with open(tmp, "x") as f:
             f.write(text)
