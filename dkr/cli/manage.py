@@ -88,6 +88,7 @@ def _machine(root: ImageRoot, local: str) -> dict:
     validate_existing_machine_name(local)
     info = root.machine_info(local) if root.meta.is_dir() else None
     if info is None:
+        machines.refuse_foreign(root, local)      # (a tree of someone else's: say so)
         raise DkrError(f"no machine {local!r} in {root.path}")
     return info
 
