@@ -170,7 +170,16 @@ class Puller:
         (Whether a machine of dkr's is replaced is told once the digest is known.)"""
         machines.refuse_foreign(self.root, local)
         if self.options.force and os.path.lexists(self.root.machine_path(local)):
-            imagelock.check_not_in_use(self.root.machine_path(local), f"machine {local}", local)
+            # Early, before any download: a machine that nspawn runs is refused anyway
+            # (see make_machine). Not while another dkr works on it: its locks are
+            # no sign of use, and make_machine waits for it.
+            busy = self._locked(f"machine-{local}", "")
+            if busy.try_acquire():
+                try:
+                    imagelock.check_not_in_use(self.root.machine_path(local),
+                                               f"machine {local}", local)
+                finally:
+                    busy.release()
 
     def up_to_date(self, local: str, digest: str, backend: StorageBackend) -> bool:
         """True (and says so) if machine ``local`` holds image ``digest`` already;
