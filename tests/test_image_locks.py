@@ -5,8 +5,6 @@ on a machine while dkr replaces it (dkr takes the same OFD locks as systemd)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 from helpers import assert_clean_failure, assert_ok, pull, run_dkr
