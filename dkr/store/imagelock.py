@@ -38,6 +38,11 @@ from dkr.errors import DkrError
 
 LOCK_DIR = Path("/run/systemd/nspawn/locks")
 
+# Where machined finds machine images (systemd's image search path): its name
+# locks are for one name space over all of them, and for no other directory.
+MACHINE_SEARCH_PATH = ("/etc/machines", "/run/machines", "/var/lib/machines",
+                       "/var/lib/container", "/usr/local/lib/machines", "/usr/lib/machines")
+
 # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
 _FLOCK = "hhqqi4x"
 
@@ -101,7 +106,8 @@ def name_lock_path(name: str) -> Path:
 
 
 class ImageLock:
-    """systemd's locks of image ``tree`` (and of its name), held exclusively.
+    """systemd's locks of image ``tree`` (and of its name, where machined finds it by
+    name: a machine of another image root may have the same name), held exclusively.
 
     ``what`` names the image in the error: "machine app", "layer 0123abcd".
     """
@@ -113,8 +119,9 @@ class ImageLock:
         self._held: list[tuple[Path, int]] = []
 
     def acquire(self) -> None:
+        by_name = self.name and os.path.realpath(self.tree.parent) in MACHINE_SEARCH_PATH
         paths = [local_lock_path(self.tree), global_lock_path(self.tree),
-                 name_lock_path(self.name) if self.name else None]
+                 name_lock_path(self.name) if by_name else None]
         try:
             for path in paths:
                 if path is None:
