@@ -8,7 +8,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev gcc libc6-dev libbtrfsutil-dev \
     btrfs-progs tar coreutils util-linux ca-certificates openssl \
-    docker-registry skopeo umoci pigz zstd gnupg podman erofs-utils >/dev/null
+    docker-registry skopeo umoci pigz zstd gnupg podman erofs-utils systemd-container >/dev/null
 # dkr obeys the host's containers-policy.json(5) as podman does, and refuses to
 # pull without one: give a host that has none Debian's default (accept anything).
 if [ ! -e /etc/containers/policy.json ]; then
@@ -19,4 +19,16 @@ fi
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# The boot unit that mounts overlay machines again after a reboot, naming this dkr.
+units=/etc/systemd/system
+mkdir -p "$units/systemd-nspawn@.service.d"
+sed "s|^ExecStart=/usr/local/bin/dkr |ExecStart=$(pwd)/.venv/bin/dkr |" \
+    dkr/data/dkr-mount.service > "$units/dkr-mount.service"
+cp dkr/data/systemd-nspawn@.service.d-dkr-mount.conf "$units/systemd-nspawn@.service.d/dkr-mount.conf"
+if [ -d /run/systemd/system ]; then       # (systemd runs this system)
+    systemctl daemon-reload && systemctl enable dkr-mount.service
+else
+    mkdir -p "$units/machines.target.wants"
+    ln -sf ../dkr-mount.service "$units/machines.target.wants/dkr-mount.service"
+fi
 echo "dkr installed: $(.venv/bin/dkr --version)"

@@ -80,17 +80,18 @@ def pull_dir(registry, repo, root, local=None):
 def test_list_and_inspect(registry, pushed, populated):
     image_root = populated
     table = assert_ok(dkr(image_root, "list")).out.splitlines()
-    assert table[0].split() == ["LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED"]
+    assert table[0].split() == ["LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED",
+                                "STATE"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
     assert sorted(rows) == ["box", "first"]
     assert rows["box"][1] == f"{registry.host}/manage/sample:latest"
     assert rows["box"][2] == pushed["sample"].manifest_digest.split(":")[1][:12]
-    assert rows["box"][3] == "dir"
+    assert rows["box"][3] == "dir" and rows["box"][-1] == "ready"
 
     listed = {m["local"]: m for m in json.loads(assert_ok(dkr(image_root, "list", "--json")).out)}
     box = listed["box"]
     assert box["digest"] == pushed["sample"].manifest_digest
-    assert box["backend"] == "dir" and box["present"] is True
+    assert box["backend"] == "dir" and box["present"] is True and box["state"] == "ready"
     assert box["size"] == sum(len(layer.tar) for layer in pushed["sample"].layers)
     assert box["created"].endswith("Z")
 
@@ -145,7 +146,7 @@ def test_a_pull_whose_event_reader_left_still_says_why_it_failed(registry, image
 
 def test_list_of_an_empty_or_missing_root(image_root):
     assert assert_ok(dkr(image_root, "list")).out.split() == [
-        "LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED"]
+        "LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED", "STATE"]
     assert json.loads(assert_ok(dkr(image_root, "list", "--json")).out) == []
     assert_ok(dkr(image_root, "gc"))
     assert not image_root.exists()            # read-only commands create nothing
@@ -165,7 +166,10 @@ def test_a_record_that_is_not_an_object_is_skipped_and_named(image_root):
     records.mkdir(parents=True)
     (records / "odd.json").write_text("[1]")
     listed = assert_ok(dkr(image_root, "list"))
-    assert re.search(r"unreadable metadata .*odd\.json: not a JSON object; skipped", listed.err)
+    assert re.search(r"unreadable metadata .*odd\.json: not a JSON object; its machine is "
+                     r"listed as unreadable", listed.err)
+    assert listed.out.splitlines()[1].split()[0] == "odd"
+    assert listed.out.splitlines()[1].endswith("record unreadable")
     failed = dkr(image_root, "inspect", "odd")
     assert_clean_failure(failed, image_root, r"unreadable metadata .*odd\.json: not a JSON")
     assert (records / "odd.json").read_text() == "[1]"

@@ -282,7 +282,9 @@ def test_existing_machine_needs_force(registry, image_root):
     images.push_image(registry, "force/img", "latest",
                       Image([Layer([File("version", b"2")])]))
     refused = pull(registry, "force/img", image_root, "--backend", "dir")
-    assert_clean_failure(refused, image_root, r"machine 'img' already exists.*--force")
+    assert_clean_failure(refused, image_root,
+                         r"machine 'img' in .* holds sha256:\w+, this pull gives sha256:\w+: "
+                         r"--force replaces the machine and discards changes made in it")
     assert (image_root / "img" / "version").read_bytes() == b"1"
     assert_ok(pull(registry, "force/img", image_root, "--backend", "dir", "--force"))
     assert (image_root / "img" / "version").read_bytes() == b"2"

@@ -187,7 +187,7 @@ def _check_machines(root: Path, allowed: dict[str, set[str]], oracle: dict) -> N
     """Every machine present is whole, and one of the images it may come from."""
     records = root / ".dkr" / "machines"
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name.endswith(".nspawn"):   # (its settings)
             continue
         record = json.loads((records / f"{entry.name}.json").read_text())
         repo = record["reference"].split("/", 1)[1].rsplit(":", 1)[0]
@@ -267,7 +267,8 @@ def _again(op: Op, root: Path, host: str, backend: str) -> list:
 
 
 def _teardown_round(root: Path) -> None:
-    machines = [p.name for p in root.iterdir() if not p.name.startswith(".")]
+    machines = [p.name for p in root.iterdir()
+                if not p.name.startswith(".") and not p.name.endswith(".nspawn")]
     if machines:
         run = run_dkr("remove", "--image-root", root, *machines)
         assert run.rc == 0, run.err

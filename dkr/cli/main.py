@@ -82,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pull)
     pull.add_argument("--backend", default="auto", help="auto, btrfs, overlay, dir or a plugin's")
     pull.add_argument("--force", action="store_true",
-                      help="replace an existing machine, in one step: its path never shows "
-                           "an empty or half tree")
+                      help="replace a machine that holds another image, "
+                           "discarding changes made in it, in one step: its path never shows "
+                           "an empty or half tree. Without it, a machine that already holds "
+                           "the image is left as it is (exit 0), one that holds another is "
+                           "an error. A tree dkr did not make is never replaced")
+    pull.add_argument("--no-settings", dest="settings", action="store_false",
+                      help="write no IMAGE_ROOT/LOCAL.nspawn from the image's config")
     pull.add_argument("--platform", type=_platform_arg, help="OS/ARCH[/VARIANT] to pick from an index")
     pull.add_argument("--insecure", action="store_true",
                       help="allow plain HTTP and unverified TLS for this registry")
@@ -188,7 +193,8 @@ def cmd_pull(args) -> int:
         stall_timeout=args.stall_timeout, spool_limit=args.spool_limit,
         stage_ahead=args.stage_ahead, registries_conf=args.registries_conf,
         cert_dir=args.cert_dir, choose=_chooser(),
-        signature_policy=args.signature_policy, registries_d=args.registries_d)
+        signature_policy=args.signature_policy, registries_d=args.registries_d,
+        settings=args.settings)
     events, stats = _events(args)
     try:
         if args.v1 and not args.index_url:

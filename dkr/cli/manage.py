@@ -31,6 +31,8 @@ from dkr.store.layout import LAYER_PREFIX, MACHINE_TMP_PREFIX, TMP_SUFFIX_LENGTH
 from dkr.store.locks import AsyncFlock
 from dkr.treeops import tree_size
 from dkr.store.swap import recover, recover_if_idle
+from dkr.store import machines, nspawn
+from dkr.store.imagelock import ImageInUse, ImageLock
 
 log = logging.getLogger("dkr.manage")
 
@@ -39,6 +41,7 @@ _TMP = rf"\.tmp-[0-9a-f]{{{TMP_SUFFIX_LENGTH}}}"
 LAYER_TMP_RE = re.compile(re.escape(LAYER_PREFIX) + r"((?:v1-)?[0-9a-f]{1,128})" + _TMP)
 MACHINE_TMP_RE = re.compile(re.escape(MACHINE_TMP_PREFIX) + r"(.+)" + _TMP)
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+NSPAWN_TMP_RE = re.compile(r"\.#(.+)\.nspawn" + _TMP)      # (see dkr.store.nspawn)
 # A record or blob being written: .NAME.tmp-<rand> (see dkr.store)
 RECORD_TMP_RE = re.compile(r"\.(.+)" + _TMP)
 
@@ -85,6 +88,7 @@ def _machine(root: ImageRoot, local: str) -> dict:
     validate_existing_machine_name(local)
     info = root.machine_info(local) if root.meta.is_dir() else None
     if info is None:
+        machines.refuse_foreign(root, local)      # (a tree of someone else's: say so)
         raise DkrError(f"no machine {local!r} in {root.path}")
     return info
 
@@ -183,17 +187,24 @@ def cmd_list(args) -> int:
         for local, info in root.machine_records():
             if isinstance(info, dict) and "swap" in info:     # left by a pull that was killed
                 recover_if_idle(root, local)
-    rows = [_summary(root, info) for info in (root.machines() if root.meta.is_dir() else [])]
+    rows = []
+    for local, info in (root.machine_records() if root.meta.is_dir() else []):
+        if isinstance(info, dict):
+            row = _summary(root, info)
+        else:
+            log.warning("%s; its machine is listed as unreadable.", info)
+            row = {"local": local, "path": str(root.machine_path(local)), "error": str(info)}
+        rows.append({**row, "state": machines.state(root, local, info)})
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    table = [("LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED")]
+    table = [("LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED", "STATE")]
     for row in rows:
-        digest = (row["digest"] or "-").split(":", 1)[-1][:12]
-        local = row["local"] + ("" if row["present"] else " (missing)")
-        table.append((local, row["reference"] or "-", digest, row["backend"] or "-",
-                      _human(row["size"]), row["created"] or "-"))
+        digest = (row.get("digest") or "-").split(":", 1)[-1][:12]
+        table.append((row["local"], row.get("reference") or "-", digest,
+                      row.get("backend") or "-", _human(row.get("size")),
+                      row.get("created") or "-", row["state"]))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -217,7 +228,8 @@ def cmd_inspect(args) -> int:
     info = _machine(root, args.local)
     out = {"machine": info,
            "manifest": _blob_json(root, info.get("manifest_digest")),
-           "config": _blob_json(root, info.get("config_digest"))}
+           "config": _blob_json(root, info.get("config_digest")),
+           "nspawn": nspawn.read(root.path, args.local)}
     json.dump(out, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0
@@ -233,6 +245,8 @@ def cmd_remove(args) -> int:
         plan = [(local, *_machine_to_remove(root, local)) for local in names]
         for local in names:
             _machine_lock(root, local, stack)
+        for local in names:       # systemd's locks: nothing runs in it, nothing starts
+            stack.enter_context(ImageLock(root.machine_path(local), f"machine {local}", local))
         if any(_recover(root, local) for local in names):    # the record may say otherwise now
             plan = [(local, *_machine_to_remove(root, local)) for local in names]
         taken_down = _deactivate_all(root, plan)
@@ -310,6 +324,8 @@ def _remove_machine(root: ImageRoot, local: str, backend: StorageBackend) -> Non
             backend.withdraw(root.path, machine, root.machine_tmp(local))
         (root.meta / "machines" / f"{local}.json").unlink(missing_ok=True)
         remove_temps(root.meta / "machines", f"{local}.json")
+        nspawn.remove(root.path, local)
+        nspawn.remove_leftovers(root.path, local)
         for tree in _trees_of(root, local):
             remove_machine_entry(backend, root.path, local, tree)
 
@@ -482,6 +498,12 @@ class _Collector:
                 self.leftover(name, f"machine-{m.group(1)}",
                               lambda path: backend_on_disk(path, self.root.path),
                               machine=m.group(1))
+            elif m := NSPAWN_TMP_RE.fullmatch(name):    # a machine's settings, half written
+                with ExitStack() as stack:
+                    if _try_flock_into(self.root, f"machine-{m.group(1)}", stack):
+                        if not self.dry_run:
+                            (self.root.path / name).unlink(missing_ok=True)
+                        self.report("temporary file", name, 0)
         self.temporary_files()
         self.layer_records()
         self.blobs()
@@ -539,6 +561,11 @@ class _Collector:
             path = self.root.layer_path(key)
             # A pull may have made a machine of it since the first look.
             if key in self.needed_layers() or not os.path.lexists(path):
+                return
+            try:            # (systemd-nspawn -D .dkr-KEY, say)
+                stack.enter_context(ImageLock(path, f"layer {key[:12]}"))
+            except ImageInUse as e:
+                log.warning("%s; keeping it.", str(e).removesuffix(": stop it first"))
                 return
             size = self._layer_size(key, path)
             if not self.dry_run:

@@ -32,15 +32,22 @@ _LINES: dict[str, Callable[[dict], str]] = {
                               f"{_short(f['digest'])}{_size_note(f.get('size'))}."),
     "layer-done": lambda f: (f"Layer {_short(f['chain_id'])} committed "
                              f"({_mb(f['size'])} → {_mb(f['tar_bytes'])} unpacked)."),
-    "machine": lambda f: f"Created machine {f['local']} in {f['path']}.",
-    "done": lambda f: f"Pulled {f['reference']} as {f['local']} in {f['seconds']:.2f} s.",
+    "machine": lambda f: (
+        f"Replaced machine {f['local']} ({f['replaced']} → {f['digest']}) in {f['path']}"
+        + ("; the changes made in it are discarded." if f.get("discarded") else ".")
+        if f.get("replaced") else f"Created machine {f['local']} in {f['path']}."),
+    "up-to-date": lambda f: f"Machine {f['local']} is up to date ({f['digest']}).",
+    # (an image found up to date said so already)
+    "done": lambda f: None if f.get("up_to_date") else
+    f"Pulled {f['reference']} as {f['local']} in {f['seconds']:.2f} s.",
 }
 
 
 def log_renderer(kind: str, fields: dict) -> None:
     line = _LINES.get(kind)
-    if line is not None:
-        log.info(line(fields))
+    text = line(fields) if line is not None else None
+    if text is not None:
+        log.info(text)
 
 
 class JsonRenderer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import threading
@@ -46,7 +47,7 @@ from dkr.transport.job import TransferOptions
 from dkr.transport.trust import trusted_pem
 from dkr.treeops import remove_tree
 from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
-from dkr.store import swap
+from dkr.store import changes, imagelock, machines, nspawn, swap
 
 log = logging.getLogger("dkr.pull")
 
@@ -69,6 +70,7 @@ class PullOptions:
     choose: Callable | None = None       # asks which of a short name's candidates to pull
     signature_policy: str | None = None   # policy.json (None: where podman looks)
     registries_d: str | None = None       # registries.d directory (None: where podman looks)
+    settings: bool = True         # write IMAGE_ROOT/LOCAL.nspawn from the image's config
 
 
 @dataclass
@@ -185,9 +187,29 @@ class Puller:
         return client
 
     def refuse_existing(self, local: str) -> None:
-        if os.path.lexists(self.root.machine_path(local)) and not self.options.force:
-            raise DkrError(f"machine {local!r} already exists in {self.root.path} "
-                           "(use --force to replace it)")
+        """Before anything is fetched: a DkrError if LOCAL is a name dkr may not use.
+        (Whether a machine of dkr's is replaced is told once the digest is known.)"""
+        machines.refuse_foreign(self.root, local)
+        if self.options.force and os.path.lexists(self.root.machine_path(local)):
+            # Early, before any download: a machine that nspawn runs is refused anyway
+            # (see make_machine). Not while another dkr works on it: its locks are
+            # no sign of use, and make_machine waits for it.
+            busy = self._locked(f"machine-{local}", "")
+            if busy.try_acquire():
+                try:
+                    imagelock.check_not_in_use(self.root.machine_path(local),
+                                               f"machine {local}", local)
+                finally:
+                    busy.release()
+
+    def up_to_date(self, local: str, digest: str, backend: StorageBackend) -> bool:
+        """True (and says so) if machine ``local`` holds image ``digest`` already;
+        a DkrError if it holds another one and --force was not given."""
+        if not machines.up_to_date(self.root, local, digest, backend.name, self.options.force):
+            return False
+        self.events.emit("up-to-date", local=local, digest=digest,
+                         path=str(self.root.machine_path(local)))
+        return True
 
     # --- one image ---------------------------------------------------------------
     async def pull(self, ref: Reference | str, local: str) -> PullResult:
@@ -202,6 +224,8 @@ class Puller:
                          platform=plan.platform, layers=len(plan.layers))
         result = PullResult(str(ref), local, plan.manifest_digest,
                             chain=[layer.chain_id for layer in plan.layers])
+        if self.up_to_date(local, plan.manifest_digest, backend):
+            return self.finish(result, started, up_to_date=True)
         paths = await self._layers(client, plan, backend, result)
         await self.save_blob(plan.manifest_digest, plan.manifest)
         await self.save_blob(plan.config_digest, plan.config)
@@ -212,7 +236,7 @@ class Puller:
             "accepted": accepted})
         return self.finish(result, started)
 
-    def finish(self, result: PullResult, started: float) -> PullResult:
+    def finish(self, result: PullResult, started: float, up_to_date: bool = False) -> PullResult:
         """Say what a finished pull did, including what it could not apply."""
         result.seconds = time.monotonic() - started
         if result.recorded_stats or result.device_stand_ins:
@@ -226,7 +250,8 @@ class Puller:
                         "here and were left out.", result.skipped_xattrs)
         self.events.emit("done", reference=result.reference, local=result.local,
                          seconds=result.seconds, fetched=result.layers_fetched,
-                         reused=result.layers_reused, bytes=result.bytes_fetched)
+                         reused=result.layers_reused, bytes=result.bytes_fetched,
+                         up_to_date=up_to_date)
         return result
 
     async def _layers(self, client: RegistryClient, plan: ImagePlan, backend: StorageBackend,
@@ -566,29 +591,87 @@ class Puller:
             if not swap.recover(self.root, local) and self.options.force:
                 raise DkrError(f"machine {local}: the machine an earlier pull replaced is "
                                "still in use (see the warning); stop what runs in it first")
-            self.refuse_existing(local)
-            for leftover in self.root.leftovers(f".dkr-local-{local}"):
-                # (taken down too: a killed --force may leave one mounted)
-                # (by the backend that made it, which an earlier pull may have chosen)
-                made_by = backend_on_disk(leftover, self.root.path, default=backend)
-                await remove_leftover(functools.partial(swap.take_away, self.root, local, made_by),
-                                      leftover)
-            remove_temps(self.root.meta / "machines", f"{local}.json")
-            tmp = self.root.machine_tmp(local)
-            try:
-                backend.create_machine(self.root.path, local, tmp, layers)
-            except BaseException:
-                if os.path.lexists(tmp):
-                    backend.remove_machine(self.root.path, local, tmp)
-                raise
-            # From here on the swap or placement owns tmp (after an exchange it is the old tree).
-            record = {**record, "local": local, "backend": backend.name, "created": _now()}
-            if os.path.lexists(machine):
-                swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
-            else:
-                swap.place(self.root, local, tmp, layers, backend, record)
+            if self.up_to_date(local, machines.image_digest(record), backend):
+                return            # another pull made it meanwhile
+            replaced = machines.held(self.root, local)
+            # systemd's locks, until the machine is in place: nspawn cannot start on
+            # it half replaced, and one running in it keeps it.
+            with imagelock.ImageLock(machine, f"machine {local}", local):
+                discarded = self._changes_to_discard(local, replaced)
+                await self._place_machine(local, layers, backend, record)
         self.events.emit("machine", local=local, path=str(machine),
-                         seconds=time.monotonic() - began)
+                         seconds=time.monotonic() - began,
+                         digest=machines.image_digest(record),
+                         replaced=(replaced.digest or "an unknown image") if replaced else None,
+                         discarded=discarded)
+
+    def _changes_to_discard(self, local: str, replaced: machines.Held | None) -> bool:
+        """Warn, before --force replaces machine ``local``, of the changes made in it."""
+        if replaced is None:
+            return False
+        found = changes.changed_paths(self.root.path, local, replaced.record or {})
+        if found:
+            log.warning("Machine %s was changed since it was made (%s); replacing it "
+                        "discards those changes.", local, changes.describe(found))
+        elif found is None:
+            log.warning("Whether machine %s was changed since it was made cannot be told; "
+                        "replacing it discards any changes.", local)
+        return bool(found)
+
+    async def _place_machine(self, local: str, layers: list[Path], backend: StorageBackend,
+                             record: dict) -> None:
+        machine = self.root.machine_path(local)
+        for leftover in self.root.leftovers(f".dkr-local-{local}"):
+            # (taken down too: a killed --force may leave one mounted)
+            # (by the backend that made it, which an earlier pull may have chosen)
+            made_by = backend_on_disk(leftover, self.root.path, default=backend)
+            await remove_leftover(functools.partial(swap.take_away, self.root, local, made_by),
+                                  leftover)
+        remove_temps(self.root.meta / "machines", f"{local}.json")
+        tmp = self.root.machine_tmp(local)
+        try:
+            backend.create_machine(self.root.path, local, tmp, layers)
+        except BaseException:
+            if os.path.lexists(tmp):
+                backend.remove_machine(self.root.path, local, tmp)
+            raise
+        # From here on the swap or placement owns tmp (after an exchange it is the old tree).
+        # ("made": what changed in the tree after it is a change of the user's, see
+        # dkr.store.changes)
+        record.update(local=local, backend=backend.name, created=_now(), made=time.time())
+        if os.path.lexists(machine):
+            swap.MachineSwap(self.root, local).run(tmp, layers, backend, record)
+        else:
+            swap.place(self.root, local, tmp, layers, backend, record)
+        # Right after the tree, still under the machine's locks (nspawn cannot start
+        # meanwhile); not before it: a swap that is killed and rolled back must not
+        # leave the new image's settings beside the old machine.
+        if not nspawn.put(self.root.path, local, self._settings(local, record)):
+            log.warning("%s was not written by dkr: left as it is, without the image's "
+                        "settings.", nspawn.settings_path(self.root.path, local))
+
+    def _settings(self, local: str, record: dict):
+        """LOCAL.nspawn from the image's config, prepared to go in place with the
+        machine (None: the machine gets none); what does not reach nspawn is said."""
+        nspawn.remove_leftovers(self.root.path, local)
+        config = self.root.read_blob(record.get("config_digest") or "") \
+            if record.get("config_digest") else None
+        if not self.options.settings or config is None:
+            return None
+        try:
+            text, warnings = nspawn.settings(json.loads(config))
+        except (ValueError, AttributeError):
+            log.warning("Machine %s: the image's config is no JSON object; no %s.nspawn "
+                        "written.", local, local)
+            return None
+        for warning in warnings:
+            log.warning("Machine %s: %s.", local, warning)
+        try:
+            return nspawn.prepare(self.root.path, local, text)
+        except OSError as e:        # (the machine is in place: it stays, without them)
+            log.warning("Machine %s: cannot write its settings %s: %s.", local,
+                        nspawn.settings_path(self.root.path, local), os_error_text(e))
+            return None
 
     # --- locks -----------------------------------------------------------------------
     def _locked(self, name: str, note: str) -> AsyncFlock:

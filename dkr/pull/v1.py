@@ -44,6 +44,8 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
     puller.events.emit("resolved", reference=reference, digest=image_id,
                        platform=platform_of(config), layers=len(ancestry))
     result = PullResult(reference, local, image_id, chain=list(ancestry))
+    if puller.up_to_date(local, image_id, backend):
+        return puller.finish(result, started, up_to_date=True)
     keys = [layer_key(session.registry, layer_id) for layer_id in ancestry]
 
     paths: list[Path] = []
