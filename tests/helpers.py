@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -177,3 +178,25 @@ def storage_server(registry, port: int, ssl_context=None):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def pip(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check",
+                           "--no-input", *args], capture_output=True, text=True, timeout=120)
+
+
+@contextmanager
+def example_installed(package: Path, dist: str):
+    """An example plugin package of tests/, pip-installed into this venv while the
+    block runs: from a copy that has the examples' one build backend beside it."""
+    with tempfile.TemporaryDirectory(prefix="dkr-example-") as tmp:
+        copy = Path(tmp) / package.name
+        shutil.copytree(package, copy)
+        shutil.copy(Path(__file__).parent / "example_build_backend.py", copy / "build_backend.py")
+        done = pip("install", "--no-build-isolation", "--no-deps", "--no-index", str(copy))
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        yield
+    finally:
+        removed = pip("uninstall", "--yes", dist)
+        assert removed.returncode == 0, removed.stdout + removed.stderr

@@ -11,12 +11,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from helpers import assert_ok, pull, run_dkr
+from helpers import assert_ok, example_installed, pull, run_dkr
 
 from dkr.fsinfo import mount_type, mounts_below
 from dkr.testing import images, loopfs
@@ -36,20 +35,10 @@ def need(reason: str | None) -> None:
         pytest.skip(reason)
 
 
-def _pip(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check",
-                           "--no-input", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def erofs_plugin():
-    installed = _pip("install", "--no-build-isolation", "--no-deps", "--no-index", str(PACKAGE))
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    try:
+    with example_installed(PACKAGE, DIST):
         yield "erofs"
-    finally:
-        removed = _pip("uninstall", "--yes", DIST)
-        assert removed.returncode == 0, removed.stdout + removed.stderr
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_clean_failure, assert_ok, backend_registered_by_hand, pull, run_dkr
+from helpers import (assert_clean_failure, assert_ok, backend_registered_by_hand, example_installed,
+                     pull, run_dkr)
 
 from dkr.testing import images
 from dkr.testing.images import File, Image, Layer
@@ -20,21 +19,11 @@ PACKAGE = Path(__file__).parent / "outside_plugin"
 DIST = "dkr-copy-backend"
 
 
-def _pip(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check",
-                           "--no-input", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def copy_plugin():
     """The example plugin, pip-installed into this venv for the module's tests."""
-    installed = _pip("install", "--no-build-isolation", "--no-deps", "--no-index", str(PACKAGE))
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    try:
+    with example_installed(PACKAGE, DIST):
         yield "copy"
-    finally:
-        removed = _pip("uninstall", "--yes", DIST)
-        assert removed.returncode == 0, removed.stdout + removed.stderr
 
 
 def test_pull_with_outside_backend(registry, copy_plugin, image_root, tmp_path):
@@ -218,18 +207,6 @@ def test_backends_are_asked_for_once_per_process():
     assert "dir" in plugins.backends() and len(asked) == 1
 
 
-@contextlib.contextmanager
-def installed(package: Path, dist: str):
-    """An example plugin package, pip-installed into this venv while the block runs."""
-    done = _pip("install", "--no-build-isolation", "--no-deps", "--no-index", str(package))
-    assert done.returncode == 0, done.stdout + done.stderr
-    try:
-        yield
-    finally:
-        removed = _pip("uninstall", "--yes", dist)
-        assert removed.returncode == 0, removed.stdout + removed.stderr
-
-
 @pytest.mark.parametrize("backend", ["dir", "overlay"])
 def test_an_outside_whiteout_resolver_is_asked_before_the_oci_one(registry, image_root, backend):
     """A resolver that sees the whole member: a 0/0 character device (overlayfs's own
@@ -244,7 +221,7 @@ def test_an_outside_whiteout_resolver_is_asked_before_the_oci_one(registry, imag
                Dir("o", mode=0o750, xattrs={"trusted.overlay.opaque": b"y"}),
                File("o/new", b"6")]),
     ]))
-    with installed(Path(__file__).parent / "outside_whiteouts", "dkr-chardev-whiteouts"):
+    with example_installed(Path(__file__).parent / "outside_whiteouts", "dkr-chardev-whiteouts"):
         assert_ok(pull(registry, "outside/chardev", image_root, "--backend", backend))
         try:
             machine = image_root / "chardev"

@@ -1,4 +1,4 @@
-"""A minimal PEP 517 build backend: setup.cfg's metadata and entry points into a wheel.
+"""A minimal PEP 517 build backend for the example plugins in tests/: setup.cfg into a wheel.
 
 Only what this example package needs (pure Python packages, [metadata] name,
 version, description, license, [options] packages and install_requires,
