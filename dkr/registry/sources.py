@@ -111,35 +111,19 @@ class SourceSet:
         what = what or path
         digest = path.rsplit("/", 1)[-1] if "/sha256:" in path else None
         digest = digest if digest and digest.startswith("sha256:") else None
-        candidates = self._eligible(digest)
-        for source in candidates:
-            last = source is candidates[-1]
-            try:
-                client = await self._client(source)
-                response = await client.get(self._rewrite(path, source),
-                                            scope=self._rewrite(scope, source), what=what, **kw)
-            except SourceFailed as e:
-                if last:
-                    raise DkrError(str(e)) from None
-                self._passed_over(source, what, str(e))
-                continue
-            except SinkError:
-                raise
-            except DkrError as e:
-                if last:
-                    raise
-                self._passed_over(source, what, str(e))
-                continue
+        manifest = "/manifests/" in path
+
+        async def attempt(source: PullSource, client: RegistryClient, last: bool):
+            response = await client.get(self._rewrite(path, source),
+                                        scope=self._rewrite(scope, source), what=what, **kw)
             if not last:
-                why = _problem(response, digest, "/manifests/" in path)
+                why = _problem(response, digest, manifest)
                 if why:
-                    self._passed_over(source, what, why)
-                    continue
+                    raise _PassOver(why)
             if response.status in (200, 206):       # (the last source's error is the caller's)
-                self.served(source, what, len(response.body),
-                            "manifest" if "/manifests/" in path else "blob")
+                self.served(source, what, len(response.body), "manifest" if manifest else "blob")
             return response
-        raise AssertionError("no source")       # (the last one returns or raises)
+        return await self._first_serving(digest, what, attempt)
 
     async def fetch_blob(self, digest: str, what: str,
                          fetch: Callable[[RegistryClient, str], Awaitable[int]],
@@ -148,32 +132,51 @@ class SourceSet:
         the bytes it fetched. ``written()``: how much of the blob is in the spool
         (what its readers may have seen); ``forget()`` drops what a source that
         failed handed over and no reader saw yet."""
-        candidates = self._eligible(digest)
-        for source in candidates:
-            last = source is candidates[-1]
+        async def attempt(source: PullSource, client: RegistryClient, last: bool):
             before = written()
             try:
-                client = await self._client(source)
                 size = await fetch(client, source.reference.name)
-            except SourceFailed as e:
-                if last:
-                    raise DkrError(str(e)) from None
-                self._passed_over(source, what, str(e))
-                continue
-            except SinkError:
+            except (SourceFailed, SinkError):
                 raise
             except DkrError as e:
                 if last:
                     raise
                 forget()
-                self._passed_over(source, what, str(e))
                 if written() != before or isinstance(e, ContentMismatch):
+                    self._passed_over(source, what, str(e))
                     self.state.bad.add((source.reference.host, digest))
                     raise BlobStartsOver(f"{what}: {source.label} failed while it was being "
                                          "read") from None
-                continue
+                raise _PassOver(str(e)) from None
             self.served(source, what, size, "blob")
-            return
+        await self._first_serving(digest, what, attempt)
+
+    async def _first_serving(self, digest: str | None, what: str, attempt):
+        """``attempt(source, client, last)`` for each source in turn, until one serves:
+        a source that cannot be reached, fails, or is passed over (``_PassOver``)
+        leaves the request to the next one; the last one's failure is the caller's."""
+        candidates = self._eligible(digest)
+        for source in candidates:
+            last = source is candidates[-1]
+            try:
+                return await attempt(source, await self._client(source), last)
+            except SourceFailed as e:
+                if last:
+                    raise DkrError(str(e)) from None
+                self._passed_over(source, what, str(e))
+            except (SinkError, BlobStartsOver):
+                raise
+            except _PassOver as e:
+                self._passed_over(source, what, str(e))
+            except DkrError as e:
+                if last:
+                    raise
+                self._passed_over(source, what, str(e))
+        raise AssertionError("no source")       # (the last one returns or raises)
+
+
+class _PassOver(Exception):
+    """This source's answer is not to be used (the next one is asked): why."""
 
 
 def _problem(response: Response, digest: str | None, manifest: bool) -> str | None:
