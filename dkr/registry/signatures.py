@@ -213,24 +213,25 @@ class Trust:
             self._tmp = None
 
     def policy(self) -> Policy:
-        if self._policy is None:
-            try:
-                self._policy = load_policy(policy_path(self._policy_file))
-            except PolicyError as e:
-                self._policy = e
-        if isinstance(self._policy, PolicyError):
-            raise PolicyError(str(self._policy))
-        return self._policy
+        return self._read_once("_policy", lambda: load_policy(policy_path(self._policy_file)))
 
     def registries(self) -> RegistriesD:
-        if self._dirs is None:
+        return self._read_once("_dirs",
+                               lambda: load_registries_d(default_dirs(self._registries_d)))
+
+    def _read_once(self, attribute: str, load):
+        """What ``load`` reads, once per run; a file that cannot be used gives every
+        image the same error."""
+        value = getattr(self, attribute)
+        if value is None:
             try:
-                self._dirs = load_registries_d(default_dirs(self._registries_d))
+                value = load()
             except PolicyError as e:
-                self._dirs = e
-        if isinstance(self._dirs, PolicyError):
-            raise PolicyError(str(self._dirs))
-        return self._dirs
+                value = e
+            setattr(self, attribute, value)
+        if isinstance(value, PolicyError):
+            raise PolicyError(str(value))
+        return value
 
     async def check(self, client, ref: Reference, manifest_digest: str | None) -> dict:
         """How the policy accepts the image whose (platform) manifest is
