@@ -166,3 +166,18 @@ def test_gc_removes_settings_a_killed_pull_left(registry, pushed, image_root):
     gc = assert_ok(run_dkr("gc", "--image-root", image_root))
     assert not left.exists(), gc.err
     assert (image_root / "app.nspawn").read_text().startswith(HEADER)
+
+
+def test_gc_removes_settings_whose_machine_is_gone(registry, pushed, image_root):
+    """A machine taken away without dkr (its tree and record gone): gc removes the
+    settings dkr wrote for it, never a file of the user's, nor one a machine still has."""
+    for local in ("gone", "kept"):
+        assert_ok(pull(registry, "nspawn/settings", image_root, "--backend", "dir", local=local))
+    os.rename(image_root / "gone", image_root / "elsewhere")
+    (image_root / ".dkr" / "machines" / "gone.json").unlink()
+    (image_root / "users.nspawn").write_text("[Exec]\nBoot=yes\n")
+    gc = assert_ok(run_dkr("gc", "--image-root", image_root))
+    assert not (image_root / "gone.nspawn").exists(), gc.err
+    assert "settings file gone.nspawn" in gc.err
+    assert (image_root / "kept.nspawn").read_text().startswith(HEADER)
+    assert (image_root / "users.nspawn").read_text() == "[Exec]\nBoot=yes\n"

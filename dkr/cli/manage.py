@@ -430,7 +430,7 @@ class _Collector:
         self.dry_run = dry_run
         self.freed = 0
         self.counts = {"layer": 0, "leftover": 0, "record": 0, "blob": 0,
-                       "partial download": 0, "temporary file": 0}
+                       "partial download": 0, "temporary file": 0, "settings file": 0}
 
     def layer_backend(self, key: str, path: Path) -> StorageBackend:
         """The backend its record names, else the one that says the entry is its own."""
@@ -484,6 +484,7 @@ class _Collector:
                 if isinstance(info, dict) and "swap" in info:
                     recover_if_idle(self.root, local)
         self.machines_gone()
+        self.settings_gone()
         entries = sorted(os.listdir(self.root.path))
         needed = self.needed_layers()
         for name in entries:
@@ -525,6 +526,27 @@ class _Collector:
                 if not self.dry_run:
                     record.unlink(missing_ok=True)
                 self.report("record", f"machines/{record.name}", 0)
+
+    def settings_gone(self) -> None:
+        """LOCAL.nspawn files dkr wrote for a machine that is gone (tree and record: a
+        pull or remove that was killed, or a tree taken away by hand)."""
+        for path in sorted(self.root.path.glob("*.nspawn")):
+            local = path.name.removesuffix(".nspawn")
+            if self._machine_left(local):
+                continue
+            with ExitStack() as stack:
+                if not _try_flock_into(self.root, f"machine-{local}", stack):
+                    continue                  # a pull or remove is at work on it
+                text = nspawn.read(self.root.path, local)
+                if self._machine_left(local) or text is None or not nspawn.is_ours(text):
+                    continue
+                if not self.dry_run:
+                    nspawn.remove(self.root.path, local)
+                self.report("settings file", path.name, 0)
+
+    def _machine_left(self, local: str) -> bool:
+        return os.path.lexists(self.root.machine_path(local)) or \
+            (self.root.meta / "machines" / f"{local}.json").exists()
 
     def temporary_files(self) -> None:
         """Records and blobs that killed writers left half-written: each under the lock
