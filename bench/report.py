@@ -171,7 +171,9 @@ def stats_blocks(data) -> list[str]:
 def markdown(data, chart_note=None, heading="##") -> str:
     m = data["machine"]
     tools = ", ".join(f"{k} {v}" for k, v in data["tools"].items())
-    lines = [f"{heading} Results at scale {data['scale']:g}, {data['runs']} run(s) — {data['date']}", "",
+    link = f", registry behind a {data['link']} link (tbf)" if data.get("link") else ""
+    lines = [f"{heading} Results at scale {data['scale']:g}, {data['runs']} run(s){link} — "
+             f"{data['date']}", "",
              f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, "
              f"Linux {m['kernel']}, Python {m['python']}; dkr {m.get('dkr', '?')}.",
              f"- Tools: {tools}.",
