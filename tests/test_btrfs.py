@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import (assert_clean_failure, assert_ok, layer_dirs, pull, run_dkr,
                      write_into_one_of_two)
+from reliability_helpers import need
 
 from dkr.testing import images, loopfs
 from dkr.testing.images import Dir, File, Image, Layer
@@ -20,13 +21,6 @@ try:
 except ImportError:
     btrfsutil = None
 
-
-def need(reason: str | None) -> None:
-    """No btrfs here: skip on a developer's machine, but CI must fail, never skip."""
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"btrfs tests cannot run: {reason}")
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

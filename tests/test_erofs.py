@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_ok, example_installed, pull, run_dkr
+from reliability_helpers import need
 
 from dkr.fsinfo import mount_type, mounts_below
 from dkr.testing import images, loopfs
@@ -26,13 +27,6 @@ PACKAGE = Path(__file__).parent / "outside_erofs"
 DIST = "dkr-erofs-backend"
 EROFS_MAGIC = 0xE0F5E1E2
 
-
-def need(reason: str | None) -> None:
-    """Skip where loop mounts or mkfs.erofs are missing, but CI must fail."""
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"erofs tests cannot run: {reason}")
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 from helpers import (assert_clean_failure, assert_downloads_wait_for_extraction, assert_ok,
                      backend_registered_by_hand, pull, run_dkr, temp_entries,
                      write_into_one_of_two)
+from reliability_helpers import need
 
 from dkr.errors import DkrError
 from dkr.testing import images, loopfs
@@ -26,13 +27,6 @@ from dkr.testing.oracle import diff_trees, tree_snapshot, umoci_unpack
 from dkr_plugins import overlay
 from test_crash import DIES_AT
 
-
-def need(reason: str | None) -> None:
-    """No loop mounts or overlay here: skip on a developer's machine, but CI must fail."""
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"overlay tests cannot run: {reason}")
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
