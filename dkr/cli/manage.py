@@ -515,38 +515,40 @@ class _Collector:
         between taking the tree out of its name (or before putting it there) and
         removing the record. They name no machine; the layers stay unless unneeded."""
         for record in sorted((self.root.meta / "machines").glob("*.json")):
-            local = record.stem
-            if os.path.lexists(self.root.machine_path(local)):
-                continue
-            with ExitStack() as stack:
-                if not _try_flock_into(self.root, f"machine-{local}", stack):
-                    continue                  # a pull or remove is at work on it
-                if os.path.lexists(self.root.machine_path(local)) or not record.exists():
-                    continue
-                if not self.dry_run:
-                    record.unlink(missing_ok=True)
-                self.report("record", f"machines/{record.name}", 0)
+            machine = self.root.machine_path(record.stem)
+            self._remove_orphan(f"machine-{record.stem}",
+                                lambda: not os.path.lexists(machine) and record.exists(),
+                                lambda: record.unlink(missing_ok=True),
+                                "record", f"machines/{record.name}")
 
     def settings_gone(self) -> None:
         """LOCAL.nspawn files dkr wrote for a machine that is gone (tree and record: a
         pull or remove that was killed, or a tree taken away by hand)."""
         for path in sorted(self.root.path.glob("*.nspawn")):
             local = path.name.removesuffix(".nspawn")
-            if self._machine_left(local):
-                continue
-            with ExitStack() as stack:
-                if not _try_flock_into(self.root, f"machine-{local}", stack):
-                    continue                  # a pull or remove is at work on it
-                text = nspawn.read(self.root.path, local)
-                if self._machine_left(local) or text is None or not nspawn.is_ours(text):
-                    continue
-                if not self.dry_run:
-                    nspawn.remove(self.root.path, local)
-                self.report("settings file", path.name, 0)
+            self._remove_orphan(f"machine-{local}", lambda: self._settings_orphaned(local),
+                                lambda: nspawn.remove(self.root.path, local),
+                                "settings file", path.name)
 
-    def _machine_left(self, local: str) -> bool:
-        return os.path.lexists(self.root.machine_path(local)) or \
-            (self.root.meta / "machines" / f"{local}.json").exists()
+    def _settings_orphaned(self, local: str) -> bool:
+        if os.path.lexists(self.root.machine_path(local)) or \
+                (self.root.meta / "machines" / f"{local}.json").exists():
+            return False
+        return nspawn.is_ours(nspawn.read(self.root.path, local) or "")
+
+    def _remove_orphan(self, lock: str, orphaned: Callable[[], bool],
+                       remove: Callable[[], None], kind: str, name: str) -> None:
+        """Remove what ``orphaned()`` says nothing has any more: under ``lock``, taken
+        without waiting (a pull or remove at work on it keeps it), and asked again
+        once it is held."""
+        if not orphaned():
+            return
+        with ExitStack() as stack:
+            if not _try_flock_into(self.root, lock, stack) or not orphaned():
+                return
+            if not self.dry_run:
+                remove()
+            self.report(kind, name, 0)
 
     def temporary_files(self) -> None:
         """Records and blobs that killed writers left half-written: each under the lock
@@ -638,14 +640,11 @@ class _Collector:
             key = record.stem
             if not LAYER_RE.fullmatch(LAYER_PREFIX + key) or key in self.needed_layers():
                 continue
-            with ExitStack() as stack:
-                if not _try_flock_into(self.root, f"layer-{key}", stack):
-                    continue
-                if os.path.lexists(self.root.layer_path(key)) or not record.exists():
-                    continue
-                if not self.dry_run:
-                    record.unlink(missing_ok=True)
-                self.report("record", f"layers/{record.name}", 0)
+            layer = self.root.layer_path(key)
+            self._remove_orphan(f"layer-{key}",
+                                lambda: not os.path.lexists(layer) and record.exists(),
+                                lambda: record.unlink(missing_ok=True),
+                                "record", f"layers/{record.name}")
 
     def blobs(self) -> None:
         needed = self.needed_blobs()
