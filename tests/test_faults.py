@@ -255,7 +255,8 @@ def test_corrupt_partial_download_is_not_trusted_on_resume(proxy, image_root):
     """
     proxy.add_fault(f"/blobs/{A}", "corrupt", offset=1000)
     proxy.add_fault(f"/blobs/{A}", "truncate_after", bytes=250_000)
-    first = pull(proxy, "faults/img", image_root, "--backend", "dir", "--retries", "0")
+    first = pull(proxy, "faults/img", image_root, "--backend", "dir", "--retries", "0",
+                 "--spool-all")
     assert_clean_failure(first, image_root, rf"layer {A}:", "img")
     assert A.split(":")[1] in [s.name for s in spool_files(image_root)]
     run = assert_ok(dkr_pull(proxy, image_root))

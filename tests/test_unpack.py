@@ -162,7 +162,7 @@ def test_a_job_started_before_its_tree_reads_its_blob_then_fills_the_tree_it_is_
                 await asyncio.sleep(0.01)
             assert _read_to_the_end(pid, str(spool)), "the blob was not read before the tree came"
             tree.mkdir()
-            os.close(unpacker.into(tree))       # the whole blob is there: no wake-ups to come
+            os.close(unpacker.into(tree, len(blob)))   # the whole blob is spooled: nothing to come
             return await asyncio.wait_for(unpacker.finish(), 60)
         finally:
             await unpacker.abort()

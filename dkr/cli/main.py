@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="inflate and check btrfs/dir layers while their parent is still "
                            "being built, to replay them once it is done (auto: with 4 or more "
                            "cores, where that is faster)")
+    pull.add_argument("--spool-all", action="store_true",
+                      help="download every blob whole into the spool before extracting it, "
+                           "so that a pull killed at any point resumes every download "
+                           "(slower on real links; by default a layer that can be built "
+                           "at once streams into its extractor and only the others are "
+                           "spooled)")
     pull.add_argument("--signature-policy", metavar="FILE",
                       help="trust policy (default: ~/.config/containers/policy.json, else "
                            "/etc/containers/policy.json)")
@@ -191,7 +197,8 @@ def cmd_pull(args) -> int:
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
         credentials=args.creds, jobs=args.jobs, retries=args.retries,
         stall_timeout=args.stall_timeout, spool_limit=args.spool_limit,
-        stage_ahead=args.stage_ahead, registries_conf=args.registries_conf,
+        stage_ahead=args.stage_ahead, spool_all=args.spool_all,
+        registries_conf=args.registries_conf,
         cert_dir=args.cert_dir, choose=_chooser(),
         signature_policy=args.signature_policy, registries_d=args.registries_d,
         settings=args.settings)

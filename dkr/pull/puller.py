@@ -65,6 +65,7 @@ class PullOptions:
     stall_timeout: int = 60
     spool_limit: int | None = 4 * 1024**3     # bytes of blobs downloaded ahead of extraction
     stage_ahead: str = "auto"     # stage stacked layers before their parent is done: always, never, auto
+    spool_all: bool = False       # every blob whole into the spool before its extraction
     registries_conf: str | None = None   # the one registries.conf to read (else the usual files)
     cert_dir: str | None = None          # certs.d directory for every host (else per host)
     choose: Callable | None = None       # asks which of a short name's candidates to pull
@@ -100,7 +101,8 @@ class Puller:
                                         retries=options.retries,
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
-        self.spool = Spool(self.root.meta / "partial", options.spool_limit)
+        self.spool = Spool(self.root.meta / "partial", options.spool_limit,
+                           stream=not options.spool_all)
         self._clients: dict[tuple, asyncio.Future] = {}
         self.hosts = Hosts(options, self.transfer)     # registries.conf, certs.d
         self._helper_answers: dict[HelperQuestion, asyncio.Future] = {}
@@ -514,18 +516,21 @@ class Puller:
 
     async def _download(self, client: RegistryClient, ref: Reference, blob: SpooledBlob) -> None:
         try:
-            await self.spool.admit(blob)
+            await self.spool.turn(blob)
             began = time.monotonic()
             await download(client, ref.name, blob, f"layer {blob.digest}")
+            await blob.sink.end()          # its extractor has every byte: EOF
             self.events.emit("download-done", digest=blob.digest, size=blob.size,
-                             seconds=time.monotonic() - began)
+                             seconds=time.monotonic() - began, spooled=blob.sink.spooled,
+                             pauses=blob.sink.pauses)
         except BaseException as e:
+            blob.sink.close_pipe()
             blob.done.set_exception(e if isinstance(e, Exception) else DkrError("interrupted"))
             raise
         else:
             blob.done.set_result(None)
         finally:
-            blob.finish_readers()
+            self.spool.finished(blob)
 
     def _stage(self, key: str, blob: SpooledBlob, layer: LayerPlan,
                layer_format: str) -> "_Stage":
@@ -535,8 +540,8 @@ class Puller:
         unpacker = LayerUnpacker(None, layer_format, self.extractor_pool, stage=directory)
         task = asyncio.ensure_future(self._stage_pass(key, blob, layer, unpacker))
         task.add_done_callback(retrieved)
-        # The blob stays admitted to the spool until the replay is done: what is
-        # staged counts against --spool-limit as the blob did.
+        # The blob is held until the replay is done: what is staged counts
+        # against --spool-limit as the blob did.
         return _Stage(directory, unpacker, task, f"layer {layer.digest}",
                       lambda: self.spool.release(blob, keep_partial=True))
 
@@ -549,19 +554,22 @@ class Puller:
 
     async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan,
                                unpacker: LayerUnpacker) -> dict:
-        await blob.entered()           # (not holding a slot meanwhile: see _SpooledFill.start)
+        self.spool.need(blob)
         async with self._extractors:
-            wake_fd = await unpacker.start_following(blob.path, blob.size)
-            return await self._followed(blob, layer, unpacker, wake_fd)
+            await unpacker.take()
+            return await self._streamed(blob, layer, unpacker,
+                                        lambda prefix: unpacker.stream(blob.path, blob.size,
+                                                                       prefix))
 
-    async def _followed(self, blob: SpooledBlob, layer: LayerPlan, unpacker: LayerUnpacker,
-                        wake_fd: int) -> dict:
-        """The checked report of ``unpacker``, which follows ``blob``'s spool file;
-        ``wake_fd`` wakes it when the file grows."""
+    async def _streamed(self, blob: SpooledBlob, layer: LayerPlan, unpacker: LayerUnpacker,
+                        start: Callable[[int], int]) -> dict:
+        """The checked report of ``unpacker``, started by ``start(prefix)`` on what is
+        spooled of ``blob`` and fed the rest by its download (see SpooledBlob.hand_over)."""
         label = f"layer {layer.digest}"
-        blob.add_reader(wake_fd)
-        report = asyncio.ensure_future(unpacker.finish())
+        report = None
         try:
+            await blob.hand_over(start)
+            report = asyncio.ensure_future(unpacker.finish())
             # A failed download also ends the reader; its own error is the one to tell.
             await asyncio.wait({blob.done, report}, return_when=asyncio.FIRST_COMPLETED)
             if failed(blob.done):
@@ -573,7 +581,8 @@ class Puller:
                 raise DkrError(f"{label}: {unpacked['error']}")
             await blob.done              # the digest is checked when the last byte is in
         except BaseException:
-            report.cancel()
+            if report is not None:
+                report.cancel()
             await unpacker.abort()
             raise
         if unpacked["diff_id"] != layer.diff_id:
@@ -729,7 +738,8 @@ class TreeFill:
 
 
 class _SpooledFill:
-    """A v2 layer from its spooled blob: the extractor inflates while the tree is made.
+    """A v2 layer from its blob: the extractor starts on what is spooled while the
+    tree is made, then takes the rest of the download from its pipe.
 
     A staged layer (see dkr.staging) is replayed instead; if that has to start
     over, the blob is downloaded again.
@@ -752,14 +762,7 @@ class _SpooledFill:
             return
         blob = self.take_blob()
         try:
-            # An extractor slot is taken only by a blob that has its room in the spool:
-            # slots held by blobs waiting for room that the others cannot give up
-            # before they get a slot would wait for one another for ever. A stacked
-            # layer starts once its parent is done, and the spool may be full of
-            # blobs that wait for it: it may pass the limit (see Spool.hurry).
-            if self.layer_format == "stacked":
-                self.puller.spool.hurry(blob)
-            await blob.entered()
+            self.puller.spool.need(blob)   # (it may wait for an extractor meanwhile)
             await self.puller._extractors.acquire()
         except BaseException:
             self.puller.spool.release(blob, keep_partial=True)
@@ -778,7 +781,8 @@ class _SpooledFill:
         assert self._ahead is not None, "fill() without start()"
         (blob, unpacker), self._ahead = self._ahead, None
         try:
-            return await self.puller._followed(blob, self.layer, unpacker, unpacker.into(tree))
+            return await self.puller._streamed(blob, self.layer, unpacker,
+                                               lambda prefix: unpacker.into(tree, prefix))
         finally:
             self._release(blob)
 

@@ -1,10 +1,11 @@
 """The confined extractor: one child process per layer.
 
 dkr starts it (isolated: see dkr.forkserver) ahead of need and sends
-the job as one JSON line on stdin (``root``, ``format`` and, for a blob that
-is still downloading, ``spool`` and ``size``); ``--root DIR --format F``
-runs a job directly. It reads the layer blob (gzip, zstd or plain tar,
-sniffed from its first bytes) from stdin or the growing spool file,
+the job as one JSON line on stdin (``root``, ``format`` and, for a v2 blob,
+``spool``, ``size`` and ``prefix``); ``--root DIR --format F`` runs a job
+directly. It reads the layer blob (gzip, zstd or plain tar, sniffed from its
+first bytes): the first ``prefix`` bytes from the spool file, the rest from
+stdin, which the download writes into;
 inflates it once, hashes the tar stream (the DiffID) on the same pass on a
 second thread, and extracts it into DIR after ``chroot(DIR)``: the kernel, not path
 checks, keeps every member, symlink and hardlink inside the layer root, so
@@ -14,9 +15,9 @@ namespace to be allowed the chroot. It ends by printing one JSON line:
 
 A spool job may come before its tree exists (a btrfs snapshot of the parent
 can take a tenth of a second, mostly waiting for the disk): without ``root``
-the child starts inflating at once, up to ``READ_AHEAD_CHUNKS`` ahead, and
-takes the tree from a second line, ``{"root": DIR}``. Only then do wake-ups
-for the spool file follow on stdin.
+the child starts inflating what is spooled at once, up to ``READ_AHEAD_CHUNKS``
+ahead, and takes the tree and the prefix from a second line, ``{"root": DIR,
+"prefix": N}``. Only then do the blob's bytes follow on stdin.
 
 A stacked layer whose parent is not complete yet is extracted in two jobs
 (see ``dkr.staging``): ``{"stage": DIR, ...}`` inflates, hashes and writes
@@ -36,7 +37,6 @@ import errno
 import io
 import json
 import os
-import select
 import signal
 import socket
 import stat
@@ -84,52 +84,61 @@ class ExtractError(Exception):
     pass
 
 
-class GrowingFile(io.RawIOBase):
-    """A spool file that is still being downloaded: at its end, wait for more.
+class SpooledThenPiped(io.RawIOBase):
+    """A blob whose first ``prefix`` bytes are in its spool file and the rest come
+    through stdin (the download writes them into the pipe); ``size`` is the
+    blob's size from its descriptor, so its end is known without the parent.
 
-    The parent writes a byte to the wake-up pipe whenever data arrives and
-    closes it when the download ends (or fails); ``size`` is the blob's size
-    from its descriptor, so the end of the blob is known without the parent.
-    Until ``wake_ups`` is set the pipe is not ours to read (it still carries
-    the job): at the end of the file, wait for that first.
+    ``prefix`` may be unknown at first (a job started before its tree): then
+    the file is read as far as it goes, and at its end ``known`` is waited
+    for, which ``set_prefix`` sets once the second line has told it (stdin is
+    not ours to read until then: it carries that line).
     """
 
-    def __init__(self, path: str, size: int, wake_fd: int, wake_ups: threading.Event):
+    def __init__(self, path: str, size: int, prefix: int | None):
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = size
-        self.wake_fd = wake_fd
-        self.wake_ups = wake_ups
+        self.prefix = prefix
+        self.known = threading.Event()
+        if prefix is not None:
+            self.known.set()
         self.pos = 0
-        self.writer_gone = False
         self.waited = 0.0             # seconds spent waiting for the download
+
+    def set_prefix(self, prefix: int) -> None:
+        self.prefix = prefix
+        self.known.set()
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while self.pos < self.size:
-            n = os.readv(self.fd, [memoryview(buffer)[: self.size - self.pos]])
+        if self.pos >= self.size:
+            return 0
+        want = memoryview(buffer)[: self.size - self.pos]
+        while True:
+            prefix = self.prefix           # (set by the main thread meanwhile, maybe)
+            if prefix is not None and self.pos >= prefix:
+                break
+            n = os.readv(self.fd, [want if prefix is None else want[: prefix - self.pos]])
             if n:
                 self.pos += n
                 return n
-            if self.writer_gone:
-                raise ExtractError("the layer download stopped before the end of the blob")
-            self._wait()
-        return 0
+            if prefix is not None:
+                raise ExtractError("the spool file is shorter than the download said")
+            self._wait(self.known.wait)
+        n = self._wait(lambda: os.readv(0, [want]))
+        if not n:
+            raise ExtractError("the layer download stopped before the end of the blob")
+        self.pos += n
+        return n
 
-    def _wait(self) -> None:
+    def _wait(self, wait):
         began = time.monotonic()
-        if not self.wake_ups.is_set():
-            self.wake_ups.wait()
-            self.waited += time.monotonic() - began
-            return
-        select.select([self.wake_fd], [], [], 1.0)   # also re-checks once a second
-        self.waited += time.monotonic() - began
         try:
-            if os.read(self.wake_fd, 65536) == b"":
-                self.writer_gone = True
-        except BlockingIOError:
-            pass
+            return wait()
+        finally:
+            self.waited += time.monotonic() - began
 
 
 def open_decompressed(raw: io.BufferedReader):
@@ -552,15 +561,13 @@ def _load_classifier() -> _Resolver:
     return _Resolver(manager().hook.dkr_whiteout_resolve)
 
 
-def _open_input(spool: str | None, size: int | None, wake_fd: int | None,
-                wake_ups: threading.Event | None = None) -> io.BufferedReader:
+def _open_input(spool: str | None, size: int | None,
+                prefix: int | None) -> io.BufferedReader:
+    """The blob: stdin alone (v1), or the spool file's first ``prefix`` bytes and then stdin."""
     if spool is None:
         raw = io.FileIO(0, "rb", closefd=False)
     else:
-        if wake_ups is None:
-            wake_ups = threading.Event()
-            wake_ups.set()
-        raw = GrowingFile(spool, size, wake_fd, wake_ups)
+        raw = SpooledThenPiped(spool, size, prefix)
     return io.BufferedReader(raw, buffer_size=tarstream.CHUNK)
 
 
@@ -592,12 +599,12 @@ def _apply_all(extractor: Extractor, members, source) -> None:
 
 
 def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None = None,
-        size: int | None = None, wake_fd: int | None = None, classify=None) -> dict:
+        size: int | None = None, prefix: int | None = None, classify=None) -> dict:
     """Extract a blob into ``root`` directly."""
     began = time.monotonic()
     as_root = os.geteuid() == 0
     classify = classify or _load_classifier()   # plugins load before the chroot hides them
-    stdin = _open_input(spool, size, wake_fd)   # opened before the chroot hides it, too
+    stdin = _open_input(spool, size, prefix)    # opened before the chroot hides it, too
     _enter_root(root, as_root)
     reader = _tar_reader(stdin, max_bytes)
     return _extract(reader, layer_format, classify, as_root, began, stdin.raw)
@@ -605,21 +612,20 @@ def run(root: str, layer_format: str, max_bytes: int | None, spool: str | None =
 
 def run_ahead(layer_format: str, max_bytes: int | None, spool: str, size: int,
               classify=None) -> dict | None:
-    """Inflate a spooled blob before its tree exists; the next line on stdin names the tree."""
+    """Inflate what is spooled of a blob before its tree exists; the next line on
+    stdin names the tree and how much of the blob the spool file holds."""
     as_root = os.geteuid() == 0
     classify = classify or _load_classifier()
     if not as_root:
         _enter_user_namespace()                 # before the read-ahead thread starts
-    wake_ups = threading.Event()                # stdin carries the job until then
-    stdin = _open_input(spool, size, 0, wake_ups)
+    stdin = _open_input(spool, size, None)      # stdin carries the next line until then
     reader = _tar_reader(stdin, max_bytes, READ_AHEAD_CHUNKS)
     spec = _read_command()
     if spec is None:
         return None                             # not needed after all
     began = time.monotonic()                    # the work is counted from the tree's arrival:
     waited = stdin.raw.waited                   # waits for bytes before it are not in that time
-    os.set_blocking(0, False)
-    wake_ups.set()
+    stdin.raw.set_prefix(spec["prefix"])
     reader.stream.keep_ahead(CHUNKS_AHEAD)
     _chroot(spec["root"])
     return _extract(reader, layer_format, classify, as_root, began - waited, stdin.raw)
@@ -640,10 +646,10 @@ def _extract(reader: tarstream.TarReader, layer_format: str, classify, as_root: 
 
 
 def run_stage(directory: str, max_bytes: int | None, spool: str | None = None,
-              size: int | None = None, wake_fd: int | None = None) -> dict:
+              size: int | None = None, prefix: int | None = None) -> dict:
     """Pass 1 of a staged layer (see dkr.staging): no tree is touched."""
     began = time.monotonic()
-    stdin = _open_input(spool, size, wake_fd)
+    stdin = _open_input(spool, size, prefix)
     reader = _tar_reader(stdin, max_bytes)
     staging.stage(reader, Path(directory))
     return {**_checked(reader), "busy_seconds": _busy_since(began, stdin.raw)}
@@ -678,8 +684,8 @@ def _die_with_parent(parent: int) -> None:
 def _read_command() -> dict | None:
     """``--serve``: one JSON line on stdin says what to extract; nothing means "not needed".
 
-    Read byte by byte, so that what follows the line (a blob, or wake-ups for
-    a spool file) stays in the pipe for the reader that comes next.
+    Read byte by byte, so that what follows the line (the blob, or a second
+    line) stays in the pipe for the reader that comes next.
     """
     line = bytearray()
     while not line.endswith(b"\n"):
@@ -703,10 +709,8 @@ def _serve(classify=None) -> dict | None:
     spool = spec.get("spool")
     if spool and "root" not in spec and "stage" not in spec:
         return run_ahead(spec["format"], spec.get("max_bytes"), spool, spec["size"], classify)
-    if spool:
-        os.set_blocking(0, False)               # from now on stdin carries wake-ups
     source = dict(max_bytes=spec.get("max_bytes"), spool=spool, size=spec.get("size"),
-                  wake_fd=0 if spool else None)
+                  prefix=spec.get("prefix"))
     if "stage" in spec:
         return run_stage(spec["stage"], **source)
     return run(spec["root"], spec["format"], classify=classify, **source)

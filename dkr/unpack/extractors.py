@@ -1,11 +1,12 @@
 """The parent's side of extraction: a pipe into the confined extractor child.
 
 ``ExtractorPool`` gets extractor children forked from one warm server
-(``dkr.unpack.extract --fork-server``). ``LayerUnpacker`` runs one on a layer tree
-and offers a ``Sink`` for the blob's bytes (a non-blocking pipe with a large
+(``dkr.unpack.extract --fork-server``). ``LayerUnpacker`` runs one on a layer
+tree. Its input is the blob: what of it is in a spool file, then the rest
+through its stdin, which ``PipeSink`` feeds (a non-blocking pipe with a large
 kernel buffer: when it is full the remainder waits in one small buffer and
-the transfer pauses until the loop sees the pipe writable again) or has it
-follow a spool file; for a staged layer, a second child replays the stage.
+the transfer pauses until the loop sees the pipe writable again). For a
+staged layer, a second child replays the stage.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class ExtractorChild:
     """One extractor process, forked for us by the fork server.
 
     Its stdin is a pipe we hold the (non-blocking) write end of: first the job
-    as one JSON line (two for a job started before its tree), then either the
-    blob's bytes or, for a spool file, wake-ups whenever the file grew. Its
+    as one JSON line (two for a job started before its tree), then the blob's
+    bytes that the spool file does not hold. Its
     stdout is a pipe for the one-line report. It is not our child: a pidfd
     lets us wait for it and kill it.
     """
@@ -304,27 +305,36 @@ class LayerUnpacker:
         self.sink = PipeSink(asyncio.get_running_loop(), await self._begin())
         return self.sink
 
-    async def start_following(self, spool: Path, size: int) -> int:
-        """Extract from a spool file that is still growing (see dkr.spool).
+    async def take(self) -> None:
+        """Get the child now; ``stream`` tells it its job."""
+        self.proc = await self.pool.take()
 
-        Returns the fd to write a byte to whenever the file grew, and to close
-        when no more will come; the caller owns it from then on.
-        """
-        return await self._begin(spool=str(spool), size=size)
+    def stream(self, spool: Path, size: int, prefix: int) -> int:
+        """Extract (or stage) the blob of ``size`` bytes whose first ``prefix`` are in
+        the spool file; returns the child's stdin, which takes the rest of the
+        blob and which the caller owns from then on."""
+        assert self.proc is not None
+        job = {"root": str(self.root), "format": self.layer_format,
+               "max_bytes": self.max_bytes, "spool": str(spool), "size": size,
+               "prefix": prefix}
+        if self.stage is not None:
+            job["stage"] = str(self.stage)
+        self.proc.send(job)
+        return self.proc.hand_over_stdin()
 
     async def start_ahead(self, spool: Path, size: int) -> None:
-        """Start inflating a spool file before the tree exists; ``into`` names it later."""
+        """Start inflating what is spooled before the tree exists; ``into`` names it later."""
         self.proc = await self.pool.take()
         self.proc.send({"format": self.layer_format, "max_bytes": self.max_bytes,
                         "spool": str(spool), "size": size})
 
-    def into(self, root: Path) -> int:
-        """The tree of a ``start_ahead`` job is there; returns the wake-up fd, as
-        ``start_following`` does."""
+    def into(self, root: Path, prefix: int) -> int:
+        """The tree of a ``start_ahead`` job is there, and the spool file holds the
+        blob's first ``prefix`` bytes; returns the child's stdin, as ``stream`` does."""
         assert self.proc is not None
         self.root = root
         try:
-            self.proc.send({"root": str(root)})
+            self.proc.send({"root": str(root), "prefix": prefix})
         except BrokenPipeError:
             pass                      # it died: its verdict says why
         return self.proc.hand_over_stdin()
