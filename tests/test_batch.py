@@ -92,7 +92,7 @@ def test_stats_summary(shared_base, registry, image_root):
     run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
                             "dir", "--stats", f"{registry.host}/batch/app0"))
     assert "Stats: 3 layers" in run.err
-    for phase in ("network", "prepare", "extract", "commit", "machine"):
+    for phase in ("network", "spool", "prepare", "extract", "commit", "machine"):
         assert f"  {phase} " in run.err
 
 

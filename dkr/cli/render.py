@@ -67,7 +67,7 @@ class StatsRenderer:
     def __init__(self, stream: TextIO = sys.stderr):
         self.stream = stream
         self.started = time.monotonic()
-        self.compressed = self.unpacked = self.layers = 0
+        self.compressed = self.unpacked = self.layers = self.spooled = self.pauses = 0
         self.download = self.prepare = self.extract = self.commit = self.machine = 0.0
         self.first_download_done: float | None = None
         # (host, is a mirror): [requests served, bytes, requests failed]
@@ -78,6 +78,8 @@ class StatsRenderer:
         now = time.monotonic()
         if kind == "download-done":
             self.compressed += fields["size"]
+            self.spooled += fields.get("spooled", 0)
+            self.pauses += fields.get("pauses", 0)
             self.download += fields["seconds"]
             self.last_download_done = now
         elif kind == "layer-done":
@@ -111,6 +113,8 @@ class StatsRenderer:
             f"({rate(self.unpacked, wall)} of tar overall).",
             f"  network  {network:6.2f} s until the last blob was in "
             f"({rate(self.compressed, network)} compressed)",
+            f"  spool    {_mb(self.spooled)} of the blobs written to the spool, the rest "
+            f"streamed; extractors held transfers back {self.pauses} times",
             f"  prepare  {self.prepare:6.2f} s layer trees (snapshots/copies), {share(self.prepare)}",
             f"  extract  {self.extract:6.2f} s inflate+unpack, summed over layers "
             f"({rate(self.unpacked, self.extract)} of tar per extractor), {share(self.extract)}",
