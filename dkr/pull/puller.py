@@ -543,6 +543,7 @@ class Puller:
         # The blob is held until the replay is done: what is staged counts
         # against --spool-limit as the blob did.
         return _Stage(directory, unpacker, task, f"layer {layer.digest}",
+                      lambda: self.spool.need(blob),
                       lambda: self.spool.release(blob, keep_partial=True))
 
     async def _stage_pass(self, key: str, blob: SpooledBlob, layer: LayerPlan,
@@ -554,7 +555,9 @@ class Puller:
 
     async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan,
                                unpacker: LayerUnpacker) -> dict:
-        self.spool.need(blob)
+        # A stage is ahead of need: its blob comes in its turn, not before the
+        # layers below it (until the replay needs it: see _Stage.replay).
+        await self.spool.started(blob)
         async with self._extractors:
             await unpacker.take()
             return await self._streamed(blob, layer, unpacker,
@@ -807,11 +810,13 @@ class _Stage:
     unpacker: LayerUnpacker
     task: asyncio.Future          # pass 1's checked report
     label: str
+    need_blob: Callable[[], None]
     release_blob: Callable[[], None] | None
     used: bool = False
 
     async def replay(self, tree: Path) -> dict:
         self.used = True
+        self.need_blob()              # pass 1 may still wait for its bytes: they are due now
         try:
             staged = await self.task
             applied = await self.unpacker.replay(tree)

@@ -101,29 +101,31 @@ class BlobSink:
         self._gathered = bytearray()
 
     def write(self, data: bytes) -> bool:
+        """Take ``data``; False pauses the transfer: the extractor's pipe is full,
+        or the blob is not needed yet and the link is wanted for one that is."""
         self.taken += len(data)
         if self.pipe is not None:
-            if self.pipe.write(data):
-                return True
-            self.pauses += 1
-            self.blob.spool.held_back(self.blob, True)
-            return False
-        if self.blob.fd < 0:
-            raise OSError(errno.EBADF, "the spool file was closed (download abandoned)")
-        self._gathered += data
-        if len(self._gathered) >= SPOOL_WRITE:
-            self.flush()
+            if not self.pipe.write(data):
+                self.pauses += 1
+                self.blob.spool.held_back(self.blob, True)
+                return False
+        else:
+            if self.blob.fd < 0:
+                raise OSError(errno.EBADF, "the spool file was closed (download abandoned)")
+            self._gathered += data
+            if len(self._gathered) >= SPOOL_WRITE:
+                self.flush()
         return self.blob.spool.may_run(self.blob)
 
     def on_drain(self, callback: Callable[[], None]) -> None:
-        if self.pipe is None:
-            self.blob.spool.when_may_run(self.blob, callback)
-            return
-
+        """``callback`` once the pipe has room and the blob may use the link."""
         def drained() -> None:
             self.blob.spool.held_back(self.blob, False)
-            callback()
-        self.pipe.on_drain(drained)
+            self.blob.spool.when_may_run(self.blob, callback)
+        if self.pipe is not None and self.pipe.pending:
+            self.pipe.on_drain(drained)
+        else:
+            self.blob.spool.when_may_run(self.blob, callback)
 
     def drop(self) -> None:
         """Forget bytes gathered and not written yet (a failed source's)."""
@@ -326,6 +328,10 @@ class Spool:
         self.blobs.clear()
 
     # --- the downloads' side ---------------------------------------------------------
+    async def started(self, blob: SpooledBlob) -> None:
+        """Until ``blob``'s download has started (or ended)."""
+        await asyncio.wait({blob._turn, blob.done}, return_when=asyncio.FIRST_COMPLETED)
+
     async def turn(self, blob: SpooledBlob) -> None:
         """Until ``blob``'s download may start."""
         if not blob._turn.done():
