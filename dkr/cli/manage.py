@@ -22,7 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dkr.errors import DkrError, one_line
+from dkr.errors import DkrError, UsageError, one_line
 from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, backends
@@ -336,11 +336,11 @@ def _selected(root: ImageRoot, args) -> list[tuple[str, dict | DkrError]]:
     """The machines named, or --all with the records that cannot be read too: --all
     must not pass over a machine in silence (a boot script would think it mounted)."""
     if args.all and args.locals:
-        raise DkrError("give machine names or --all, not both")
+        raise UsageError("give machine names or --all, not both")
     if args.all:
         return root.machine_records() if root.meta.is_dir() else []
     if not args.locals:
-        raise DkrError("which machine? (give LOCAL or --all)")
+        raise UsageError("which machine? (give LOCAL or --all)")
     return [(local, _machine(root, local)) for local in dict.fromkeys(args.locals)]
 
 
