@@ -18,7 +18,7 @@ if [ ! -e /etc/containers/policy.json ]; then
 fi
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,btrfs]'
 # The boot unit that mounts overlay machines again after a reboot, naming this dkr.
 units=/etc/systemd/system
 mkdir -p "$units/systemd-nspawn@.service.d"
