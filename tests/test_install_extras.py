@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import sys
 import subprocess
 from contextlib import ExitStack
 from pathlib import Path
@@ -112,3 +113,77 @@ def test_btrfs_without_module_or_command_says_what_to_install(registry, tmp_path
                          r"backend btrfs cannot be used on .*: neither the btrfsutil Python "
                          r"module \(pip install 'dkr\[btrfs\]', which needs libbtrfsutil-dev\) "
                          r"nor the btrfs command \(btrfs-progs\) is installed")
+
+
+# --- man page and bash completion ------------------------------------------------------
+
+GENERATED = {"man": (CHECKOUT / "dkr/data/man/dkr.1", "dkr.cli.manpage"),
+             "completion": (CHECKOUT / "dkr/data/bash-completion/dkr", "dkr.cli.completion")}
+
+
+@pytest.mark.parametrize("kind", sorted(GENERATED))
+def test_the_shipped_man_page_and_completion_are_those_the_parser_makes(kind):
+    path, module = GENERATED[kind]
+    made = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True,
+                          check=True, cwd="/").stdout
+    assert path.read_text() == made, f"{path} is out of date: python -m {module} > {path}"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """dkr pip-installed (not editable) into a prefix of its own, as users install it."""
+    prefix = tmp_path_factory.mktemp("prefix")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--disable-pip-version-check", "--prefix", str(prefix), str(CHECKOUT)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return prefix
+
+
+def test_the_man_page_is_installed_renders_and_lists_every_pull_option(installed):
+    page = installed / "share/man/man1/dkr.1"
+    assert page.read_text() == GENERATED["man"][0].read_text()
+    rendered = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-P-cbou", str(page)],
+                              capture_output=True, text=True, check=True)
+    assert rendered.stderr == ""                     # no roff warnings
+    text = rendered.stdout
+    assert re.search(r"^NAME\n\s+dkr - pull container images", text, re.M), text[:300]
+    for section in ("SYNOPSIS", "OPTIONS", "COMMANDS", "EXAMPLES", "ENVIRONMENT", "SEE ALSO"):
+        assert re.search(rf"^{section}$", text, re.M), section
+    from dkr.cli.main import build_parser
+    from dkr.cli.manpage import commands, options
+    [pull] = [c.parser for c in commands(build_parser()) if c.name == "pull"]
+    for action in options(pull):
+        for name in action.option_strings:
+            assert re.search(rf"(^|\s){re.escape(name)}[ ,\n]", text), f"{name} missing"
+    if shutil.which("man"):
+        by_man = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,
+                                env={**os.environ, "MANPAGER": "cat", "MANWIDTH": "100"})
+        assert by_man.returncode == 0 and "--password-stdin" in by_man.stdout, by_man.stderr
+
+
+def _complete(script: Path, *words: str) -> list[str]:
+    """What bash offers after ``words`` (the last one being typed), with ``script`` loaded."""
+    done = subprocess.run(
+        ["bash", "-c", 'source "$0"; COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); '
+         '_dkr; printf "%s\\n" "${COMPREPLY[@]}"', str(script), *words],
+        capture_output=True, text=True, check=True)
+    assert done.stderr == ""
+    return done.stdout.split()
+
+
+def test_bash_completes_commands_options_and_values(installed, tmp_path):
+    script = installed / "share/bash-completion/completions/dkr"
+    assert "complete -F _dkr dkr" in script.read_text()
+    assert _complete(script, "dkr", "pu") == ["pull"]
+    assert _complete(script, "dkr", "--image-root", "/srv", "-v", "pu") == ["pull"]
+    assert _complete(script, "dkr", "l") == ["list", "login", "logout"]
+    assert _complete(script, "dkr", "pull", "--pass") == ["--password-stdin"]
+    assert _complete(script, "dkr", "pull", "--tls-verify", "=", "f") == ["false"]
+    assert _complete(script, "dkr", "pull", "--stage-ahead", "") == ["auto", "always", "never"]
+    assert _complete(script, "dkr", "pull", "--jobs", "") == []
+    (tmp_path / "images.txt").write_text("")
+    assert _complete(script, "dkr", "pull", "--batch", f"{tmp_path}/ima") == \
+        [f"{tmp_path}/images.txt"]
+    assert _complete(script, "dkr", "rm", "--dr") == []
+    assert _complete(script, "dkr", "gc", "--dr") == ["--dry-run"]

@@ -70,7 +70,7 @@ def _common(parser: argparse.ArgumentParser, image_root: bool = True) -> None:
     must not reset what was given before: their defaults are the top parser's alone
     (argparse copies a subcommand's defaults over the top parser's values)."""
     if image_root:
-        parser.add_argument("--image-root", default=argparse.SUPPRESS, type=Path,
+        parser.add_argument("--image-root", default=argparse.SUPPRESS, type=Path, metavar="DIR",
                             help=f"where layers and machines live (default {DEFAULT_IMAGE_ROOT})")
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="say more")
@@ -80,12 +80,12 @@ def _common(parser: argparse.ArgumentParser, image_root: bool = True) -> None:
 
 EXAMPLES = """\
 examples:
-  dkr pull debian:12                    pull docker.io/library/debian:12 as machine 'debian'
-  dkr pull quay.io/fedora/fedora:40 f40 pull into /var/lib/machines/f40
-  dkr --image-root /srv/machines list   the machines of another image root
-  dkr pull --creds alice example.com/app asks for alice's password
-  dkr login registry.example.com        store a login where podman keeps it
-  dkr gc                                remove layers no machine needs
+  dkr pull debian:12                      machine 'debian' of docker.io/library/debian:12
+  dkr pull quay.io/fedora/fedora:40 f40   machine 'f40': /var/lib/machines/f40
+  dkr --image-root /srv/machines list     the machines of another image root
+  dkr pull --creds alice example.com/app  asks for alice's password
+  dkr login registry.example.com          stores a login where podman keeps it
+  dkr gc                                  removes layers no machine needs
 """
 
 ENVIRONMENT = """\
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dkr", description="Pull container images into ready root file systems.",
         epilog=EXAMPLES + "\n" + ENVIRONMENT)
     parser.add_argument("--version", action="version", version=f"dkr {__version__}")
-    parser.add_argument("--image-root", type=Path, default=None,
+    parser.add_argument("--image-root", type=Path, default=None, metavar="DIR",
                         help=f"where layers and machines live (default {DEFAULT_IMAGE_ROOT})")
     parser.add_argument("-v", "--verbose", action="store_true", help="say more")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="pull an image and make a machine from it",
                           epilog=PULL_EXAMPLES + "\n" + ENVIRONMENT)
     _common(pull)
-    pull.add_argument("--backend", default="auto", help="auto, btrfs, overlay, dir or a plugin's")
+    pull.add_argument("--backend", default="auto", metavar="NAME", help="auto, btrfs, overlay, dir or a plugin's")
     pull.add_argument("--force", action="store_true",
                       help="replace a machine that holds another image, "
                            "discarding changes made in it, in one step: its path never shows "
@@ -139,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "an error. A tree dkr did not make is never replaced")
     pull.add_argument("--no-settings", dest="settings", action="store_false",
                       help="write no IMAGE_ROOT/LOCAL.nspawn from the image's config")
-    pull.add_argument("--platform", type=_platform_arg, help="OS/ARCH[/VARIANT] to pick from an index")
+    pull.add_argument("--platform", type=_platform_arg, metavar="PLATFORM", help="OS/ARCH[/VARIANT] to pick from an index")
     pull.add_argument("--insecure", action="store_true",
                       help="allow plain HTTP and unverified TLS for this registry")
     pull.add_argument("--tls-verify", type=login.bool_arg, default=None, metavar="BOOL",
                       help="false: the same as --insecure (podman's spelling); true: the "
                            "default")
-    pull.add_argument("--ca-file", help="PEM file of CA certificates to trust")
+    pull.add_argument("--ca-file", metavar="FILE", help="PEM file of CA certificates to trust")
     pull.add_argument("--creds", type=_creds_arg, metavar="USER[:PASS]",
                       help="the login for the registry; without :PASS the password is asked "
                            "for on the terminal, or read with --password-stdin (a password "
@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cert-dir", metavar="DIR",
                       help="TLS files for the registries (*.crt CAs, *.cert/*.key client "
                            "pair) instead of the certs.d directories")
-    pull.add_argument("--jobs", type=_ranged_int(1, MAX_JOBS), default=6,
+    pull.add_argument("--jobs", type=_ranged_int(1, MAX_JOBS), default=6, metavar="N",
                       help="connections per host (default 6)")
-    pull.add_argument("--retries", type=_ranged_int(0, MAX_RETRIES), default=4,
+    pull.add_argument("--retries", type=_ranged_int(0, MAX_RETRIES), default=4, metavar="N",
                       help="further attempts after a network failure, 429 or 5xx (default 4)")
     pull.add_argument("--spool-limit", type=_size_arg, default=4 * 1024**3, metavar="SIZE",
                       help="download at most this much ahead of extraction, e.g. 500M "
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
     pull.add_argument("--v1", action="store_true",
                       help="use the Docker Registry v1 protocol (REFERENCE is NAMESPACE/REPO[:TAG])")
-    pull.add_argument("--index-url", help="v1 index, e.g. https://index.example.com")
+    pull.add_argument("--index-url", metavar="URL", help="v1 index, e.g. https://index.example.com")
     pull.add_argument("--batch", metavar="FILE",
                       help="pull every 'REFERENCE [LOCAL]' line of FILE ('-': stdin) at once")
     pull.add_argument("--stats", action="store_true",
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start a local registry with a sample image and pull it")
     _common(demo)
     demo.set_defaults(default_image_root=Path("/var/tmp/dkr-demo"))
-    demo.add_argument("--backend", default="auto")
+    demo.add_argument("--backend", default="auto", metavar="NAME",
+                      help="auto, btrfs, overlay, dir or a plugin's")
     demo.set_defaults(func=cmd_demo)
 
     manage.add_commands(sub, _common)
