@@ -133,8 +133,14 @@ def test_the_shipped_man_page_and_completion_are_those_the_parser_makes(kind):
 def installed(tmp_path_factory) -> Path:
     """dkr pip-installed (not editable) into a prefix of its own, as users install it."""
     prefix = tmp_path_factory.mktemp("prefix")
+    # From a copy: building in the checkout would leave a build/ directory in it.
+    source = tmp_path_factory.mktemp("source") / "dkr"
+    shutil.copytree(CHECKOUT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", "bench", "tests"))
+    # --ignore-installed: else pip takes the dkr this test runs from out of its venv.
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                           "--disable-pip-version-check", "--prefix", str(prefix), str(CHECKOUT)],
+                           "--ignore-installed", "--disable-pip-version-check",
+                           "--prefix", str(prefix), str(source)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return prefix
