@@ -244,6 +244,8 @@ def test_a_pull_through_an_index_records_and_shows_its_digest(registry, tmp_path
                             root, "--platform", "linux/arm64", f"{registry.host}/habits/multi"))
     [resolved] = [e for e in run.events if e["event"] == "resolved"]
     assert resolved["index_digest"] == index and resolved["digest"] != index
+    [machine_event] = [e for e in run.events if e["event"] == "machine"]
+    assert machine_event["index_digest"] == index
     machine = json.loads(assert_ok(run_dkr("inspect", "--image-root", root, "multi")).out)
     assert machine["machine"]["index_digest"] == index
     assert machine["machine"]["manifest_digest"] == resolved["digest"]

@@ -609,6 +609,7 @@ class Puller:
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began,
                          digest=machines.image_digest(record),
+                         index_digest=record.get("index_digest"),
                          replaced=(replaced.digest or "an unknown image") if replaced else None,
                          discarded=discarded)
 
