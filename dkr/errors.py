@@ -11,6 +11,7 @@ class UsageError(DkrError):
     """Options or arguments that do not go together: status 2, as argparse's own."""
 
     exit_code = 2
+    kind = "usage"
 
 
 def one_line(text: str) -> str:

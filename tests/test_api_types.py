@@ -22,8 +22,8 @@ def _arch_image(arch: str) -> Image:
 def locked():
     """A registry that wants a login, with an image for two platforms."""
     with Registry(auth=("htpasswd", {"alice": "wonderland"})) as reg:
-        images.push_index(reg, "private/multi", "latest",
-                          {"linux/amd64": _arch_image("amd64"), "linux/arm64": _arch_image("arm64")})
+        images.push_index(reg, "private/multi", "latest", {"linux/amd64": _arch_image("amd64"),
+                                                           "linux/arm64": _arch_image("arm64")})
         yield reg
 
 

@@ -17,7 +17,8 @@ log = logging.getLogger("dkr")
 def add_commands(sub, common) -> None:
     p = sub.add_parser("login", help="log in to a registry (stored where podman keeps logins)")
     common(p)
-    p.add_argument("--username", "-u", metavar="USER", help="the user name (asked for on a terminal)")
+    p.add_argument("--username", "-u", metavar="USER",
+                   help="the user name (asked for on a terminal)")
     p.add_argument("--password", "-p", metavar="PASS",
                    help="the password (visible to other users in the process list: "
                         "prefer --password-stdin or the prompt)")

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="pull an image and make a machine from it",
                           epilog=PULL_EXAMPLES + "\n" + ENVIRONMENT)
     _common(pull)
-    pull.add_argument("--backend", default="auto", metavar="NAME", help="auto, btrfs, overlay, dir or a plugin's")
+    pull.add_argument("--backend", default="auto", metavar="NAME",
+                      help="auto, btrfs, overlay, dir or a plugin's")
     pull.add_argument("--force", action="store_true",
                       help="replace a machine that holds another image, "
                            "discarding changes made in it, in one step: its path never shows "
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "an error. A tree dkr did not make is never replaced")
     pull.add_argument("--no-settings", dest="settings", action="store_false",
                       help="write no IMAGE_ROOT/LOCAL.nspawn from the image's config")
-    pull.add_argument("--platform", type=_platform_arg, metavar="PLATFORM", help="OS/ARCH[/VARIANT] to pick from an index")
+    pull.add_argument("--platform", type=_platform_arg, metavar="PLATFORM",
+                      help="OS/ARCH[/VARIANT] to pick from an index")
     pull.add_argument("--insecure", action="store_true",
                       help="allow plain HTTP and unverified TLS for this registry")
     pull.add_argument("--tls-verify", type=login.bool_arg, default=None, metavar="BOOL",
