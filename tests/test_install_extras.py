@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from helpers import Run, assert_clean_failure, interpreter_with_site_hook
+from helpers import Run, assert_clean_failure, assert_ok, interpreter_with_site_hook, run_dkr
 from reliability_helpers import need
 
 from dkr.testing import images, loopfs
@@ -193,3 +193,18 @@ def test_bash_completes_commands_options_and_values(installed, tmp_path):
         [f"{tmp_path}/images.txt"]
     assert _complete(script, "dkr", "rm", "--dr") == []
     assert _complete(script, "dkr", "gc", "--dr") == ["--dry-run"]
+
+
+def test_bash_completes_the_machines_of_the_image_root_given(installed, registry, tmp_path):
+    script = installed / "share/bash-completion/completions/dkr"
+    images.push_image(registry, "extras/names", "1", Image([Layer([File("a", b"a")])]))
+    root = tmp_path / "m"
+    for local in ("web", "db"):
+        assert_ok(run_dkr("pull", "--insecure", "--backend", "dir", "--image-root", root,
+                          f"{registry.host}/extras/names:1", local))
+    assert _complete(script, "dkr", "--image-root", str(root), "rm", "") == ["db", "web"]
+    assert _complete(script, "dkr", "inspect", "--image-root", "=", str(root), "w") == ["web"]
+    assert _complete(script, "dkr", "mount", "--image-root", str(root), "web", "") == \
+        ["db", "web"]
+    assert _complete(script, "dkr", "--image-root", str(tmp_path / "none"), "rm", "") == []
+    assert _complete(script, "dkr", "--image-root", str(root), "pull", "") == []
