@@ -246,6 +246,7 @@ def test_a_pull_through_an_index_records_and_shows_its_digest(registry, tmp_path
     assert resolved["index_digest"] == index and resolved["digest"] != index
     [machine_event] = [e for e in run.events if e["event"] == "machine"]
     assert machine_event["index_digest"] == index
+    assert f"(linux/arm64, 1 layers, from index {index})." in run.err
     machine = json.loads(assert_ok(run_dkr("inspect", "--image-root", root, "multi")).out)
     assert machine["machine"]["index_digest"] == index
     assert machine["machine"]["manifest_digest"] == resolved["digest"]
