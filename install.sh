@@ -18,7 +18,10 @@ if [ ! -e /etc/containers/policy.json ]; then
 fi
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,btrfs]'
+# The man page and bash completion (a pip-installed wheel puts them in its prefix's share/).
+install -D -m 644 dkr/data/man/dkr.1 /usr/local/share/man/man1/dkr.1
+install -D -m 644 dkr/data/bash-completion/dkr /usr/local/share/bash-completion/completions/dkr
 # The boot unit that mounts overlay machines again after a reboot, naming this dkr.
 units=/etc/systemd/system
 mkdir -p "$units/systemd-nspawn@.service.d"

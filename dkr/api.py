@@ -7,12 +7,16 @@ from plain code or from a running asyncio loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
+from pathlib import Path
 
 from dkr.errors import DkrError, Interrupted, os_error_text
 from dkr.events import Events
 from dkr.pull.puller import Puller, PullOptions, PullResult
+from dkr.registry.auth import Credentials
 from dkr.registry.reference import default_machine_name, parse_reference
+from dkr.registry.v2 import Platform, parse_platform
 
 __all__ = ["PullOptions", "PullResult", "login", "logout", "pull", "pull_async", "pull_batch",
            "pull_batch_async", "pull_v1", "pull_v1_async"]
@@ -23,7 +27,7 @@ async def pull_async(reference: str, local: str | None = None, *,
                      events: Events | None = None) -> PullResult:
     ref = parse_reference(reference)
     local = local or default_machine_name(ref.name)
-    async with Puller(options or PullOptions(), events) as puller:
+    async with Puller(_usable(options), events) as puller:
         # A short name is resolved by the puller (registries.conf); LOCAL is named
         # after what the user wrote.
         return await puller.pull(reference, local)
@@ -56,7 +60,7 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
     if options is not None and options.credentials and len(hosts) > 1:
         raise DkrError(f"--creds would go to every registry of the batch ({', '.join(hosts)}): "
                        "put each one's login in ~/.docker/config.json instead")
-    async with Puller(options or PullOptions(), events) as puller:
+    async with Puller(_usable(options), events) as puller:
         outcomes = await asyncio.gather(*(puller.pull(ref, local) for ref, local in parsed),
                                         return_exceptions=True)
     for outcome in outcomes:
@@ -69,6 +73,33 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
 def pull_batch(items: list[tuple[str, str | None]], *, options: PullOptions | None = None,
                events: Events | None = None) -> list[PullResult | DkrError]:
     return _run(pull_batch_async(items, options=options, events=events))
+
+
+def _usable(options: PullOptions | None) -> PullOptions:
+    """``options`` with what callers pass in their own words made the engine's types:
+    a platform as "linux/arm64", credentials as a (user, password) pair, paths as
+    str. A TypeError names the type wanted."""
+    options = options or PullOptions()
+    changes = {}
+    if isinstance(options.platform, str):
+        changes["platform"] = parse_platform(options.platform)
+    elif options.platform is not None and not isinstance(options.platform, Platform):
+        raise TypeError("PullOptions.platform: want a str such as 'linux/arm64' or a "
+                        f"dkr.registry.v2.Platform, not {type(options.platform).__name__}")
+    credentials = options.credentials
+    if isinstance(credentials, (tuple, list)) and not isinstance(credentials, Credentials):
+        if len(credentials) != 2 or not all(isinstance(part, str) for part in credentials):
+            raise TypeError("PullOptions.credentials: want a (user, password) pair of str")
+        changes["credentials"] = Credentials(*credentials)
+    elif credentials is not None and not isinstance(credentials, Credentials):
+        raise TypeError("PullOptions.credentials: want a (user, password) tuple or a "
+                        f"dkr.registry.auth.Credentials, not {type(credentials).__name__}")
+    if not isinstance(options.image_root, Path):
+        if not isinstance(options.image_root, str):
+            raise TypeError("PullOptions.image_root: want a str or pathlib.Path, not "
+                            f"{type(options.image_root).__name__}")
+        changes["image_root"] = Path(options.image_root)
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 def read_batch_file(text: str, where: str) -> list[tuple[str, str | None]]:
@@ -91,7 +122,7 @@ async def pull_v1_async(name: str, local: str | None = None, *, index_url: str,
                         events: Events | None = None) -> PullResult:
     """Pull ``NAMESPACE/REPO[:TAG]`` over the Docker Registry v1 protocol."""
     from dkr.pull.v1 import pull_v1 as _pull_v1
-    async with Puller(options or PullOptions(), events) as puller:
+    async with Puller(_usable(options), events) as puller:
         return await _pull_v1(puller, name, local, index_url)
 
 

@@ -81,19 +81,36 @@ def remove_tree(path: Path | str) -> None:
 
 
 def tree_size(path: Path | str) -> int:
-    """Bytes used by the files below ``path``, each inode counted once."""
+    """Bytes used on disk by ``path`` and the files below it, as ``du -s`` counts
+    them: allocated blocks, a file of several hard links once. One lstat per
+    entry (scandir's), so a machine of 100,000 files takes a fraction of a second."""
     seen: set[tuple[int, int]] = set()
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in filenames + dirnames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key not in seen:
-                seen.add(key)
+    try:
+        top = os.lstat(path)
+    except OSError:
+        return 0
+    total = top.st_blocks * 512
+    pending = [os.fspath(path)]
+    while pending:
+        try:
+            entries = os.scandir(pending.pop())
+        except OSError:
+            continue                  # gone meanwhile, or not ours to read
+        with entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if st.st_nlink > 1 and not is_dir:       # a hard link: count its file once
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        continue
+                    seen.add(key)
                 total += st.st_blocks * 512
+                if is_dir:
+                    pending.append(entry.path)
     return total
 
 

@@ -16,7 +16,7 @@ def test_help_wraps_to_the_width_columns_gives():
         assert run.rc == 0, run.err
         assert "--spool-limit" in run.out
         # (The usage block may overrun: argparse does not split one option's part.)
-        options = run.out.split("\n\n", 1)[1]
+        options = run.out.split("\n\n", 1)[1].split("\nexamples:")[0]
         widest[columns] = max(len(line) for line in options.splitlines())
     assert widest[50] <= 50
     assert widest[130] > 60
@@ -30,14 +30,15 @@ def test_a_usage_error_is_one_line_and_status_2():
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--jobs", "99999999999999999999", r"--jobs must be 1 to 1024"),
-    ("--jobs", "0", r"--jobs must be 1 to 1024"),
-    ("--stall-timeout", "99999999999999999999", r"--stall-timeout 1 to 604800 seconds"),
-    ("--retries", "-1", r"--retries must be 0 to 1000"),
+    ("--jobs", "99999999999999999999", r"--jobs: must be 1 to 1024"),
+    ("--jobs", "0", r"--jobs: must be 1 to 1024"),
+    ("--stall-timeout", "99999999999999999999", r"--stall-timeout: must be 1 to 604800 seconds"),
+    ("--retries", "-1", r"--retries: must be 0 to 1000"),
 ])
-def test_numbers_out_of_range_are_one_line_errors(tmp_path, option, value, message):
+def test_numbers_out_of_range_are_one_line_usage_errors(tmp_path, option, value, message):
     run = run_dkr("pull", "--image-root", tmp_path / "root", option, value, "127.0.0.1:1/x/y")
     assert_clean_failure(run, tmp_path / "root", message)
+    assert run.rc == 2
 
 
 def test_an_index_url_that_does_not_parse_is_a_clear_error(tmp_path):

@@ -14,7 +14,7 @@ from dkr.startup import loading_modules, modules_loaded
 
 def main() -> int:
     loading_modules()
-    if sys.argv[1:2] == ["pull"]:
+    if _command(sys.argv[1:]) == "pull":
         from dkr.unpack.forkserver import start_early
         try:
             start_early()
@@ -32,3 +32,14 @@ def main() -> int:
     except OSError:           # a reader that went away: its loss
         pass
     os._exit(status)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command word, past the options that may come before it (``dkr -v pull``)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--image-root":       # (the one of them that takes a separate value)
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None

@@ -14,9 +14,9 @@ from pathlib import Path
 from dkr import __version__, api
 from dkr.cli import login, manage
 from dkr.cli.render import JsonRenderer, StatsRenderer, log_renderer
-from dkr.errors import DkrError, one_line, os_error_text
+from dkr.errors import DkrError, UsageError, one_line, os_error_text
 from dkr.events import Events
-from dkr.registry.auth import parse_creds
+from dkr.registry.auth import Credentials, parse_creds
 from dkr.registry.v2 import parse_platform
 
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
@@ -26,8 +26,9 @@ MAX_RETRIES = 1000
 MAX_STALL = 7 * 24 * 3600
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's, sized to the terminal once per process.
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, sized to the terminal once per process; descriptions and
+    epilogs (examples, environment) keep their lines as written.
 
     argparse makes a formatter for every argument it is given, and each
     asked ``shutil`` for the terminal's size: importing it (with bz2 and
@@ -64,23 +65,73 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"dkr: error: {message} (see '{self.prog} --help')\n")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-root", default=DEFAULT_IMAGE_ROOT, type=Path,
-                        help=f"where layers and machines live (default {DEFAULT_IMAGE_ROOT})")
-    parser.add_argument("-v", "--verbose", action="store_true", help="say more")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+def _common(parser: argparse.ArgumentParser, image_root: bool = True) -> None:
+    """The options every command takes, before its name or after it. After it they
+    must not reset what was given before: their defaults are the top parser's alone
+    (argparse copies a subcommand's defaults over the top parser's values)."""
+    if image_root:
+        parser.add_argument("--image-root", default=argparse.SUPPRESS, type=Path, metavar="DIR",
+                            help=f"where layers and machines live (default {DEFAULT_IMAGE_ROOT})")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="say more")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only errors")
+
+
+EXAMPLES = """\
+examples:
+  dkr pull debian:12                      machine 'debian' of docker.io/library/debian:12
+  dkr pull quay.io/fedora/fedora:40 f40   machine 'f40': /var/lib/machines/f40
+  dkr --image-root /srv/machines list     the machines of another image root
+  dkr pull --creds alice example.com/app  asks for alice's password
+  dkr login registry.example.com          stores a login where podman keeps it
+  dkr gc                                  removes layers no machine needs
+"""
+
+ENVIRONMENT = """\
+environment:
+  CONTAINERS_REGISTRIES_CONF  the registries.conf to read (as --registries-conf)
+  REGISTRY_AUTH_FILE          the only auth file to read logins from (as --authfile)
+  XDG_RUNTIME_DIR             logins in $XDG_RUNTIME_DIR/containers/auth.json
+  XDG_CONFIG_HOME             logins in $XDG_CONFIG_HOME/containers/auth.json
+  DOCKER_CONFIG               logins in $DOCKER_CONFIG/config.json (~/.docker)
+  XDG_CACHE_HOME              where a short name's chosen registry is recorded
+  HOME                        the per-user files: ~/.config/containers, certs.d
+  DKR_SIGNATURE_POLICY        the default --signature-policy
+  DKR_REGISTRIES_D            the default --registries.d
+  SSL_CERT_FILE               the CA certificates to trust instead of the system's
+  COLUMNS                     the width of help text
+"""
+
+PULL_EXAMPLES = """\
+examples:
+  dkr pull debian:12
+  dkr pull docker://quay.io/fedora/fedora:40 f40
+  dkr pull --platform linux/arm64 alpine
+  dkr pull --tls-verify=false 127.0.0.1:5000/app:1
+  echo "$TOKEN" | dkr pull --creds ci --password-stdin \\
+      registry.example.com/team/app
+  dkr pull --batch images.txt --json
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="dkr", description="Pull container images into ready root file systems.")
+        prog="dkr", description="Pull container images into ready root file systems.",
+        epilog=EXAMPLES + "\n" + ENVIRONMENT)
     parser.add_argument("--version", action="version", version=f"dkr {__version__}")
+    parser.add_argument("--image-root", type=Path, default=None, metavar="DIR",
+                        help=f"where layers and machines live (default {DEFAULT_IMAGE_ROOT})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say more")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    pull = sub.add_parser("pull", help="pull an image and make a machine from it")
+    pull = sub.add_parser("pull", help="pull an image and make a machine from it",
+                          epilog=PULL_EXAMPLES + "\n" + ENVIRONMENT)
     _common(pull)
-    pull.add_argument("--backend", default="auto", help="auto, btrfs, overlay, dir or a plugin's")
+    pull.add_argument("--backend", default="auto", metavar="NAME",
+                      help="auto, btrfs, overlay, dir or a plugin's")
     pull.add_argument("--force", action="store_true",
                       help="replace a machine that holds another image, "
                            "discarding changes made in it, in one step: its path never shows "
@@ -89,11 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "an error. A tree dkr did not make is never replaced")
     pull.add_argument("--no-settings", dest="settings", action="store_false",
                       help="write no IMAGE_ROOT/LOCAL.nspawn from the image's config")
-    pull.add_argument("--platform", type=_platform_arg, help="OS/ARCH[/VARIANT] to pick from an index")
+    pull.add_argument("--platform", type=_platform_arg, metavar="PLATFORM",
+                      help="OS/ARCH[/VARIANT] to pick from an index")
     pull.add_argument("--insecure", action="store_true",
                       help="allow plain HTTP and unverified TLS for this registry")
-    pull.add_argument("--ca-file", help="PEM file of CA certificates to trust")
-    pull.add_argument("--creds", type=_creds_arg, help="USER:PASS for the registry")
+    pull.add_argument("--tls-verify", type=login.bool_arg, default=None, metavar="BOOL",
+                      help="false: the same as --insecure (podman's spelling); true: the "
+                           "default")
+    pull.add_argument("--ca-file", metavar="FILE", help="PEM file of CA certificates to trust")
+    pull.add_argument("--creds", type=_creds_arg, metavar="USER[:PASS]",
+                      help="the login for the registry; without :PASS the password is asked "
+                           "for on the terminal, or read with --password-stdin (a password "
+                           "on the command line shows in the process list)")
+    pull.add_argument("--password-stdin", action="store_true",
+                      help="read the password for --creds USER from stdin")
+    pull.add_argument("--authfile", metavar="FILE",
+                      help="read logins from this auth.json only (default: $REGISTRY_AUTH_FILE, "
+                           "else podman's and docker's files)")
     pull.add_argument("--registries-conf", metavar="FILE",
                       help="read this containers-registries.conf(5) file only (mirrors, "
                            "short names; default: /etc/containers/registries.conf and "
@@ -101,13 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cert-dir", metavar="DIR",
                       help="TLS files for the registries (*.crt CAs, *.cert/*.key client "
                            "pair) instead of the certs.d directories")
-    pull.add_argument("--jobs", type=int, default=6, help="connections per host (default 6)")
-    pull.add_argument("--retries", type=int, default=4,
+    pull.add_argument("--jobs", type=_ranged_int(1, MAX_JOBS), default=6, metavar="N",
+                      help="connections per host (default 6)")
+    pull.add_argument("--retries", type=_ranged_int(0, MAX_RETRIES), default=4, metavar="N",
                       help="further attempts after a network failure, 429 or 5xx (default 4)")
     pull.add_argument("--spool-limit", type=_size_arg, default=4 * 1024**3, metavar="SIZE",
                       help="download at most this much ahead of extraction, e.g. 500M "
                            "(default 4G; the next layer's blob is always let through)")
-    pull.add_argument("--stall-timeout", type=int, default=60, metavar="SECONDS",
+    pull.add_argument("--stall-timeout", type=_ranged_int(1, MAX_STALL, "seconds"), default=60,
+                      metavar="SECONDS",
                       help="give up on a transfer that moved no data this long (default 60)")
     pull.add_argument("--stage-ahead", choices=("auto", "always", "never"), default="auto",
                       help="inflate and check btrfs/dir layers while their parent is still "
@@ -128,25 +193,38 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--json", action="store_true", help="print events as JSON lines on stdout")
     pull.add_argument("--v1", action="store_true",
                       help="use the Docker Registry v1 protocol (REFERENCE is NAMESPACE/REPO[:TAG])")
-    pull.add_argument("--index-url", help="v1 index, e.g. https://index.example.com")
+    pull.add_argument("--index-url", metavar="URL", help="v1 index, e.g. https://index.example.com")
     pull.add_argument("--batch", metavar="FILE",
                       help="pull every 'REFERENCE [LOCAL]' line of FILE ('-': stdin) at once")
     pull.add_argument("--stats", action="store_true",
                       help="say afterwards where the bytes and the seconds went")
     pull.add_argument("reference", metavar="REFERENCE", nargs="?",
-                      help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
+                      help="[docker://][HOST[:PORT]/]NAME[:TAG|@DIGEST]")
     pull.add_argument("local", metavar="LOCAL", nargs="?", help="machine name (default: last name component)")
     pull.set_defaults(func=cmd_pull)
 
     demo = sub.add_parser("demo", help="start a local registry with a sample image and pull it")
     _common(demo)
-    demo.set_defaults(image_root=Path("/var/tmp/dkr-demo"))
-    demo.add_argument("--backend", default="auto")
+    demo.set_defaults(default_image_root=Path("/var/tmp/dkr-demo"))
+    demo.add_argument("--backend", default="auto", metavar="NAME",
+                      help="auto, btrfs, overlay, dir or a plugin's")
     demo.set_defaults(func=cmd_demo)
 
     manage.add_commands(sub, _common)
-    login.add_commands(sub, _common)
+    login.add_commands(sub, functools.partial(_common, image_root=False))
+
+    version = sub.add_parser("version", help="print the versions of dkr, Python and libcurl")
+    _common(version, image_root=False)
+    version.set_defaults(func=cmd_version)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with each option's value from wherever it was given."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "image_root", None) is None:
+        args.image_root = getattr(args, "default_image_root", Path(DEFAULT_IMAGE_ROOT))
+    return args
 
 
 def _platform_arg(text: str):
@@ -154,6 +232,20 @@ def _platform_arg(text: str):
         return parse_platform(text)
     except DkrError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ranged_int(low: int, high: int, unit: str = ""):
+    """An argument type: a whole number from ``low`` to ``high``, else a usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be {low} to {high}{' ' + unit if unit else ''}, not {text!r}")
+        return value
+    return parse
 
 
 def _size_arg(text: str) -> int:
@@ -165,11 +257,31 @@ def _size_arg(text: str) -> int:
     return int(number) * units[unit]
 
 
-def _creds_arg(text: str):
+def _creds_arg(text: str) -> Credentials | str:
+    """USER:PASS, or USER alone (a str) whose password is read later."""
+    if ":" not in text and text:
+        return text
     try:
         return parse_creds(text)
     except DkrError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e).replace("USER:PASS", "USER[:PASS]")) from None
+
+
+def _pull_credentials(args) -> Credentials | None:
+    """--creds, with its password asked for or read from stdin where it has none."""
+    if args.password_stdin and args.batch == "-":
+        raise UsageError("--password-stdin and --batch - cannot both read stdin")
+    if not isinstance(args.creds, str):
+        if args.password_stdin:
+            raise UsageError("--password-stdin needs --creds USER (without :PASS)")
+        return args.creds
+    return Credentials(args.creds, login.read_password(None, args.password_stdin, args.creds))
+
+
+def _insecure(args) -> bool:
+    if args.tls_verify is True and args.insecure:
+        raise UsageError("--insecure and --tls-verify=true contradict each other")
+    return args.insecure or args.tls_verify is False
 
 
 def _events(args) -> tuple[Events, StatsRenderer | None]:
@@ -183,19 +295,20 @@ def _events(args) -> tuple[Events, StatsRenderer | None]:
 
 
 def cmd_pull(args) -> int:
-    if not 1 <= args.jobs <= MAX_JOBS:
-        raise DkrError(f"--jobs must be 1 to {MAX_JOBS}")
-    if not 0 <= args.retries <= MAX_RETRIES or not 1 <= args.stall_timeout <= MAX_STALL:
-        raise DkrError(f"--retries must be 0 to {MAX_RETRIES} and --stall-timeout "
-                       f"1 to {MAX_STALL} seconds")
     if args.batch and (args.reference is not None or args.local or args.v1):
-        raise DkrError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
+        raise UsageError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
     if not args.batch and args.reference is None:
-        raise DkrError("a REFERENCE (or --batch FILE) is required")
+        raise UsageError("a REFERENCE (or --batch FILE) is required")
+    if args.v1 != bool(args.index_url):
+        raise UsageError("--v1 needs --index-url URL" if args.v1 else
+                         "--index-url only applies to --v1 pulls")
+    if args.authfile and not os.path.isfile(args.authfile):
+        raise UsageError(f"--authfile {args.authfile}: no such file")
     options = api.PullOptions(
         image_root=args.image_root, backend=args.backend, force=args.force,
-        platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
-        credentials=args.creds, jobs=args.jobs, retries=args.retries,
+        platform=args.platform, insecure=_insecure(args), ca_file=args.ca_file,
+        credentials=_pull_credentials(args), auth_file=args.authfile,
+        jobs=args.jobs, retries=args.retries,
         stall_timeout=args.stall_timeout, spool_limit=args.spool_limit,
         stage_ahead=args.stage_ahead, spool_all=args.spool_all,
         registries_conf=args.registries_conf,
@@ -204,10 +317,6 @@ def cmd_pull(args) -> int:
         settings=args.settings)
     events, stats = _events(args)
     try:
-        if args.v1 and not args.index_url:
-            raise DkrError("--v1 needs --index-url URL")
-        if args.index_url and not args.v1:
-            raise DkrError("--index-url only applies to --v1 pulls")
         try:
             if args.batch:
                 return _pull_batch(args.batch, options, events)
@@ -272,6 +381,17 @@ def _pull_batch(path: str, options, events) -> int:
     return 1 if failed else 0
 
 
+def cmd_version(args) -> int:
+    import platform
+
+    import pycurl
+    print(f"dkr {__version__}")
+    print(f"Python {platform.python_version()} ({sys.executable})")
+    # pycurl.version: "PycURL/7.45.2 libcurl/7.88.1 OpenSSL/3.0.11 zlib/1.2.13 ..."
+    print(pycurl.version)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from dkr.cli.demo import run_demo
     return run_demo(args.image_root, args.backend)
@@ -303,8 +423,7 @@ def _reader_gone(stream) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     _setup_logging(args)
     try:
         status = args.func(args)

@@ -18,11 +18,12 @@ import logging
 import os
 import re
 import sys
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dkr.errors import DkrError, one_line
+from dkr.errors import DkrError, UsageError, one_line
 from dkr.fsinfo import is_mount_point
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, backends
@@ -172,13 +173,35 @@ def _wrap_os_error(what: str) -> Iterator[None]:
 
 def _summary(root: ImageRoot, info: dict) -> dict:
     local = info.get("local", "?")
+    machine = root.machine_path(local)
+    present = os.path.lexists(machine)
     return {"local": local, "reference": info.get("reference"),
             # a v1 image has no manifest: its image id names it
             "digest": info.get("manifest_digest") or info.get("image_id"),
+            "index_digest": info.get("index_digest"),
             "backend": info.get("backend"),
-            "size": _image_size(root, info), "created": info.get("created"),
-            "path": str(root.machine_path(local)),
-            "present": os.path.lexists(root.machine_path(local))}
+            "size": _image_size(root, info),
+            # What `du -s` says of the machine: on btrfs, blocks it shares with its
+            # layers and other machines count in full, as there.
+            "disk_use": tree_size(machine) if present else None,
+            "created": info.get("created"),
+            "path": str(machine), "present": present}
+
+
+def _ago(created: str | None, now: float) -> str:
+    """A record's ISO 8601 UTC time as people say it: "3 minutes ago"."""
+    import calendar
+    try:
+        then = calendar.timegm(time.strptime(created or "", "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return created or "-"
+    seconds = max(0, int(now - then))
+    for unit, length in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
+                         ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count = seconds // length
+        if count >= (2 if unit in ("month", "week") else 1):
+            return f"{count} {unit}{'s' if count != 1 else ''} ago"
+    return "just now"
 
 
 def cmd_list(args) -> int:
@@ -195,16 +218,18 @@ def cmd_list(args) -> int:
             log.warning("%s; its machine is listed as unreadable.", info)
             row = {"local": local, "path": str(root.machine_path(local)), "error": str(info)}
         rows.append({**row, "state": machines.state(root, local, info)})
+    rows.sort(key=lambda row: row["local"])
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     table = [("LOCAL", "REFERENCE", "DIGEST", "BACKEND", "SIZE", "CREATED", "STATE")]
+    now = time.time()
     for row in rows:
         digest = (row.get("digest") or "-").split(":", 1)[-1][:12]
         table.append((row["local"], row.get("reference") or "-", digest,
-                      row.get("backend") or "-", _human(row.get("size")),
-                      row.get("created") or "-", row["state"]))
+                      row.get("backend") or "-", _human(row.get("disk_use")),
+                      _ago(row.get("created"), now), row["state"]))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -336,11 +361,11 @@ def _selected(root: ImageRoot, args) -> list[tuple[str, dict | DkrError]]:
     """The machines named, or --all with the records that cannot be read too: --all
     must not pass over a machine in silence (a boot script would think it mounted)."""
     if args.all and args.locals:
-        raise DkrError("give machine names or --all, not both")
+        raise UsageError("give machine names or --all, not both")
     if args.all:
         return root.machine_records() if root.meta.is_dir() else []
     if not args.locals:
-        raise DkrError("which machine? (give LOCAL or --all)")
+        raise UsageError("which machine? (give LOCAL or --all)")
     return [(local, _machine(root, local)) for local in dict.fromkeys(args.locals)]
 
 

@@ -26,7 +26,9 @@ def _size_note(size: int | None) -> str:
 _LINES: dict[str, Callable[[dict], str]] = {
     "backend": lambda f: f"Using {f['why']}.",
     "resolved": lambda f: (f"Resolved {f['reference']} to {f['digest']} "
-                           f"({f['platform']}, {f['layers']} layers)."),
+                           f"({f['platform']}, {f['layers']} layers"
+                           + (f", from index {f['index_digest']}" if f.get("index_digest") else "")
+                           + ")."),
     "skipped": lambda f: f"Layer {_short(f['chain_id'])} already exists, skipping.",
     "layer-start": lambda f: (f"Extracting layer {f['index']}/{f['count']} "
                               f"{_short(f['digest'])}{_size_note(f.get('size'))}."),

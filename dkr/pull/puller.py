@@ -60,6 +60,7 @@ class PullOptions:
     insecure: bool = False
     ca_file: str | None = None
     credentials: Credentials | None = None
+    auth_file: str | None = None         # the one auth.json to read logins from (--authfile)
     jobs: int = 6
     retries: int = 4
     stall_timeout: int = 60
@@ -79,6 +80,8 @@ class PullResult:
     reference: str
     local: str
     manifest_digest: str
+    path: str | None = None       # the machine's tree, IMAGE_ROOT/LOCAL
+    index_digest: str | None = None   # of the index the manifest was picked from, if any
     layers_fetched: int = 0
     layers_reused: int = 0
     bytes_fetched: int = 0
@@ -169,7 +172,7 @@ class Puller:
         its namespace). Each credential helper question is put once per run, off the
         event loop (a helper may wait for a keyring to unlock), and what it answered,
         or how it failed, serves every image that asks it."""
-        for source in credential_sources(ref.host, ref.name):
+        for source in credential_sources(ref.host, ref.name, self.options.auth_file):
             if isinstance(source, HelperQuestion):
                 if source not in self._helper_answers:
                     asking = asyncio.ensure_future(
@@ -223,8 +226,10 @@ class Puller:
         # The manifest that is pulled (an index's picked one) is judged before any layer.
         accepted = await self.trust.check(client, ref, plan.manifest_digest)
         self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
-                         platform=plan.platform, layers=len(plan.layers))
+                         platform=plan.platform, layers=len(plan.layers),
+                         index_digest=plan.index_digest)
         result = PullResult(str(ref), local, plan.manifest_digest,
+                            index_digest=plan.index_digest,
                             chain=[layer.chain_id for layer in plan.layers])
         if self.up_to_date(local, plan.manifest_digest, backend):
             return self.finish(result, started, up_to_date=True)
@@ -234,6 +239,7 @@ class Puller:
         await self.make_machine(local, paths, backend, {
             "reference": str(ref), "manifest_digest": plan.manifest_digest,
             "config_digest": plan.config_digest, "platform": plan.platform,
+            **({"index_digest": plan.index_digest} if plan.index_digest else {}),
             "layers": [digest_hex(layer.chain_id) for layer in plan.layers],
             "accepted": accepted})
         return self.finish(result, started)
@@ -241,6 +247,7 @@ class Puller:
     def finish(self, result: PullResult, started: float, up_to_date: bool = False) -> PullResult:
         """Say what a finished pull did, including what it could not apply."""
         result.seconds = time.monotonic() - started
+        result.path = str(self.root.machine_path(result.local))
         if result.recorded_stats or result.device_stand_ins:
             # (the extractor's modules stay out of here until needed)
             from dkr.unpack.extract import OVERRIDE_STAT_XATTR
@@ -614,6 +621,7 @@ class Puller:
         self.events.emit("machine", local=local, path=str(machine),
                          seconds=time.monotonic() - began,
                          digest=machines.image_digest(record),
+                         index_digest=record.get("index_digest"),
                          replaced=(replaced.digest or "an unknown image") if replaced else None,
                          discarded=discarded)
 

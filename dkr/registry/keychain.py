@@ -8,8 +8,8 @@ podman and skopeo read them (containers-auth.json(5)):
 2. ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config/...``);
 3. ``$DOCKER_CONFIG/config.json`` (``~/.docker/config.json``).
 
-``$REGISTRY_AUTH_FILE``, like podman's ``--authfile``, is the only file read
-when it is set. The first file that has a login for the registry gives it.
+A file named by ``--authfile`` (``PullOptions.auth_file``), else
+``$REGISTRY_AUTH_FILE``, is the only file read. The first file that has a login for the registry gives it.
 In a file, a credential helper named for the host (``credHelpers``) comes
 first, then one for all hosts (``credsStore``), then the ``auths`` entries,
 the one naming the longest part of ``host/repository`` first. A helper is
@@ -61,11 +61,12 @@ class HelperQuestion(NamedTuple):
         return None
 
 
-def credential_sources(host: str, repository: str = "") \
+def credential_sources(host: str, repository: str = "", auth_file: str | None = None) \
         -> Iterator[Credentials | HelperQuestion]:
     """Where a login for ``host`` may come from, in the order to try them: a login
-    ends the search, a helper that knows none passes it to the next file."""
-    for path in auth_files():
+    ends the search, a helper that knows none passes it to the next file.
+    ``auth_file``: the one file to read (--authfile)."""
+    for path in auth_files(auth_file):
         config = _read_config(path)
         if config is None:
             continue
@@ -79,16 +80,20 @@ def credential_sources(host: str, repository: str = "") \
             return
 
 
-def find_credentials(host: str, repository: str = "") -> Credentials | None:
+def find_credentials(host: str, repository: str = "",
+                     auth_file: str | None = None) -> Credentials | None:
     """The login for ``host`` (and ``repository``, which an auth file may name), or None."""
-    for source in credential_sources(host, repository):
+    for source in credential_sources(host, repository, auth_file):
         found = source.ask() if isinstance(source, HelperQuestion) else source
         if found:
             return found
     return None
 
 
-def auth_files() -> list[Path]:
+def auth_files(named: str | None = None) -> list[Path]:
+    """The auth files to read, in order: ``named`` alone if given."""
+    if named:
+        return [Path(named)]
     env = os.environ
     if env.get("REGISTRY_AUTH_FILE"):
         return [Path(env["REGISTRY_AUTH_FILE"])]

@@ -35,7 +35,7 @@ def login_key(registry: str) -> str:
 
 
 def auth_file(named: str | None = None) -> Path:
-    return Path(named) if named else auth_files()[0]
+    return auth_files(named)[0]
 
 
 async def check_login(key: str, credentials: Credentials, options: TransferOptions) -> None:

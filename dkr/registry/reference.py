@@ -83,11 +83,19 @@ def _looks_like_host(component: str) -> bool:
     return "." in component or ":" in component or component == "localhost" or component.startswith("[")
 
 
+TRANSPORT_PREFIX = "docker://"      # as podman and skopeo name a registry's image
+
+
+def without_transport(text: str) -> str:
+    """``text`` without a leading ``docker://``."""
+    return text[len(TRANSPORT_PREFIX):] if text.startswith(TRANSPORT_PREFIX) else text
+
+
 def parse_reference(text: str) -> Reference:
-    """Parse ``[HOST[:PORT]/]NAME[:TAG][@DIGEST]`` with Docker Hub defaults."""
+    """Parse ``[docker://][HOST[:PORT]/]NAME[:TAG][@DIGEST]`` with Docker Hub defaults."""
     if not text or text != text.strip() or any(c.isspace() or ord(c) < 32 for c in text):
         raise DkrError(f"invalid reference {text!r}: empty or contains whitespace")
-    rest, digest = text, None
+    rest, digest = without_transport(text), None
     if "@" in rest:
         rest, digest = rest.split("@", 1)
         if not _DIGEST_RE.fullmatch(digest):

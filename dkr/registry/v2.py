@@ -104,6 +104,7 @@ class ImagePlan(NamedTuple):
     config: bytes
     layers: list[LayerPlan]
     platform: str
+    index_digest: str | None = None     # the index (manifest list) it was picked from
 
 
 def sha256_digest(data: bytes) -> str:
@@ -168,6 +169,7 @@ class ManifestResolver:
     async def resolve(self) -> ImagePlan:
         body, media_type, digest = await self._manifest(self.ref.ref, self.ref.digest)
         chosen, from_index = None, media_type in INDEX_TYPES
+        index_digest = digest if from_index else None
         if from_index:
             entry_digest, chosen = self._choose_platform(_json(body, f"{self.where}: index"))
             body, media_type, digest = await self._manifest(entry_digest, entry_digest)
@@ -198,6 +200,7 @@ class ManifestResolver:
         return ImagePlan(
             reference=self.ref, manifest_digest=digest, manifest=body,
             config_digest=config_digest, config=config, platform=chosen,
+            index_digest=index_digest,
             layers=[LayerPlan(d, s, t, diff, chain) for (d, s, t), diff, chain
                     in zip(descriptors, diff_ids, chain_ids(diff_ids))])
 

@@ -134,7 +134,7 @@ def _count(value) -> bool:
 _LAYER_FIELDS = {"backend": _text, "tar_bytes": _count}
 _MACHINE_FIELDS = {
     "local": _text, "backend": _text, "reference": _text, "created": _text,
-    "manifest_digest": _digest, "config_digest": _digest,
+    "manifest_digest": _digest, "config_digest": _digest, "index_digest": _digest,
     "layers": text_list,
     # While a --force pull swaps trees: the other tree's layers, and the journal (dkr.store.swap).
     "swap_layers": text_list,
