@@ -14,7 +14,7 @@ from pathlib import Path
 from dkr import __version__, api
 from dkr.cli import login, manage
 from dkr.cli.render import JsonRenderer, StatsRenderer, log_renderer
-from dkr.errors import DkrError, one_line, os_error_text
+from dkr.errors import DkrError, UsageError, error_kind, one_line, os_error_text
 from dkr.events import Events
 from dkr.registry.auth import parse_creds
 from dkr.registry.v2 import parse_platform
@@ -178,14 +178,14 @@ def _events(args) -> tuple[Events, StatsRenderer | None]:
 
 def cmd_pull(args) -> int:
     if not 1 <= args.jobs <= MAX_JOBS:
-        raise DkrError(f"--jobs must be 1 to {MAX_JOBS}")
+        raise UsageError(f"--jobs must be 1 to {MAX_JOBS}")
     if not 0 <= args.retries <= MAX_RETRIES or not 1 <= args.stall_timeout <= MAX_STALL:
-        raise DkrError(f"--retries must be 0 to {MAX_RETRIES} and --stall-timeout "
+        raise UsageError(f"--retries must be 0 to {MAX_RETRIES} and --stall-timeout "
                        f"1 to {MAX_STALL} seconds")
     if args.batch and (args.reference is not None or args.local or args.v1):
-        raise DkrError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
+        raise UsageError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
     if not args.batch and args.reference is None:
-        raise DkrError("a REFERENCE (or --batch FILE) is required")
+        raise UsageError("a REFERENCE (or --batch FILE) is required")
     options = api.PullOptions(
         image_root=args.image_root, backend=args.backend, force=args.force,
         platform=args.platform, insecure=args.insecure, ca_file=args.ca_file,
@@ -198,9 +198,9 @@ def cmd_pull(args) -> int:
     events, stats = _events(args)
     try:
         if args.v1 and not args.index_url:
-            raise DkrError("--v1 needs --index-url URL")
+            raise UsageError("--v1 needs --index-url URL")
         if args.index_url and not args.v1:
-            raise DkrError("--index-url only applies to --v1 pulls")
+            raise UsageError("--index-url only applies to --v1 pulls")
         try:
             if args.batch:
                 return _pull_batch(args.batch, options, events)
@@ -209,7 +209,7 @@ def cmd_pull(args) -> int:
                             options=options, events=events)
             else:
                 api.pull(args.reference, args.local, options=options, events=events)
-        except DkrError as e:         # (one image's failure in a batch has its own event)
+        except (DkrError, OSError) as e:  # (one image's failure in a batch has its own event)
             _emit_error(events, args.reference or args.batch, e)
             raise
         return 0
@@ -238,13 +238,12 @@ def _chooser():
     return choose
 
 
-def _emit_error(events: Events, reference: str, error: DkrError) -> None:
+def _emit_error(events: Events, reference: str, error: Exception) -> None:
     """The error event; if stdout's reader is gone, the error line on stderr still
     tells what failed (the event must not turn it into a broken pipe)."""
-    kind = getattr(error, "kind", None)
+    message = os_error_text(error) if isinstance(error, OSError) else str(error)
     try:
-        events.emit("error", reference=reference, message=str(error),
-                    **({"kind": kind} if kind else {}))
+        events.emit("error", reference=reference, message=message, kind=error_kind(error))
     except BrokenPipeError:
         pass
 
@@ -259,7 +258,7 @@ def _pull_batch(path: str, options, events) -> int:
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
     for (reference, _), error in failed:
         _emit_error(events, reference, error)
-        print(one_line(f"dkr: error: {reference}: {error}"), file=sys.stderr)
+        print(one_line(f"dkr: error: {api.about_image(reference, error)}"), file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")
     return 1 if failed else 0
