@@ -197,11 +197,11 @@ def cmd_pull(args) -> int:
         settings=args.settings)
     events, stats = _events(args)
     try:
-        if args.v1 and not args.index_url:
-            raise UsageError("--v1 needs --index-url URL")
-        if args.index_url and not args.v1:
-            raise UsageError("--index-url only applies to --v1 pulls")
         try:
+            if args.v1 and not args.index_url:
+                raise UsageError("--v1 needs --index-url URL")
+            if args.index_url and not args.v1:
+                raise UsageError("--index-url only applies to --v1 pulls")
             if args.batch:
                 return _pull_batch(args.batch, options, events)
             if args.v1:

@@ -17,11 +17,21 @@ from dkr.registry.v2 import LayerPlan
 from dkr.store.layout import ImageRoot
 
 
+def free_space(path: Path) -> int | None:
+    """What an unprivileged writer may still use of ``path``'s file system."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
 def explained(error: DkrError | OSError, root: ImageRoot, layers: list[LayerPlan],
-              spool_dir: Path) -> DkrError:
-    """``error``, the end of a pull of ``layers`` into ``root``, with what to do about it."""
+              spool_dir: Path, free_before: int | None) -> DkrError:
+    """``error``, the end of a pull of ``layers`` into ``root``, with what to do about it.
+    ``free_before``: the root's free space when the pull began."""
     if error_kind(error) == "disk-full":
-        return _disk_full(root, layers)
+        return _disk_full(root, layers, free_before)
     if isinstance(error, OSError):
         return os_error(error)
     if error.kind == "network":
@@ -32,20 +42,19 @@ def explained(error: DkrError | OSError, root: ImageRoot, layers: list[LayerPlan
     return error
 
 
-def _disk_full(root: ImageRoot, layers: list[LayerPlan]) -> DkrError:
-    # A layer is downloaded and then unpacked: the tree takes at least as much room
-    # as the compressed blob (usually two to four times), so twice is "at least".
+def _disk_full(root: ImageRoot, layers: list[LayerPlan], free_before: int | None) -> DkrError:
+    # What the layers unpack to is known only once they are unpacked: the pull needs
+    # more than it had, and at least what it still downloads (kept until unpacked).
     missing = sum(layer.size for layer in layers
                   if not root.layer_path(digest_hex(layer.chain_id)).exists())
-    try:
-        stats = os.statvfs(root.path)
-        free = f"{_human(stats.f_bavail * stats.f_frsize)} free"
-    except OSError:
-        free = "free space unknown"
-    return DiskFull(f"no space left in the image root {root.path} ({free} now): this pull needs about "
-                    f"{_human(2 * missing)} ({_human(missing)} of layers to download, and "
-                    "room to unpack them). Free some space (dkr gc removes what no machine "
-                    "uses) or pull into another --image-root")
+    free_now = free_space(root.path)
+    need = f"more than the {_human(free_before)} free when it began" \
+        if free_before is not None else "more room"
+    return DiskFull(f"no space left in the image root {root.path} "
+                    f"({_human(free_now) if free_now is not None else 'unknown'} free now): "
+                    f"this pull needs {need} ({_human(missing)} of layers to download, "
+                    "and what they unpack to). Free some space (dkr gc removes what no "
+                    "machine uses) or pull into another --image-root")
 
 
 def _size(path: Path) -> int:

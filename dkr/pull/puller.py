@@ -30,7 +30,7 @@ from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.hosts import Hosts
-from dkr.pull.explain import explained
+from dkr.pull.explain import explained, free_space
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
 from dkr.registry.client import RegistryClient
@@ -227,6 +227,7 @@ class Puller:
                             chain=[layer.chain_id for layer in plan.layers])
         if self.up_to_date(local, plan.manifest_digest, backend):
             return self.finish(result, started, up_to_date=True)
+        free_before = free_space(self.root.path)
         try:
             paths = await self._layers(client, plan, backend, result)
             await self.save_blob(plan.manifest_digest, plan.manifest)
@@ -237,7 +238,8 @@ class Puller:
                 "layers": [digest_hex(layer.chain_id) for layer in plan.layers],
                 "accepted": accepted})
         except (DkrError, OSError) as e:
-            raise explained(e, self.root, plan.layers, self.spool.directory) from None
+            raise explained(e, self.root, plan.layers, self.spool.directory,
+                            free_before) from None
         return self.finish(result, started)
 
     def finish(self, result: PullResult, started: float, up_to_date: bool = False) -> PullResult:
