@@ -192,8 +192,8 @@ def test_a_full_disk_names_the_image_root_its_free_space_and_the_need(open_regis
                    f"{open_registry.host}/msg/huge:{make_layer.__name__}")
         line = failure(run, "disk-full")
     size = r"([0-9.]+) (bytes|[kMG]B)"
-    found = re.search(rf"no space left in the image root {re.escape(str(root))} \({size} free "
-                      rf"now\): this pull needs more than the {size} free when it began", line)
+    found = re.search(rf"The image root {re.escape(str(root))} has {size} free now: this "
+                      rf"pull needs more than the {size} free when it began", line)
     assert found, line
     # (what the root had before: less than the 32 MB file system, more than nothing)
     assert found.group(4) == "MB" and 1 < float(found.group(3)) < 32, line

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dkr.errors import DiskFull, DkrError, error_kind, os_error, reworded
+from dkr.errors import DiskFull, DkrError, os_error, reworded
 from dkr.registry.reference import digest_hex
 from dkr.registry.v2 import LayerPlan
 from dkr.store.layout import ImageRoot
@@ -30,10 +30,10 @@ def explained(error: DkrError | OSError, root: ImageRoot, layers: list[LayerPlan
               spool_dir: Path, free_before: int | None) -> DkrError:
     """``error``, the end of a pull of ``layers`` into ``root``, with what to do about it.
     ``free_before``: the root's free space when the pull began."""
-    if error_kind(error) == "disk-full":
-        return _disk_full(root, layers, free_before)
     if isinstance(error, OSError):
-        return os_error(error)
+        error = os_error(error)
+    if error.kind == "disk-full":
+        return _disk_full(error, root, layers, free_before)
     if error.kind == "network":
         kept = sum(_size(spool_dir / digest_hex(layer.digest)) for layer in layers)
         if kept:
@@ -42,7 +42,8 @@ def explained(error: DkrError | OSError, root: ImageRoot, layers: list[LayerPlan
     return error
 
 
-def _disk_full(root: ImageRoot, layers: list[LayerPlan], free_before: int | None) -> DkrError:
+def _disk_full(error: DkrError, root: ImageRoot, layers: list[LayerPlan],
+               free_before: int | None) -> DkrError:
     # What the layers unpack to is known only once they are unpacked: the pull needs
     # more than it had, and at least what it still downloads (kept until unpacked).
     missing = sum(layer.size for layer in layers
@@ -50,10 +51,11 @@ def _disk_full(root: ImageRoot, layers: list[LayerPlan], free_before: int | None
     free_now = free_space(root.path)
     need = f"more than the {_human(free_before)} free when it began" \
         if free_before is not None else "more room"
-    return DiskFull(f"no space left in the image root {root.path} "
-                    f"({_human(free_now) if free_now is not None else 'unknown'} free now): "
+    return DiskFull(f"{error}. The image root {root.path} has "
+                    f"{_human(free_now) if free_now is not None else 'an unknown amount'} "
+                    "free now: "
                     f"this pull needs {need} ({_human(missing)} of layers to download, "
-                    "and what they unpack to). Free some space (dkr gc removes what no "
+                    "and what they unpack to); free some space (dkr gc removes what no "
                     "machine uses) or pull into another --image-root")
 
 
