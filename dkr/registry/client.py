@@ -63,11 +63,12 @@ def retry_after(response: Response) -> float | None:
 
 def status_error(what: str, status: int) -> DkrError:
     """The error for an answer that is no success: its kind says what the status means."""
+    message = f"{what}: registry answered {status}"
     if status == 404:
-        return NotFound(f"{what}: not found (404)")
+        return NotFound(message)
     if status in (401, 403):
-        return AuthError(f"{what}: access denied ({status})")
-    return DkrError(f"{what}: registry answered {status}")
+        return AuthError(message)
+    return DkrError(message)
 
 
 class RegistryClient:
