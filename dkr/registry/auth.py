@@ -12,6 +12,7 @@ import base64
 import json
 import re
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, NamedTuple, Protocol
 from urllib.parse import urlencode
 
@@ -31,12 +32,18 @@ class Credentials(NamedTuple):
         return "Authorization: Basic " + base64.b64encode(raw).decode()
 
 
+# The auth files (``keychain``) this process could not read, and why. A pull from a
+# registry that lets anyone in needs none of them, and only warns; one that is
+# asked for a login says which files it could not read.
+unreadable: dict[Path, str] = {}
+
+
 def login_hint(registry: str) -> str:
     """What to do when a registry wants a login and dkr has no credentials for it."""
-    from dkr.registry.keychain import unreadable_note   # (keychain imports this module)
     return (f"no credentials for it: log in with 'dkr login {registry}' (or 'podman login', "
-            f"'docker login': dkr reads their files), or give --creds USER:PASS"
-            f"{unreadable_note()}")
+            "'docker login': dkr reads their files), or give --creds USER:PASS"
+            + "".join(f"; cannot read credentials from {path}: {why}"
+                      for path, why in unreadable.items()))
 
 
 def parse_creds(text: str) -> Credentials:

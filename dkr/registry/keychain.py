@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from dkr.errors import AuthError, ConfigError
-from dkr.registry.auth import Credentials
+from dkr.registry.auth import Credentials, unreadable
 from dkr.registry.reference import DOCKER_HUB_ALIASES
 from dkr.treeops import tied
 
@@ -108,13 +108,9 @@ def auth_files() -> list[Path]:
         ([Path(docker) / "config.json"] if docker else [])
 
 
-# The auth files this process could not read, and why. A pull from a registry that
-# lets anyone in needs none of them: it warns and goes on, and one that is then
-# asked for a login says which files it could not read (``unreadable_note``).
-unreadable: dict[Path, str] = {}
-
-
 def _read_config(path: Path) -> dict | None:
+    """``path``'s settings; None if it is missing, or unreadable (a warning, and a note
+    in ``auth.unreadable`` for the error of a pull that then needs a login)."""
     try:
         config = json.loads(path.read_text())
         if not isinstance(config, dict):
@@ -131,12 +127,6 @@ def _read_config(path: Path) -> dict | None:
         return None
     unreadable.pop(path, None)
     return config
-
-
-def unreadable_note() -> str:
-    """For an error that a login would have avoided: the auth files that could not be read."""
-    return "".join(f"; cannot read credentials from {path}: {why}"
-                   for path, why in unreadable.items())
 
 
 def _server_names(host: str) -> list[str]:
