@@ -11,10 +11,11 @@ import json
 import os
 import random
 import re
+import signal
 
 import pytest
 from helpers import assert_ok, run_dkr
-from reliability_helpers import BlobLayer, error_lines, need
+from reliability_helpers import BlobLayer, DkrProcess, error_lines, need
 
 from dkr.store.imagelock import ImageLock
 from dkr.testing import images, loopfs
@@ -204,8 +205,9 @@ def test_usage_errors_exit_2_with_kind_usage(image_root):
     run = pull("--v1", "--image-root", image_root, "some/name")
     assert run.rc == 2, run.err
     assert "--index-url" in failure(run, "usage")
-    run = pull("--jobs", "0", "--image-root", image_root, "some/name")
-    assert run.rc == 2 and error_lines(run.err) == ["dkr: error: --jobs must be 1 to 1024"]
+    for wrong in (["--jobs", "0", "some/name"], []):         # (no REFERENCE)
+        run = pull("--image-root", image_root, *wrong)
+        assert run.rc == 2 and len(error_lines(run.err)) == 1, run.err
     run = pull("--image-root", image_root, "Not A Reference")
     assert run.rc == 2 and "invalid reference" in failure(run, "usage")
 
@@ -258,3 +260,22 @@ def test_a_broken_registries_conf_is_of_kind_config(open_registry, image_root, t
     conf.write_text("this is [not toml\n")
     failure(pull("--insecure", "--registries-conf", conf, "--image-root", image_root,
                  f"{open_registry.host}/msg/img:1"), "config")
+
+
+def test_a_stopped_pull_is_of_kind_interrupted(image_root):
+    blob = random.Random(5).randbytes(4 << 20)
+    with Registry() as reg, FaultProxy("127.0.0.1", reg.port) as proxy:
+        images.push_image(reg, "msg/slow", "1", Image([Layer([File("big", blob)], "none")]))
+        proxy.add_fault(r"/blobs/sha256:", "slow", times=None, rate=256 * 1024)
+        proc = DkrProcess("pull", "--json", "--insecure", "--backend", "dir", "--image-root",
+                          image_root, f"{proxy.host}/msg/slow:1")
+        try:
+            proc.wait_event(lambda e: e["event"] == "layer-start")
+            proc.signal(signal.SIGTERM)
+            rc, err = proc.finish()
+        finally:
+            proc.stop()
+    assert rc == 128 + signal.SIGTERM, err
+    assert error_lines(err) == ["dkr: error: interrupted by SIGTERM"], err
+    [event] = [e for e in proc.events if e["event"] == "error"]
+    assert event["kind"] == "interrupted", event
