@@ -49,7 +49,8 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
         ref = parse_reference(reference)
         local = local or default_machine_name(ref.name)
         if local in seen:
-            raise UsageError(f"machine name {local!r} is used for both {seen[local]} and {reference}")
+            raise UsageError(f"machine name {local!r} is used for both {seen[local]} "
+                             f"and {reference}")
         seen[local] = reference
         parsed.append((reference, local))
     hosts = sorted({parse_reference(reference).endpoint for reference, _ in parsed})

@@ -225,7 +225,8 @@ def test_a_corrupt_blob_is_of_kind_digest(image_root):
 
 def test_a_layer_that_is_no_tar_is_of_kind_layer(open_registry, image_root):
     data = b"hello, I am not a tar archive\n" * 100
-    images.push_image(open_registry, "msg/notar", "1", Image([BlobLayer(gzip.compress(data), data)]))
+    images.push_image(open_registry, "msg/notar", "1",
+                      Image([BlobLayer(gzip.compress(data), data)]))
     failure(pull("--insecure", "--image-root", image_root,
                  f"{open_registry.host}/msg/notar:1"), "layer")
 

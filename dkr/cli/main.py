@@ -181,7 +181,7 @@ def cmd_pull(args) -> int:
         raise UsageError(f"--jobs must be 1 to {MAX_JOBS}")
     if not 0 <= args.retries <= MAX_RETRIES or not 1 <= args.stall_timeout <= MAX_STALL:
         raise UsageError(f"--retries must be 0 to {MAX_RETRIES} and --stall-timeout "
-                       f"1 to {MAX_STALL} seconds")
+                         f"1 to {MAX_STALL} seconds")
     if args.batch and (args.reference is not None or args.local or args.v1):
         raise UsageError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
     if not args.batch and args.reference is None:

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
-from dkr.errors import DigestMismatch, DkrError, UsageError, LayerError, os_error_text, reworded
+from dkr.errors import (DigestMismatch, DkrError, LayerError, UsageError, os_error_text,
+                        reworded)
 from dkr.events import Events
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
-from dkr.pull.hosts import Hosts
 from dkr.pull.explain import explained, free_space
+from dkr.pull.hosts import Hosts
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
 from dkr.registry.client import RegistryClient

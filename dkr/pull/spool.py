@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 
 from dkr.errors import DkrError, error_kind
-from dkr.registry.reference import digest_hex
 from dkr.registry.client import status_error
+from dkr.registry.reference import digest_hex
 from dkr.registry.sources import BlobStartsOver, ContentMismatch, SourceSet
 from dkr.tasks import failed, retrieved
 from dkr.treeops import write_all

@@ -100,5 +100,6 @@ async def _fetch_layer(puller, session: V1Session, layer_id: str, tree: Path,
         raise
     unpacked = await unpacker.finish()
     if "error" in unpacked:
-        raise LayerError(f"Failed to unpack {label}: {unpacked['error']}", kind=unpacked.get("kind"))
+        raise LayerError(f"Failed to unpack {label}: {unpacked['error']}",
+                         kind=unpacked.get("kind"))
     return unpacked, response

@@ -141,7 +141,8 @@ class Authenticator:
     async def answer(self, challenge_header: str | None, scope: str) -> None:
         """A request got 401: learn the scheme and get what it asks for."""
         if not challenge_header:
-            raise AuthError(f"{self.registry}: 401 Unauthorized without a WWW-Authenticate challenge")
+            raise AuthError(f"{self.registry}: 401 Unauthorized without a WWW-Authenticate "
+                            "challenge")
         scheme, params = parse_challenge(challenge_header)
         if scheme not in ("basic", "bearer"):
             raise AuthError(f"{self.registry}: unsupported authentication scheme {scheme!r}")

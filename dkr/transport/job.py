@@ -86,8 +86,8 @@ def curl_hint(code: int, message: str, url: str, client_cert: bool = False) -> s
     """What the user can do about a libcurl error whose text does not say it."""
     if code == pycurl.E_SSL_CONNECT_ERROR and "wrong version number" in message:
         # OpenSSL read an HTTP answer where a TLS record should be.
-        return f"; {urlsplit(url).netloc} answers plain HTTP, not HTTPS: pull with " \
-               "--insecure (or --tls-verify=false) to allow that"
+        return f"; {urlsplit(url).netloc} answers plain HTTP, not HTTPS: " \
+               "--insecure (or --tls-verify=false) allows that"
     if code == pycurl.E_COULDNT_RESOLVE_HOST:
         return "; check the registry's name"
     if client_cert_refused(message):
@@ -185,7 +185,7 @@ class Job:
         self._skip = 0                 # bytes to drop when a server ignored our Range
         self._body = bytearray()
         self._abort_reason = ""        # why, in state ABORTING
-        self._sink_failed = ""         # ... and the kind of error if the sink (not the server) was why
+        self._sink_failed = ""         # ... and, if the sink (not the server) was why, its kind
         self.stall_timeout = (options or TransferOptions()).low_speed_time
         self.client_cert = bool(options and options.client_cert)
         self._last_activity = 0.0
