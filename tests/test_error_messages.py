@@ -280,3 +280,12 @@ def test_a_stopped_pull_is_of_kind_interrupted(image_root):
     assert error_lines(err) == ["dkr: error: interrupted by SIGTERM"], err
     [event] = [e for e in proc.events if e["event"] == "error"]
     assert event["kind"] == "interrupted", event
+
+
+def test_a_certificate_no_trusted_ca_signed_is_of_kind_tls(image_root):
+    with Registry(tls=True) as reg:
+        images.push_image(reg, "msg/img", "1", Image([Layer([File("hello", b"hi")])]))
+        line = failure(pull("--image-root", image_root, f"{reg.host}/msg/img:1"), "tls")
+        assert "--ca-file" in line, line
+        assert_ok(pull("--ca-file", reg.ca_file, "--image-root", image_root,
+                       f"{reg.host}/msg/img:1"))
