@@ -11,7 +11,7 @@ import dataclasses
 import signal
 from pathlib import Path
 
-from dkr.errors import DkrError, Interrupted, os_error_text
+from dkr.errors import DkrError, Interrupted, UsageError, os_error
 from dkr.events import Events
 from dkr.pull.puller import Puller, PullOptions, PullResult
 from dkr.registry.auth import Credentials
@@ -53,12 +53,13 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
         ref = parse_reference(reference)
         local = local or default_machine_name(ref.name)
         if local in seen:
-            raise DkrError(f"machine name {local!r} is used for both {seen[local]} and {reference}")
+            raise UsageError(f"machine name {local!r} is used for both {seen[local]} "
+                             f"and {reference}")
         seen[local] = reference
         parsed.append((reference, local))
     hosts = sorted({parse_reference(reference).endpoint for reference, _ in parsed})
     if options is not None and options.credentials and len(hosts) > 1:
-        raise DkrError(f"--creds would go to every registry of the batch ({', '.join(hosts)}): "
+        raise UsageError(f"--creds would go to every registry of the batch ({', '.join(hosts)}): "
                        "put each one's login in ~/.docker/config.json instead")
     async with Puller(_usable(options), events) as puller:
         outcomes = await asyncio.gather(*(puller.pull(ref, local) for ref, local in parsed),
@@ -67,7 +68,7 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
         if isinstance(outcome, BaseException) and not isinstance(outcome, (DkrError, OSError)):
             raise outcome
     # A file system's refusal is that image's failure, as any other of its errors.
-    return [DkrError(os_error_text(o)) if isinstance(o, OSError) else o for o in outcomes]
+    return [os_error(o) if isinstance(o, OSError) else o for o in outcomes]
 
 
 def pull_batch(items: list[tuple[str, str | None]], *, options: PullOptions | None = None,
@@ -102,6 +103,19 @@ def _usable(options: PullOptions | None) -> PullOptions:
     return dataclasses.replace(options, **changes) if changes else options
 
 
+def about_image(reference: str, error: Exception) -> str:
+    """``error``'s message for one image of a batch: led by ``reference``, unless it
+    already names that image's repository (most do, as HOST/NAME)."""
+    message = str(error)
+    try:
+        ref = parse_reference(reference)
+    except DkrError:
+        return f"{reference}: {message}"
+    if message.startswith((reference, f"{ref.host}/{ref.name}")):
+        return message
+    return f"{reference}: {message}"
+
+
 def read_batch_file(text: str, where: str) -> list[tuple[str, str | None]]:
     """``REFERENCE [LOCAL]`` per line; blank lines and ``#`` comments are skipped."""
     items = []
@@ -110,10 +124,10 @@ def read_batch_file(text: str, where: str) -> list[tuple[str, str | None]]:
         if not words:
             continue
         if len(words) > 2:
-            raise DkrError(f"{where} line {number}: want REFERENCE [LOCAL], got {line.strip()!r}")
+            raise UsageError(f"{where} line {number}: want REFERENCE [LOCAL], got {line.strip()!r}")
         items.append((words[0], words[1] if len(words) == 2 else None))
     if not items:
-        raise DkrError(f"{where}: no images listed")
+        raise UsageError(f"{where}: no images listed")
     return items
 
 

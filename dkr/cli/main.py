@@ -14,7 +14,7 @@ from pathlib import Path
 from dkr import __version__, api
 from dkr.cli import login, manage
 from dkr.cli.render import JsonRenderer, StatsRenderer, log_renderer
-from dkr.errors import DkrError, UsageError, one_line, os_error_text
+from dkr.errors import DkrError, UsageError, error_kind, one_line, os_error_text
 from dkr.events import Events
 from dkr.registry.auth import Credentials, parse_creds
 from dkr.registry.v2 import parse_platform
@@ -299,9 +299,6 @@ def cmd_pull(args) -> int:
         raise UsageError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
     if not args.batch and args.reference is None:
         raise UsageError("a REFERENCE (or --batch FILE) is required")
-    if args.v1 != bool(args.index_url):
-        raise UsageError("--v1 needs --index-url URL" if args.v1 else
-                         "--index-url only applies to --v1 pulls")
     if args.authfile and not os.path.isfile(args.authfile):
         raise UsageError(f"--authfile {args.authfile}: no such file")
     options = api.PullOptions(
@@ -318,6 +315,10 @@ def cmd_pull(args) -> int:
     events, stats = _events(args)
     try:
         try:
+            if args.v1 and not args.index_url:
+                raise UsageError("--v1 needs --index-url URL")
+            if args.index_url and not args.v1:
+                raise UsageError("--index-url only applies to --v1 pulls")
             if args.batch:
                 return _pull_batch(args.batch, options, events)
             if args.v1:
@@ -325,7 +326,7 @@ def cmd_pull(args) -> int:
                             options=options, events=events)
             else:
                 api.pull(args.reference, args.local, options=options, events=events)
-        except DkrError as e:         # (one image's failure in a batch has its own event)
+        except (DkrError, OSError) as e:  # (one image's failure in a batch has its own event)
             _emit_error(events, args.reference or args.batch, e)
             raise
         return 0
@@ -354,13 +355,12 @@ def _chooser():
     return choose
 
 
-def _emit_error(events: Events, reference: str, error: DkrError) -> None:
+def _emit_error(events: Events, reference: str, error: Exception) -> None:
     """The error event; if stdout's reader is gone, the error line on stderr still
     tells what failed (the event must not turn it into a broken pipe)."""
-    kind = getattr(error, "kind", None)
+    message = os_error_text(error) if isinstance(error, OSError) else str(error)
     try:
-        events.emit("error", reference=reference, message=str(error),
-                    **({"kind": kind} if kind else {}))
+        events.emit("error", reference=reference, message=message, kind=error_kind(error))
     except BrokenPipeError:
         pass
 
@@ -375,7 +375,7 @@ def _pull_batch(path: str, options, events) -> int:
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
     for (reference, _), error in failed:
         _emit_error(events, reference, error)
-        print(one_line(f"dkr: error: {reference}: {error}"), file=sys.stderr)
+        print(one_line(f"dkr: error: {api.about_image(reference, error)}"), file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")
     return 1 if failed else 0

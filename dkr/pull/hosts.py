@@ -72,7 +72,7 @@ class Hosts:
         text = refs if isinstance(refs, str) else None
         refs = self.candidates(text) if text is not None else \
             refs if isinstance(refs, list) else [refs]
-        failures = []
+        failures, kinds = [], set()
         for ref in refs:
             try:
                 sources = await client(ref)
@@ -84,4 +84,6 @@ class Hosts:
                 if len(refs) == 1:
                     raise
                 failures.append(f"{ref}: {e}")
-        raise DkrError(f"no candidate of the short name could be pulled ({'; '.join(failures)})")
+                kinds.add(e.kind)
+        raise DkrError(f"no candidate of the short name could be pulled ({'; '.join(failures)})",
+                       kind=kinds.pop() if len(kinds) == 1 else None)

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
-from dkr.errors import DkrError, os_error_text
+from dkr.errors import (DigestMismatch, DkrError, LayerError, UsageError, os_error_text,
+                        reworded)
 from dkr.events import Events
 from dkr.hookspecs import StorageBackend
 from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
+from dkr.pull.explain import explained, free_space
 from dkr.pull.hosts import Hosts
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
@@ -233,15 +235,20 @@ class Puller:
                             chain=[layer.chain_id for layer in plan.layers])
         if self.up_to_date(local, plan.manifest_digest, backend):
             return self.finish(result, started, up_to_date=True)
-        paths = await self._layers(client, plan, backend, result)
-        await self.save_blob(plan.manifest_digest, plan.manifest)
-        await self.save_blob(plan.config_digest, plan.config)
-        await self.make_machine(local, paths, backend, {
-            "reference": str(ref), "manifest_digest": plan.manifest_digest,
-            "config_digest": plan.config_digest, "platform": plan.platform,
-            **({"index_digest": plan.index_digest} if plan.index_digest else {}),
-            "layers": [digest_hex(layer.chain_id) for layer in plan.layers],
-            "accepted": accepted})
+        free_before = free_space(self.root.path)
+        try:
+            paths = await self._layers(client, plan, backend, result)
+            await self.save_blob(plan.manifest_digest, plan.manifest)
+            await self.save_blob(plan.config_digest, plan.config)
+            await self.make_machine(local, paths, backend, {
+                "reference": str(ref), "manifest_digest": plan.manifest_digest,
+                "config_digest": plan.config_digest, "platform": plan.platform,
+                **({"index_digest": plan.index_digest} if plan.index_digest else {}),
+                "layers": [digest_hex(layer.chain_id) for layer in plan.layers],
+                "accepted": accepted})
+        except (DkrError, OSError) as e:
+            raise explained(e, self.root, plan.layers, self.spool.directory,
+                            free_before) from None
         return self.finish(result, started)
 
     def finish(self, result: PullResult, started: float, up_to_date: bool = False) -> PullResult:
@@ -430,7 +437,7 @@ class Puller:
                 except ResumedBlobMismatch as e:
                     self._unmake(backend, tmp, claim.key)
                     if last_try:
-                        raise DkrError(str(e)) from None
+                        raise reworded(e, str(e)) from None
                     log.warning("%s; starting this layer over.", e)
                 except BaseException:
                     self._unmake(backend, tmp, claim.key)
@@ -474,7 +481,7 @@ class Puller:
         if sealed.get("unknown"):     # a backend only this process knows (registered by hand)
             await loop.run_in_executor(None, backend.seal_layer, self.root.path, key, tree)
         elif "error" in sealed:
-            raise DkrError(sealed["error"])
+            raise LayerError(sealed["error"], kind=sealed.get("kind"))
         # To its end even when cancelled: the thread would write on regardless, after
         # the caller has removed what a failure leaves.
         await to_the_end(loop.run_in_executor(None, self.root.write_json, f"layers/{key}.json", {
@@ -588,7 +595,7 @@ class Puller:
             if failed(blob.done):
                 await blob.done
             if "error" in unpacked:
-                raise DkrError(f"{label}: {unpacked['error']}")
+                raise LayerError(f"{label}: {unpacked['error']}", kind=unpacked.get("kind"))
             await blob.done              # the digest is checked when the last byte is in
         except BaseException:
             if report is not None:
@@ -596,8 +603,8 @@ class Puller:
             await unpacker.abort()
             raise
         if unpacked["diff_id"] != layer.diff_id:
-            raise DkrError(f"{label}: unpacked content has DiffID {unpacked['diff_id']}, "
-                           f"the config says {layer.diff_id}")
+            raise DigestMismatch(f"{label}: unpacked content has DiffID {unpacked['diff_id']}, "
+                                 f"the config says {layer.diff_id}")
         return unpacked
 
     # --- the machine -----------------------------------------------------------------
@@ -708,7 +715,7 @@ STAGE_AHEAD_MIN_CORES = 4
 
 def _stage_ahead(when: str) -> bool:
     if when not in ("auto", "always", "never"):
-        raise DkrError(f"--stage-ahead must be auto, always or never, not {when!r}")
+        raise UsageError(f"--stage-ahead must be auto, always or never, not {when!r}")
     if when == "auto":
         return (os.cpu_count() or 1) >= STAGE_AHEAD_MIN_CORES
     return when == "always"
@@ -831,7 +838,7 @@ class _Stage:
         finally:
             self._release()
         if "error" in applied:
-            raise DkrError(f"{self.label}: {applied['error']}")
+            raise LayerError(f"{self.label}: {applied['error']}", kind=applied.get("kind"))
         return {**staged, **applied,
                 "busy_seconds": staged["busy_seconds"] + applied["busy_seconds"]}
 

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dkr.errors import DkrError
+from dkr.errors import DkrError, error_kind
+from dkr.registry.client import status_error
 from dkr.registry.reference import digest_hex
 from dkr.registry.sources import BlobStartsOver, ContentMismatch, SourceSet
 from dkr.tasks import failed, retrieved
@@ -417,6 +418,8 @@ class Spool:
 class ResumedBlobMismatch(DkrError):
     """A resumed download did not add up; its spool was emptied for a fresh start."""
 
+    kind = "digest"
+
 
 async def download(client, name: str, blob: SpooledBlob, what: str) -> None:
     """Fetch ``blob`` into its spool file or extractor, continuing a partial one;
@@ -446,11 +449,12 @@ async def _download(client, name: str, blob: SpooledBlob, what: str) -> int:
                                     expected_size=blob.size, offset=offset,
                                     hasher=hasher, what=what)
         if response.status not in (200, 206):
-            raise DkrError(f"{what}: registry answered {response.status}")
+            raise status_error(what, response.status)
         try:
             blob.sink.flush()
         except OSError as e:
-            raise DkrError(f"{what}: cannot write to {e.filename}: {e.strerror}") from None
+            raise DkrError(f"{what}: cannot write to {e.filename}: {e.strerror}",
+                           kind=error_kind(e)) from None
     if "sha256:" + hasher.hexdigest() == blob.digest:
         return blob.size - offset
     blob.discard_content()

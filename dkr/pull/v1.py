@@ -8,7 +8,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from dkr.errors import DkrError
+from dkr.errors import LayerError
 from dkr.pull.puller import PullResult
 from dkr.registry.reference import (
     Reference,
@@ -92,12 +92,14 @@ async def _fetch_layer(puller, session: V1Session, layer_id: str, tree: Path,
         response = await session.layer(layer_id, sink, label)
     except SinkError:
         unpacked = await unpacker.finish()
-        raise DkrError(f"{FAILED['layer']} ({label}) "
-                       f"{unpacked.get('error', 'the extractor stopped reading')}") from None
+        raise LayerError(f"{FAILED['layer']} ({label}) "
+                         f"{unpacked.get('error', 'the extractor stopped reading')}",
+                         kind=unpacked.get("kind")) from None
     except BaseException:
         await unpacker.abort()
         raise
     unpacked = await unpacker.finish()
     if "error" in unpacked:
-        raise DkrError(f"Failed to unpack {label}: {unpacked['error']}")
+        raise LayerError(f"Failed to unpack {label}: {unpacked['error']}",
+                         kind=unpacked.get("kind"))
     return unpacked, response

@@ -12,10 +12,11 @@ import base64
 import json
 import re
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, NamedTuple, Protocol
 from urllib.parse import urlencode
 
-from dkr.errors import DkrError
+from dkr.errors import AuthError, UsageError
 from dkr.registry.reference import split_url
 
 DEFAULT_TOKEN_LIFETIME = 60
@@ -31,10 +32,24 @@ class Credentials(NamedTuple):
         return "Authorization: Basic " + base64.b64encode(raw).decode()
 
 
+# The auth files (``keychain``) this process could not read, and why. A pull from a
+# registry that lets anyone in needs none of them, and only warns; one that is
+# asked for a login says which files it could not read.
+unreadable: dict[Path, str] = {}
+
+
+def login_hint(registry: str) -> str:
+    """What to do when a registry wants a login and dkr has no credentials for it."""
+    return (f"no credentials for it: log in with 'dkr login {registry}' (or 'podman login', "
+            "'docker login': dkr reads their files), or give --creds USER:PASS"
+            + "".join(f"; cannot read credentials from {path}: {why}"
+                      for path, why in unreadable.items()))
+
+
 def parse_creds(text: str) -> Credentials:
     user, sep, password = text.partition(":")
     if not sep or not user:
-        raise DkrError("invalid --creds: want USER:PASS")
+        raise UsageError("invalid --creds: want USER:PASS")
     return Credentials(user, password)
 
 
@@ -126,10 +141,11 @@ class Authenticator:
     async def answer(self, challenge_header: str | None, scope: str) -> None:
         """A request got 401: learn the scheme and get what it asks for."""
         if not challenge_header:
-            raise DkrError(f"{self.registry}: 401 Unauthorized without a WWW-Authenticate challenge")
+            raise AuthError(f"{self.registry}: 401 Unauthorized without a WWW-Authenticate "
+                            "challenge")
         scheme, params = parse_challenge(challenge_header)
         if scheme not in ("basic", "bearer"):
-            raise DkrError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
+            raise AuthError(f"{self.registry}: unsupported authentication scheme {scheme!r}")
         if scheme == "basic":
             self._require_credentials()
         self._scheme, self._challenge = scheme, params
@@ -142,21 +158,21 @@ class Authenticator:
         who = f"credentials for {self.credentials.username!r}" if self.credentials else \
             "anonymous access"
         what = "the token" if self._scheme == "bearer" else who
-        return f"{self.registry}: {what} refused for {scope} (401)"
+        hint = "" if self.credentials else f": {login_hint(self.registry)}"
+        return f"{self.registry}: {what} refused for {scope} (401){hint}"
 
     def _require_credentials(self) -> Credentials:
         if self.credentials is None:
-            raise DkrError(f"{self.registry} requires a login: no credentials "
-                           "(use --creds USER:PASS or ~/.docker/config.json)")
+            raise AuthError(f"{self.registry} requires a login: {login_hint(self.registry)}")
         return self.credentials
 
     async def _fetch_token(self, scope: str) -> str:
         realm = self._challenge.get("realm", "")
         parts = split_url(realm)
         if parts is None or parts.scheme not in ("http", "https"):
-            raise DkrError(f"{self.registry}: token realm {realm!r} is not an http(s) URL")
+            raise AuthError(f"{self.registry}: token realm {realm!r} is not an http(s) URL")
         if parts.scheme == "http" and not self.insecure:
-            raise DkrError(f"{self.registry}: refusing to ask {parts.netloc} for a "
+            raise AuthError(f"{self.registry}: refusing to ask {parts.netloc} for a "
                            "token over plain http (use --insecure to allow it)")
         query = {"scope": scope}
         if "service" in self._challenge:
@@ -166,19 +182,19 @@ class Authenticator:
         status, body = await self.fetch(f"{realm}{joiner}{urlencode(query)}", headers,
                                         f"{self.registry}: token server {parts.netloc}")
         if status == 401:
-            raise DkrError(f"{self.registry}: token server {parts.netloc} refused "
-                           + ("the credentials" if self.credentials else "anonymous access "
-                              "(use --creds USER:PASS)"))
+            raise AuthError(f"{self.registry}: token server {parts.netloc} refused "
+                           + ("the credentials" if self.credentials else
+                              f"anonymous access: {login_hint(self.registry)}"))
         if status != 200:
-            raise DkrError(f"{self.registry}: token server {parts.netloc} answered {status}")
+            raise AuthError(f"{self.registry}: token server {parts.netloc} answered {status}")
         try:
             answer = json.loads(body)
             token = answer.get("token") or answer.get("access_token")
             lifetime = int(answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError, OverflowError):
-            raise DkrError(f"{self.registry}: token server sent an unreadable answer") from None
+            raise AuthError(f"{self.registry}: token server sent an unreadable answer") from None
         if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
-            raise DkrError(f"{self.registry}: token server sent no usable token")
+            raise AuthError(f"{self.registry}: token server sent no usable token")
         margin = min(REFRESH_MARGIN, lifetime / 2)
         self._tokens[scope] = (token, time.monotonic() + lifetime - margin)
         return token

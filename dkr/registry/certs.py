@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from dkr.errors import DkrError
+from dkr.errors import ConfigError
 
 SYSTEM_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 USER_DIR = Path(".config/containers/certs.d")          # below $HOME
@@ -40,7 +40,7 @@ def host_certs(host: str, cert_dir: str | None = None, home: Path | None = None)
     if cert_dir:
         directory = Path(cert_dir)
         if not directory.is_dir():
-            raise DkrError(f"--cert-dir {cert_dir}: not a directory")
+            raise ConfigError(f"--cert-dir {cert_dir}: not a directory")
         return read_cert_dir(directory)
     # An IPv6 host is written [::1]:5000 in a reference and a directory name alike.
     for base in cert_dirs(home):
@@ -54,17 +54,17 @@ def read_cert_dir(directory: Path) -> HostCerts:
     try:
         names = sorted(os.listdir(directory))
     except OSError as e:
-        raise DkrError(f"cannot read certificate directory {directory}: {e.strerror}") from None
+        raise ConfigError(f"cannot read certificate directory {directory}: {e.strerror}") from None
     cas = tuple(str(directory / n) for n in names if n.endswith(".crt"))
     cert = key = None
     for name in names:
         if name.endswith(".cert"):
             pair = name[:-len(".cert")] + ".key"
             if pair not in names:
-                raise DkrError(f"{directory}: client certificate {name} has no key {pair} "
+                raise ConfigError(f"{directory}: client certificate {name} has no key {pair} "
                                "(CA certificates take the extension .crt)")
             cert, key = str(directory / name), str(directory / pair)
         elif name.endswith(".key") and name[:-len(".key")] + ".cert" not in names:
-            raise DkrError(f"{directory}: key {name} has no client certificate "
+            raise ConfigError(f"{directory}: key {name} has no client certificate "
                            f"{name[:-len('.key')]}.cert")
     return HostCerts(str(directory), cas, cert, key)

@@ -17,7 +17,7 @@ import time
 from typing import Awaitable, Callable
 from urllib.parse import urljoin, urlsplit
 
-from dkr.errors import DkrError
+from dkr.errors import AuthError, DkrError, NotFound, reworded
 from dkr.registry.auth import Authenticator, Credentials, RequestAuth, split_challenges
 from dkr.transport.glue import CurlGlue
 from dkr.transport.job import Job, Response, Sink, TransferError, TransferOptions
@@ -59,6 +59,16 @@ def retry_after(response: Response) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, min(when - time.time(), RETRY_AFTER_CAP))
+
+
+def status_error(what: str, status: int) -> DkrError:
+    """The error for an answer that is no success: its kind says what the status means."""
+    message = f"{what}: registry answered {status}"
+    if status == 404:
+        return NotFound(message)
+    if status in (401, 403):
+        return AuthError(message)
+    return DkrError(message)
 
 
 class RegistryClient:
@@ -107,8 +117,8 @@ class RegistryClient:
             else:
                 response = await self.get("/v2/", scope=None, what=where)
         except DkrError as e:
-            raise DkrError(f"cannot reach registry {self.host}: "
-                           f"{str(e).removeprefix(where + ': ')}") from None
+            raise reworded(e, f"cannot reach registry {self.host}: "
+                              f"{str(e).removeprefix(where + ': ')}") from None
         if response.status == 401:
             return                          # the challenge is answered per scope, on demand
         if response.status != 200:
@@ -144,7 +154,7 @@ class RegistryClient:
             except TransferError as e:
                 if not e.retryable or attempt >= self.options.retries:
                     if attempt:
-                        raise DkrError(f"{e} (gave up after {attempt + 1} attempts)") from None
+                        raise reworded(e, f"{e} (gave up after {attempt + 1} attempts)") from None
                     raise
                 if offset is not None:
                     offset += e.delivered
@@ -153,7 +163,7 @@ class RegistryClient:
                 if response.status in RETRY_STATUSES and attempt and \
                         attempt >= self.options.retries:
                     raise DkrError(f"{what}: {server} answered {response.status} "
-                                   f"(gave up after {attempt + 1} attempts)")
+                                   f"(gave up after {attempt + 1} attempts)", kind="network")
                 if response.status not in RETRY_STATUSES or attempt >= self.options.retries:
                     if offset is not None:
                         response.received += offset
@@ -179,7 +189,7 @@ class RegistryClient:
                                        range_start=range_start, what=what, hasher=hasher)
             if response.status == 401 and own_host:
                 if answered:
-                    raise DkrError(self.auth.refusal(scope))
+                    raise AuthError(self.auth.refusal(scope))
                 await self.auth.answer(auth_challenge(response), scope)
                 answered = True
                 continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -29,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from dkr.errors import DkrError
-from dkr.registry.auth import Credentials
+from dkr.errors import AuthError, ConfigError
+from dkr.registry.auth import Credentials, unreadable
 from dkr.registry.reference import DOCKER_HUB_ALIASES
 from dkr.treeops import tied
+
+log = logging.getLogger("dkr.keychain")
 
 HELPER_TIMEOUT = 60                      # a helper may ask a keyring to unlock
 HELPER_POLL = 0.2                        # how soon a stopped pull stops its helper
@@ -54,7 +57,7 @@ class HelperQuestion(NamedTuple):
         stop = stop or threading.Event()
         for server in self.servers:
             if stop.is_set():
-                raise DkrError(f"credential helper {self.program}: not asked, the pull stopped")
+                raise AuthError(f"credential helper {self.program}: not asked, the pull stopped")
             found = _run_helper(self.program, server, self.path, stop)
             if found:
                 return found
@@ -111,14 +114,23 @@ def auth_files(named: str | None = None) -> list[Path]:
 
 
 def _read_config(path: Path) -> dict | None:
+    """``path``'s settings; None if it is missing, or unreadable (a warning, and a note
+    in ``auth.unreadable`` for the error of a pull that then needs a login)."""
     try:
         config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
     except (FileNotFoundError, NotADirectoryError):
+        unreadable.pop(path, None)
         return None
     except (OSError, ValueError) as e:
-        raise DkrError(f"cannot read credentials from {path}: {e}") from None
-    if not isinstance(config, dict):
-        raise DkrError(f"cannot read credentials from {path}: not a JSON object")
+        why = (e.strerror if isinstance(e, OSError) else None) or str(e)
+        if unreadable.get(path) != why:        # (once, not for every image of a batch)
+            log.warning("Cannot read credentials from %s: %s; going on without its logins.",
+                        path, why)
+        unreadable[path] = why
+        return None
+    unreadable.pop(path, None)
     return config
 
 
@@ -164,7 +176,7 @@ def _decode_entry(key: str, entry: dict, path: Path) -> Credentials:
         try:
             user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
         except (ValueError, TypeError, UnicodeDecodeError):
-            raise DkrError(f"{path}: the auth entry for {key} is not base64 USER:PASS") from None
+            raise ConfigError(f"{path}: the auth entry for {key} is not base64 USER:PASS") from None
         return Credentials(user, password)
     return Credentials(str(entry["username"]), str(entry.get("password", "")))
 
@@ -205,13 +217,13 @@ def _run_helper(program: str, server: str, path: Path,
         proc = subprocess.Popen(tied([found, "get"]), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
-        raise DkrError(f"credential helper {program} (named in {path}) is not installed") \
+        raise AuthError(f"credential helper {program} (named in {path}) is not installed") \
             from None
     except (OSError, ValueError) as e:                 # ValueError: a NUL in its name
-        raise DkrError(f"credential helper {program!r} (named in {path}): {e}") from None
+        raise AuthError(f"credential helper {program!r} (named in {path}): {e}") from None
     output = _talk(proc, server, stop)
     if output is None:
-        raise DkrError(f"credential helper {program}: no answer for {server}"
+        raise AuthError(f"credential helper {program}: no answer for {server}"
                        f"{'' if stop.is_set() else f' in {HELPER_TIMEOUT} s'}")
     return _answer(program, server, proc.returncode, *output)
 
@@ -224,17 +236,17 @@ def _answer(program: str, server: str, status: int, out: bytes, err: bytes) \
     if status != 0:
         if said and NOT_FOUND in said[0].lower():
             return None
-        raise DkrError(f"credential helper {program} failed for {server}: "
+        raise AuthError(f"credential helper {program} failed for {server}: "
                        f"{said[0][:200] if said else f'exit status {status}'}")
     try:
         answer = json.loads(stdout)
         username, secret = answer["Username"], answer["Secret"]
     except (ValueError, KeyError, TypeError):
-        raise DkrError(f"credential helper {program} gave an unreadable answer for {server}") \
+        raise AuthError(f"credential helper {program} gave an unreadable answer for {server}") \
             from None
     if not isinstance(username, str) or not isinstance(secret, str):
-        raise DkrError(f"credential helper {program} gave an unreadable answer for {server}")
+        raise AuthError(f"credential helper {program} gave an unreadable answer for {server}")
     if username == "<token>":
-        raise DkrError(f"credential helper {program} gives an identity token for {server}, "
+        raise AuthError(f"credential helper {program} gives an identity token for {server}, "
                        "which dkr cannot use: pass --creds")
     return Credentials(username, secret)

@@ -11,7 +11,7 @@ import re
 from typing import NamedTuple
 from urllib.parse import SplitResult, urlsplit
 
-from dkr.errors import DkrError
+from dkr.errors import DkrError, UsageError
 
 
 def split_url(url: str) -> SplitResult | None:
@@ -94,18 +94,18 @@ def without_transport(text: str) -> str:
 def parse_reference(text: str) -> Reference:
     """Parse ``[docker://][HOST[:PORT]/]NAME[:TAG][@DIGEST]`` with Docker Hub defaults."""
     if not text or text != text.strip() or any(c.isspace() or ord(c) < 32 for c in text):
-        raise DkrError(f"invalid reference {text!r}: empty or contains whitespace")
+        raise UsageError(f"invalid reference {text!r}: empty or contains whitespace")
     rest, digest = without_transport(text), None
     if "@" in rest:
         rest, digest = rest.split("@", 1)
         if not _DIGEST_RE.fullmatch(digest):
-            raise DkrError(f"invalid reference {text!r}: bad digest {digest!r} "
+            raise UsageError(f"invalid reference {text!r}: bad digest {digest!r} "
                            f"({_digest_hint(digest)})")
     host = DOCKER_HUB
     first, sep, remainder = rest.partition("/")
     if sep and _looks_like_host(first):
         if not host_is_valid(first):
-            raise DkrError(f"invalid reference {text!r}: bad registry host {first!r}")
+            raise UsageError(f"invalid reference {text!r}: bad registry host {first!r}")
         host, rest = first, remainder
     tag = None
     last_slash = rest.rfind("/")
@@ -113,13 +113,13 @@ def parse_reference(text: str) -> Reference:
     if colon > last_slash:
         rest, tag = rest[:colon], rest[colon + 1:]
         if not _TAG_RE.fullmatch(tag):
-            raise DkrError(f"invalid reference {text!r}: bad tag {tag!r}")
+            raise UsageError(f"invalid reference {text!r}: bad tag {tag!r}")
     if host in DOCKER_HUB_ALIASES:
         host = DOCKER_HUB
         if "/" not in rest:
             rest = f"library/{rest}"
     if not rest or len(rest) > _NAME_MAX or not _NAME_RE.fullmatch(rest):
-        raise DkrError(
+        raise UsageError(
             f"invalid reference {text!r}: bad repository name {rest!r} "
             "(lowercase letters, digits and . _ - separators, components joined by /)"
         )
@@ -155,7 +155,7 @@ def machine_name_is_valid(name: str) -> bool:
 def validate_machine_name(name: str) -> str:
     """``name`` for a new machine, or a DkrError."""
     if not machine_name_is_valid(name):
-        raise DkrError(
+        raise UsageError(
             f"invalid machine name {name!r}: want up to {_MACHINE_MAX} letters, digits and "
             "'-' in dot-separated labels, none starting or ending with '-' (a hostname)"
         )
@@ -203,7 +203,7 @@ def parse_v1_name(text: str) -> tuple[str, str]:
     if len(parts) != 2 or not all(
         _V1_NAME_PART.fullmatch(p) and p not in (".", "..") for p in parts
     ):
-        raise DkrError(f"invalid v1 name {text!r}: want NAMESPACE/REPO[:TAG]")
+        raise UsageError(f"invalid v1 name {text!r}: want NAMESPACE/REPO[:TAG]")
     if not v1_tag_is_valid(tag):
-        raise DkrError(f"invalid v1 tag {tag!r} in {text!r}")
+        raise UsageError(f"invalid v1 tag {tag!r} in {text!r}")
     return name, tag

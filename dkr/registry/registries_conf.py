@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from dkr.errors import DkrError
+from dkr.errors import ConfigError, DkrError, UsageError
 from dkr.registry.reference import DOCKER_HUB, Reference, host_is_valid, parse_reference
 
 SYSTEM_FILE = Path("/etc/containers/registries.conf")
@@ -105,7 +105,7 @@ class RegistriesConf:
             return [PullSource(ref, False, False)]
         if entry.blocked:
             raise DkrError(f"registry {entry.prefix} is blocked in {entry.origin}: "
-                           f"not pulling {ref}")
+                           f"not pulling {ref}", kind="policy")
         digested = ref.digest is not None
         endpoints: list[tuple[Endpoint, bool]] = []
         for mirror in entry.mirrors:
@@ -146,7 +146,7 @@ class RegistriesConf:
                 # No configuration at all: Docker's rule, as dkr always did.
                 return [parsed]
             where = self.search_origin or ", ".join(self.files)
-            raise DkrError(f"short name {text!r} did not resolve to an alias and no "
+            raise UsageError(f"short name {text!r} did not resolve to an alias and no "
                            f"unqualified-search registries are defined in {where}")
         found = [parse_reference(f"{registry}/{text}") for registry in self.search]
         mode = self.short_name_mode or "permissive"
@@ -155,7 +155,7 @@ class RegistriesConf:
         if not terminal or choose is None:
             if mode == "permissive":
                 return found
-            raise DkrError(f"short name {text!r} is ambiguous and short-name-mode is enforcing "
+            raise UsageError(f"short name {text!r} is ambiguous and short-name-mode is enforcing "
                            "(there is no terminal to ask on): use one of "
                            f"{', '.join(str(r) for r in found)}")
         chosen = choose(found)
@@ -251,9 +251,9 @@ def _rewrite(ref: Reference, entry: RegistryEntry, endpoint: Endpoint) -> Refere
     try:
         rewritten = parse_reference(text)
     except DkrError as e:
-        raise DkrError(f"{entry.origin}: rewriting {ref} for {endpoint.location}: {e}") from None
+        raise ConfigError(f"{entry.origin}: rewriting {ref} for {endpoint.location}: {e}") from None
     if rewritten.host == DOCKER_HUB and not text.startswith(("docker.io/", "index.docker.io/")):
-        raise DkrError(f"{entry.origin}: location {endpoint.location!r} names no registry host")
+        raise ConfigError(f"{entry.origin}: location {endpoint.location!r} names no registry host")
     return rewritten
 
 
@@ -281,7 +281,7 @@ def _drop_ins(directory: Path) -> list[Path]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as e:
-        raise DkrError(f"cannot read {directory}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {directory}: {e.strerror}") from None
 
 
 def load(named: str | None = None, home: Path | None = None,
@@ -311,18 +311,18 @@ def _read_toml(path: Path, missing_ok: bool) -> dict | None:
     except FileNotFoundError:
         if missing_ok:
             return None
-        raise DkrError(f"registries configuration {path} does not exist") from None
+        raise ConfigError(f"registries configuration {path} does not exist") from None
     except OSError as e:
-        raise DkrError(f"cannot read {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     if len(data) > MAX_FILE:
-        raise DkrError(f"{path}: larger than {MAX_FILE // 1024} KiB")
+        raise ConfigError(f"{path}: larger than {MAX_FILE // 1024} KiB")
     import tomllib                   # (only where there is a file to read)
     try:
         document = tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise DkrError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
     if not isinstance(document.get("aliases", {}), dict):
-        raise DkrError(f"{path}: [aliases] must be a table")
+        raise ConfigError(f"{path}: [aliases] must be a table")
     return document
 
 
@@ -339,7 +339,7 @@ def _merge(conf: RegistriesConf, update: RegistriesConf) -> None:
 
 
 def _fail(origin: str, message: str):
-    raise DkrError(f"{origin}: {message}")
+    raise ConfigError(f"{origin}: {message}")
 
 
 def _string(value, origin: str, what: str) -> str:

@@ -38,9 +38,13 @@ class SourceFailed(DkrError):
 class ContentMismatch(DkrError):
     """A blob's content did not match its digest (and was thrown away)."""
 
+    kind = "digest"
+
 
 class BlobStartsOver(DkrError):
     """A mirror failed after part of a blob reached its readers: start the layer over."""
+
+    kind = "network"
 
 
 class SourceState:
@@ -90,7 +94,7 @@ class SourceSet:
         except DkrError as e:
             if source is not self.sources[-1]:
                 self.state.unreachable.add(source.reference.host)
-            raise SourceFailed(str(e)) from None
+            raise SourceFailed(str(e), kind=e.kind) from None
 
     def _passed_over(self, source: PullSource, what: str, why: str) -> None:
         # A mirror that does not have something (a peer-to-peer agent whose peers
@@ -162,7 +166,7 @@ class SourceSet:
                 return await attempt(source, await self._client(source), last)
             except SourceFailed as e:
                 if last:
-                    raise DkrError(str(e)) from None
+                    raise DkrError(str(e), kind=e.kind) from None
                 self._passed_over(source, what, str(e))
             except (SinkError, BlobStartsOver):
                 raise

@@ -28,8 +28,8 @@ import json
 import logging
 from urllib.parse import urlsplit
 
-from dkr.errors import DkrError
-from dkr.registry.client import RegistryClient
+from dkr.errors import DkrError, reworded
+from dkr.registry.client import RegistryClient, status_error
 from dkr.registry.reference import host_is_valid, split_url, v1_id_is_valid
 from dkr.transport.glue import CurlGlue
 from dkr.transport.job import Response, Sink, SinkError, TransferOptions
@@ -78,6 +78,8 @@ class TokenAuth:
 
 class Unauthorized(DkrError):
     """A 401 from the index or registry: v1 has no second way in."""
+
+    kind = "auth"
 
 
 class V1Session:
@@ -146,13 +148,14 @@ class V1Session:
         except SinkError:
             raise                         # the extractor knows why; the caller asks it
         except Unauthorized as e:
-            raise DkrError(f"{failed} GET {url}: {e}") from None
+            raise reworded(e, f"{failed} GET {url}: {e}") from None
         except DkrError as e:
-            raise DkrError(f"{failed} {e}") from None
+            raise reworded(e, f"{failed} {e}") from None
         if response.status != 200:
             said = _server_said(response.body)
             raise DkrError(f"{failed} GET {url}: HTTP {response.status}"
-                           + (f": {said}" if said else ""))
+                           + (f": {said}" if said else ""),
+                           kind=status_error("", response.status).kind)
         return response
 
 

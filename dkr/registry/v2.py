@@ -16,8 +16,8 @@ import os
 import re
 from typing import NamedTuple
 
-from dkr.errors import DkrError
-from dkr.registry.client import RegistryClient
+from dkr.errors import DigestMismatch, DkrError, NotFound, UsageError
+from dkr.registry.client import RegistryClient, status_error
 from dkr.registry.reference import Reference, validate_digest
 
 log = logging.getLogger("dkr.v2")
@@ -84,7 +84,7 @@ def platform_named(os_, arch, variant=None) -> str | None:
 def parse_platform(text: str) -> Platform:
     parts = text.split("/")
     if not 2 <= len(parts) <= 3 or not all(p and p.replace("_", "").isalnum() for p in parts):
-        raise DkrError(f"invalid --platform {text!r}: want OS/ARCH[/VARIANT]")
+        raise UsageError(f"invalid --platform {text!r}: want OS/ARCH[/VARIANT]")
     return Platform(*parts)
 
 
@@ -158,6 +158,18 @@ def _variant_rank(arch: str, want: str | None, offered: str | None) -> float | N
     return None
 
 
+def _not_found(body: bytes) -> str:
+    """What a 404 for a manifest means, from the registry's error code (the OCI
+    distribution spec's NAME_UNKNOWN: no such repository)."""
+    try:
+        codes = {e.get("code") for e in json.loads(body).get("errors", [])}
+    except (ValueError, AttributeError, TypeError):
+        codes = set()
+    if "NAME_UNKNOWN" in codes:
+        return "no such repository (NAME_UNKNOWN)"
+    return "manifest unknown (no such tag or digest)"
+
+
 class ManifestResolver:
     def __init__(self, client: RegistryClient, reference: Reference, platform: Platform | None):
         self.client = client
@@ -209,13 +221,15 @@ class ManifestResolver:
         response = await self.client.get(f"/v2/{self.ref.name}/manifests/{ref}", scope=self.scope,
                                          accept=ACCEPT, what=what)
         if response.status == 404:
-            raise DkrError(f"{self.where}:{ref}: manifest unknown (no such tag or digest)")
+            # (a digest follows the name after "@", a tag after ":")
+            image = f"{self.where}{'@' if ':' in ref else ':'}{ref}"
+            raise NotFound(f"{image}: {_not_found(response.body)}")
         if response.status != 200:
-            raise DkrError(f"{what}: registry answered {response.status}")
+            raise status_error(what, response.status)
         body = response.body
         digest = sha256_digest(body)
         if expected_digest and digest != expected_digest:
-            raise DkrError(f"{what}: content has digest {digest}, not the requested one")
+            raise DigestMismatch(f"{what}: content has digest {digest}, not the requested one")
         content_type = (response.header("content-type") or "").split(";")[0].strip()
         document = _json(body, what)
         if document.get("schemaVersion") != 2:
@@ -311,9 +325,9 @@ class ManifestResolver:
         response = await self.client.get(f"/v2/{self.ref.name}/blobs/{digest}", scope=self.scope,
                                          expected_size=size, what=label)
         if response.status != 200:
-            raise DkrError(f"{label}: registry answered {response.status}")
+            raise status_error(label, response.status)
         if "sha256:" + response.sha256 != digest:
-            raise DkrError(f"{label}: content does not match its digest")
+            raise DigestMismatch(f"{label}: content does not match its digest")
         return response.body
 
     def _diff_ids(self, config: dict, count: int) -> list[str]:

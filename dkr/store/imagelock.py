@@ -48,7 +48,7 @@ _FLOCK = "hhqqi4x"
 
 
 class ImageInUse(DkrError):
-    pass
+    kind = "in-use"
 
 
 def _ofd_lock(fd: int, exclusive: bool) -> bool:

@@ -27,6 +27,13 @@ from dkr.store.layout import ImageRoot
 OTHER_IMAGE_SUFFIXES = (".raw", ".v", ".raw.v")
 
 
+
+class MachineExists(DkrError):
+    """LOCAL is taken: by another image (--force replaces it) or a tree dkr did not make."""
+
+    kind = "exists"
+
+
 def image_digest(record: dict) -> str | None:
     """What identifies the image a record's machine was made from: the v2 manifest
     digest, or the v1 image id."""
@@ -42,12 +49,12 @@ def refuse_foreign(root: ImageRoot, local: str) -> None:
     for suffix in OTHER_IMAGE_SUFFIXES:
         other = root.path / f"{local}{suffix}"
         if os.path.lexists(other):
-            raise DkrError(f"{other} already exists, and machinectl lists it as image "
+            raise MachineExists(f"{other} already exists, and machinectl lists it as image "
                            f"{local!r}: dkr did not make it and will not put a second image "
                            "under that name; choose another LOCAL")
     machine = root.machine_path(local)
     if os.path.lexists(machine) and not os.path.lexists(record_path(root, local)):
-        raise DkrError(f"{machine} exists, but dkr did not make it (it has no record in "
+        raise MachineExists(f"{machine} exists, but dkr did not make it (it has no record in "
                        f"{record_path(root, local).parent}): dkr never replaces or removes "
                        "it, also not with --force; move it away or choose another LOCAL")
 
@@ -97,7 +104,7 @@ def up_to_date(root: ImageRoot, local: str, digest: str, backend: str, force: bo
     else:
         holds = found.digest or "an image its record does not name"
     wanted = digest if found.digest != digest else f"{digest} made by backend {backend}"
-    raise DkrError(f"machine {local!r} in {root.path} holds {holds}, this pull gives "
+    raise MachineExists(f"machine {local!r} in {root.path} holds {holds}, this pull gives "
                    f"{wanted}: --force replaces the machine and discards changes made in it")
 
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pycurl
 
-from dkr.errors import DkrError
+from dkr.errors import DkrError, error_kind
 from dkr.transport.glue import CurlGlue
 
 log = logging.getLogger("dkr.job")
@@ -42,15 +42,19 @@ class TransferError(DkrError):
     failure, so that a retry can continue with a Range request.
     """
 
-    def __init__(self, message: str, *, retryable: bool, delivered: int = 0):
-        super().__init__(message)
+    kind = "network"
+
+    def __init__(self, message: str, *, retryable: bool, delivered: int = 0,
+                 kind: str | None = None):
+        super().__init__(message, kind=kind)
         self.retryable = retryable
         self.delivered = delivered
 
 
-# libcurl errors worth another attempt: the network, not the request, failed.
+# libcurl errors worth another attempt: the network, not the request, failed. (A name
+# that does not resolve is not: the resolver has already tried, and will say so again.)
 RETRYABLE_CURL_ERRORS = {
-    pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_CONNECT, pycurl.E_PARTIAL_FILE,
+    pycurl.E_COULDNT_CONNECT, pycurl.E_PARTIAL_FILE,
     pycurl.E_OPERATION_TIMEDOUT, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR,
     pycurl.E_RECV_ERROR, 16, 92,   # HTTP/2 framing and stream errors
 }
@@ -70,8 +74,22 @@ def client_cert_refused(message: str) -> bool:
     return any(words in message for words in CLIENT_CERT_REFUSED)
 
 
+# libcurl errors of TLS itself: the handshake, a certificate, its files.
+TLS_CURL_ERRORS = {35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98}
+
+
+def curl_error_kind(code: int) -> str:
+    return "tls" if code in TLS_CURL_ERRORS else "network"
+
+
 def curl_hint(code: int, message: str, url: str, client_cert: bool = False) -> str:
     """What the user can do about a libcurl error whose text does not say it."""
+    if code == pycurl.E_SSL_CONNECT_ERROR and "wrong version number" in message:
+        # OpenSSL read an HTTP answer where a TLS record should be.
+        return f"; {urlsplit(url).netloc} answers plain HTTP, not HTTPS: " \
+               "--insecure (or --tls-verify=false) allows that"
+    if code == pycurl.E_COULDNT_RESOLVE_HOST:
+        return "; check the registry's name"
     if client_cert_refused(message):
         host = urlsplit(url).netloc
         if client_cert:
@@ -167,7 +185,7 @@ class Job:
         self._skip = 0                 # bytes to drop when a server ignored our Range
         self._body = bytearray()
         self._abort_reason = ""        # why, in state ABORTING
-        self._sink_failed = False      # ... and whether the sink (not the server) was why
+        self._sink_failed = ""         # ... and, if the sink (not the server) was why, its kind
         self.stall_timeout = (options or TransferOptions()).low_speed_time
         self.client_cert = bool(options and options.client_cert)
         self._last_activity = 0.0
@@ -242,7 +260,7 @@ class Job:
             self._fail(f"{self.what}: {message or 'transfer failed'} (curl error {code})"
                        f"{curl_hint(code, message, self.url, self.client_cert)}",
                        retryable=code in RETRYABLE_CURL_ERRORS and
-                       not client_cert_refused(message))
+                       not client_cert_refused(message), kind=curl_error_kind(code))
         elif self._is_success() and self.expected_size is not None and \
                 self.range_start + self.received != self.expected_size:
             self._fail(f"{self.what}: body ended after {self.range_start + self.received} "
@@ -254,12 +272,13 @@ class Job:
                 body=bytes(self._body), received=self.received,
                 sha256=self.hasher.hexdigest()))
 
-    def _fail(self, reason: str, retryable: bool) -> None:
+    def _fail(self, reason: str, retryable: bool, kind: str | None = None) -> None:
         self.state = JobState.FAILED
         if self._sink_failed:
-            error: DkrError = SinkError(reason)
+            error: DkrError = SinkError(reason, kind=self._sink_failed)
         else:
-            error = TransferError(reason, retryable=retryable, delivered=self.received)
+            error = TransferError(reason, retryable=retryable, delivered=self.received,
+                                  kind=kind)
         self._future.set_exception(error)
 
     def _is_success(self) -> bool:
@@ -346,7 +365,7 @@ class Job:
         try:
             accepted = self.sink.write(data)
         except OSError as e:
-            self._sink_failed = True
+            self._sink_failed = error_kind(e)
             where = f" to {e.filename}" if e.filename else ""
             return self._abort(f"{self.what}: cannot write{where}: {e.strerror}")
         if not accepted:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from dkr.errors import DkrError
+from dkr.errors import ConfigError, DkrError
 
 log = logging.getLogger("dkr.trust")
 
@@ -69,9 +69,9 @@ def _read_pem(path: str, what: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read(MAX_BUNDLE + 1)
     except OSError as e:
-        raise DkrError(f"{what} {path}: {e.strerror}") from None
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
     if len(data) > MAX_BUNDLE:
-        raise DkrError(f"{what} {path}: larger than {MAX_BUNDLE // 1024**2} MB")
+        raise ConfigError(f"{what} {path}: larger than {MAX_BUNDLE // 1024**2} MB")
     if PEM_CERTIFICATE not in data:
-        raise DkrError(f"{what} {path}: no PEM certificate in it")
+        raise ConfigError(f"{what} {path}: no PEM certificate in it")
     return data

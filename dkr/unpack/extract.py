@@ -47,7 +47,7 @@ import time
 import zlib
 from pathlib import Path
 
-from dkr.errors import DkrError
+from dkr.errors import DkrError, out_of_space
 from dkr.hookspecs import OPAQUE_XATTR, LayerMember
 from dkr.libc import libc, os_error
 from dkr.startup import modules_loaded
@@ -807,6 +807,8 @@ def _report(job) -> int:
         result = {"error": str(e)}
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         result = {"error": _describe(e)}
+        if isinstance(e, OSError) and out_of_space(e):
+            result["kind"] = "disk-full"      # (the parent tells where and how much)
     except Exception as e:  # noqa: BLE001 - a decoder's own error types; report, never trace
         result = {"error": f"cannot read layer: {type(e).__name__}: {e}"}
     try:
@@ -856,7 +858,9 @@ def _describe(e: Exception) -> str:
     if isinstance(e, OSError):
         where = f" ({os.fsdecode(e.filename)})" if e.filename else ""
         if e.errno == errno.ENOSPC:
-            return f"no space left on device{where}"
+            # (the member's name quoted: "(sys)" alone reads like the device's)
+            return "no space left on device" + \
+                (f" while writing {os.fsdecode(e.filename)!r}" if e.filename else "")
         return f"{e.strerror or e}{where}"
     if isinstance(e, EOFError):
         return "compressed stream ends early (truncated layer?)"
