@@ -86,13 +86,6 @@ def out_of_space(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-class UsageError(DkrError):
-    """Options or arguments that do not go together: status 2, as argparse's own."""
-
-    exit_code = 2
-    kind = "usage"
-
-
 def one_line(text: str) -> str:
     """``text`` as one line of plain characters. Messages carry what servers sent (a
     platform name, a media type, a header); a newline or a terminal escape in it
