@@ -101,7 +101,13 @@ def test_a_cut_download_says_the_next_pull_resumes_it(image_root):
     with Registry() as reg, FaultProxy("127.0.0.1", reg.port) as proxy:
         images.push_image(reg, "msg/big", "1", Image([Layer([File("big", blob)], "none")]))
         proxy.add_fault(r"/blobs/sha256:", "reset_after", times=None, bytes=1 << 20)
+        # Streamed into its extractor (the base layer), the blob is not kept...
         run = pull("--insecure", "--retries", "0", "--image-root", image_root,
+                   f"{proxy.host}/msg/big:1")
+        line = failure(run, "network")
+        assert re.search(r"the next pull starts this download again \(--spool-all", line), line
+        # ... spooled, it is.
+        run = pull("--insecure", "--retries", "0", "--image-root", image_root, "--spool-all",
                    f"{proxy.host}/msg/big:1")
         line = failure(run, "network")
         assert re.search(r"the [0-9.]+ [kM]B downloaded so far are kept: "

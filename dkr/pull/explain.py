@@ -39,6 +39,9 @@ def explained(error: DkrError | OSError, root: ImageRoot, layers: list[LayerPlan
         if kept:
             return reworded(error, f"{error}; the {_human(kept)} downloaded so far are kept: "
                                    "the next pull resumes from there")
+        # (What streamed into an extractor is not on disk; --spool-all keeps it all.)
+        return reworded(error, f"{error}; the next pull starts this download again "
+                               "(--spool-all would have kept every byte for a resume)")
     return error
 
 

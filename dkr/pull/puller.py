@@ -45,7 +45,7 @@ from dkr.registry.signatures import Trust
 from dkr.store.locks import AsyncFlock
 from dkr.tasks import failed, retrieved, to_the_end
 from dkr.transport.glue import CurlGlue
-from dkr.transport.job import TransferOptions
+from dkr.transport.job import SinkError, TransferOptions
 from dkr.transport.trust import trusted_pem
 from dkr.treeops import remove_tree
 from dkr.unpack.extractors import ExtractorPool, LayerUnpacker
@@ -588,11 +588,13 @@ class Puller:
             await blob.hand_over(start)
             report = asyncio.ensure_future(unpacker.finish())
             # A failed download also ends the reader; its own error is the one to tell.
+            # A reader that failed (a full disk, a bad member) ends the download (its
+            # pipe breaks): then the reader's error is.
             await asyncio.wait({blob.done, report}, return_when=asyncio.FIRST_COMPLETED)
-            if failed(blob.done):
+            if _failed_by_itself(blob.done):
                 await blob.done
             unpacked = await report
-            if failed(blob.done):
+            if _failed_by_itself(blob.done):
                 await blob.done
             if "error" in unpacked:
                 raise LayerError(f"{label}: {unpacked['error']}", kind=unpacked.get("kind"))
@@ -892,6 +894,12 @@ async def remove_leftover(remove: Callable[[Path], None], leftover: Path) -> Non
                             leftover.name, os_error_text(e))
                 return
         await asyncio.sleep(delay)
+
+
+def _failed_by_itself(download: asyncio.Future) -> bool:
+    """Whether a download failed, other than because its extractor stopped reading."""
+    return failed(download) and (download.cancelled() or
+                                 not isinstance(download.exception(), SinkError))
 
 
 def _last_shared(claims: list[Share]) -> int:
