@@ -49,14 +49,25 @@ def _pull_args(proxy, image_root, *extra) -> list[str]:
             *extra, f"{proxy.host}/progress/slow", "slow"]
 
 
-def _on_terminal(args: list[str]) -> str:
-    """Run dkr on a pseudo-terminal of 100 columns; all it wrote there."""
-    child = pexpect.spawn(DKR, args, cwd=ELSEWHERE, encoding="utf-8", timeout=120,
-                          dimensions=(30, 100), env={**os.environ, "TERM": "xterm"})
+def _spawn(args: list[str], columns: int = 100) -> pexpect.spawn:
+    """dkr on a pseudo-terminal."""
+    return pexpect.spawn(DKR, args, cwd=ELSEWHERE, encoding="utf-8", timeout=120,
+                         dimensions=(30, columns), env={**os.environ, "TERM": "xterm"})
+
+
+def _on_terminal(args: list[str], status: int = 0, columns: int = 100) -> str:
+    """All that dkr, run on a pseudo-terminal, wrote there; it exits with ``status``."""
+    child = _spawn(args, columns)
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 0, child.before
+    assert child.exitstatus == status, child.before
     return child.before
+
+
+def _screen_of(written: str) -> str:
+    screen = Screen()
+    screen.feed(written)
+    return screen.text
 
 
 class Screen:
@@ -107,13 +118,22 @@ def test_live_lines_on_a_terminal_come_and_go(slow_image, slow_proxy, image_root
     for digest in slow_image:
         assert re.search(rf"{_short(digest)} downloading .*\d+\.\d+/\d+\.\d+ MB", seen), seen
     assert re.search(r"slow: \d/3 layers", seen) and re.search(r"\d kB/s", seen), seen
-    screen = Screen()
-    screen.feed(written)
     # What stays: the log lines, not one live line.
-    assert not any(_short(digest) in screen.text for digest in slow_image), screen.text
-    assert "layers" not in screen.text.replace("3 layers", ""), screen.text
-    assert re.search(r"Pulled .*progress/slow:latest as slow in", screen.text), screen.text
+    screen = _screen_of(written)
+    assert not any(_short(digest) in screen for digest in slow_image), screen
+    assert "layers" not in screen.replace("3 layers", ""), screen
+    assert re.search(r"Pulled .*progress/slow:latest as slow in", screen), screen
     assert (image_root / "slow" / "data" / "2").stat().st_size == LAYER_BYTES
+
+
+def test_warnings_meanwhile_are_whole_lines_above_the_live_ones(slow_image, slow_proxy,
+                                                                image_root):
+    slow_proxy.add_fault(f"/blobs/{slow_image[1]}", "status", code=503, times=1)
+    # (wide enough for the warning: a narrower terminal shows it wrapped)
+    screen = _screen_of(_on_terminal(_pull_args(slow_proxy, image_root), columns=200))
+    [warning] = [line for line in screen.splitlines() if "trying again" in line]
+    assert re.fullmatch(rf"layer {slow_image[1]}: .*503.*; trying again in .*\)\.", warning), \
+        screen
 
 
 def test_quiet_shows_nothing_on_a_terminal(slow_image, slow_proxy, image_root):
@@ -178,3 +198,50 @@ def test_json_batch_follows_each_image(slow_image, slow_proxy, image_root, tmp_p
     waiting = [e for e in events if e["event"] == "phase" and e.get("waiting_for") == "image"]
     builds = [e for e in events if e["event"] == "layer-start"]
     assert len(builds) == 3 and len(waiting) <= 1, (builds, waiting)
+
+
+def _kept_lines_then_error(screen: str, layers: list[str]) -> str:
+    """The live lines left as they were, the error line under them; the error line."""
+    lines = screen.splitlines()
+    assert lines[-1].startswith("dkr: error: "), screen
+    assert re.search(r"^slow: \d/3 layers .* \d+\.\d/3\.6 MB", "\n".join(lines[:-1]), re.M), screen
+    kept = [line for line in lines[:-1] if any(layer in line for layer in layers)]
+    assert kept and all(re.search(r"\d+\.\d/1\.2 MB", line) for line in kept), screen
+    return lines[-1]
+
+
+def test_lines_stay_on_a_failure(slow_image, slow_proxy, image_root):
+    slow_proxy.add_fault(f"/blobs/{slow_image[2]}", "status", code=404, times=None)
+    slow_proxy.add_fault(f"/blobs/{slow_image[2]}", "slow", times=None, rate=RATE)
+    written = _on_terminal(_pull_args(slow_proxy, image_root, "--retries", "0"), status=1)
+    screen = _screen_of(written)
+    # (the layers below the one that failed were built meanwhile: their lines went)
+    error = _kept_lines_then_error(screen, [_short(slow_image[2])])
+    assert slow_image[2] in error
+
+
+def test_lines_stay_on_ctrl_c(slow_image, slow_proxy, image_root):
+    child = _spawn(_pull_args(slow_proxy, image_root))
+    child.expect(r"0\.[2-9]/1\.2 MB")        # well into the downloads
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130, child.before
+    screen = _screen_of(child.before)
+    error = _kept_lines_then_error(screen, [_short(d) for d in slow_image])
+    assert error == "dkr: error: interrupted by SIGINT"
+    assert "downloading" in screen
+
+
+def test_a_layer_waiting_for_the_spool_says_so(slow_image, registry, image_root):
+    run = assert_ok(run_dkr(*_pull_args(registry, image_root, "--json", "--spool-limit", "1")))
+    phases = defaultdict(list)
+    for e in run.events:
+        if e["event"] == "phase":
+            phases[e["layer"]].append((e["phase"], e.get("waiting_for")))
+    first, *later = [_short(digest) for digest in slow_image]
+    assert phases[first][0] == ("downloading", None), phases
+    for layer in later:       # each waits for the one before to leave the spool
+        assert phases[layer][:2] == [("waiting", "spool"), ("downloading", None)], phases
+        assert phases[layer][-1] == ("done", None), phases
+    assert re.search(rf"^Layer {later[0]} waiting for room in the spool\.$", run.err, re.M)
