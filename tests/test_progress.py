@@ -245,3 +245,19 @@ def test_a_layer_waiting_for_the_spool_says_so(slow_image, registry, image_root)
         assert phases[layer][:2] == [("waiting", "spool"), ("downloading", None)], phases
         assert phases[layer][-1] == ("done", None), phases
     assert re.search(rf"^Layer {later[0]} waiting for room in the spool\.$", run.err, re.M)
+
+
+def test_a_batch_on_a_terminal_has_lines_per_image(slow_image, slow_proxy, image_root, tmp_path):
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{slow_proxy.host}/progress/one\n{slow_proxy.host}/progress/two 2nd\n")
+    written = _on_terminal(["pull", "--insecure", "--image-root", str(image_root), "--backend",
+                            "dir", "--batch", str(listing)])
+    seen = ANSI.sub("", written)
+    for local in ("one", "2nd"):
+        assert re.search(rf"^{local}: \d/2 layers ", seen, re.M), seen
+        # Each layer line names its image too.
+        assert re.search(rf"^  {local} [0-9a-f]{{12}} downloading ", seen, re.M), seen
+    screen = _screen_of(written)
+    assert not re.search(r"\d/2 layers", screen) and "downloading" not in screen, screen
+    assert re.search(r"^2nd: Pulled .*progress/two:latest as 2nd in", screen, re.M), screen
+    assert screen.splitlines()[-1] == "Pulled 2 of 2 images.", screen

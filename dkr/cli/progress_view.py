@@ -17,7 +17,10 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
-from dkr.cli.render import ImageTally, phase_text
+from dkr.cli.render import ImageTally
+
+# What a waiting layer waits for, in a word that fits a live line.
+WAITING_FOR = {"spool": "spool", "parent": "parent", "image": "other image"}
 
 
 class _Grouped(Progress):
@@ -80,6 +83,7 @@ class LiveView:
             image = self.images.pop(local)
             for task in (image.task, *image.layers.values()):
                 self.progress.remove_task(task)
+            self.progress.refresh()   # (lines printed next must not bring them back)
         elif kind == "error":         # the pull is over: what it was doing stays
             self.stop(keep=True)
 
@@ -98,7 +102,7 @@ class LiveView:
                 self.progress.remove_task(task)
                 del image.layers[layer]
         else:
-            description = f"{self._prefix(local)}  {layer} {phase_text(fields)}"
+            description = f"  {self._prefix(local)}{layer} {_phase(fields)}"
             total = fields["total"] or None
             if task is None:
                 image.added += 1
@@ -121,3 +125,9 @@ class LiveView:
 
     def _prefix(self, local: str | None) -> str:
         return f"{local} " if self.batch and local else ""
+
+
+def _phase(fields: dict) -> str:
+    if fields["phase"] == "waiting":
+        return f"waiting ({WAITING_FOR.get(fields.get('waiting_for'), '?')})"
+    return fields["phase"]
