@@ -169,6 +169,9 @@ def test_json_batch_follows_each_image(slow_image, slow_proxy, image_root, tmp_p
     run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
                             "dir", "--json", "--batch", listing))
     events = run.events                     # (each checked against the schema)
+    *lines, summary = run.err.splitlines()
+    assert lines and all(line.startswith(("one: ", "2nd: ")) for line in lines), run.err
+    assert summary == "Pulled 2 of 2 images.", run.err
     wanted = {"one": f"{slow_proxy.host}/progress/one", "2nd": f"{slow_proxy.host}/progress/two"}
     assert {(e["local"], e["reference"]) for e in events} == set(wanted.items())
     for local in wanted:

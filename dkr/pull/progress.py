@@ -138,7 +138,7 @@ class Progress:
     # --- phases ----------------------------------------------------------------------
     def _layer(self, digest: str, size: int | None = None) -> _Layer:
         bound = bound_fields()
-        key = (tuple(sorted(bound.items())), digest)
+        key = (bound.get("local"), bound.get("reference"), digest)
         layer = self._layers.get(key)
         if layer is None:
             layer = self._layers[key] = _Layer(
