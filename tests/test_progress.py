@@ -264,3 +264,18 @@ def test_a_batch_on_a_terminal_has_lines_per_image(slow_image, slow_proxy, image
     assert not re.search(r"\d/2 layers", screen) and "downloading" not in screen, screen
     assert re.search(r"^2nd: Pulled .*progress/two:latest as 2nd in", screen, re.M), screen
     assert screen.splitlines()[-1] == "Pulled 2 of 2 images.", screen
+
+
+def test_a_resumed_download_starts_at_the_bytes_spooled_before(slow_image, registry,
+                                                                image_root):
+    host, port = registry.host.split(":")
+    with FaultProxy(host, int(port)) as proxy:
+        proxy.add_fault(f"/blobs/{slow_image[2]}", "truncate_after", bytes=700_000)
+        failed = run_dkr(*_pull_args(proxy, image_root, "--retries", "0"))
+        assert failed.rc == 1, failed.err
+        run = assert_ok(run_dkr(*_pull_args(proxy, image_root, "--json")))
+    layer = _short(slow_image[2])
+    first = next(e for e in run.events if e["event"] == "phase" and e["layer"] == layer)
+    assert first["phase"] == "downloading" and first["bytes"] == 700_000, first
+    assert re.search(rf"^Layer {layer} downloading, resumed at 0\.7 MB of 1\.2 MB\.$", run.err,
+                     re.M), run.err
