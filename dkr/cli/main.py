@@ -10,6 +10,7 @@ import select
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dkr import __version__, api
 from dkr.cli import login, manage
@@ -19,6 +20,9 @@ from dkr.events import Events, bound_fields
 from dkr.registry.auth import parse_creds
 from dkr.registry.reference import default_machine_name, parse_reference
 from dkr.registry.v2 import parse_platform
+
+if TYPE_CHECKING:
+    from dkr.cli.progress_view import LiveView
 
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
 # Upper bounds: libcurl takes these as C longs, and nothing sensible needs more.
@@ -167,7 +171,7 @@ def _creds_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _events(args) -> tuple[Events, StatsRenderer | None, object]:
+def _events(args) -> tuple[Events, StatsRenderer | None, "LiveView | None"]:
     live = _live_view(args)
     renderers = [LogLines(phases=live is None), live or PlainProgress()]
     if getattr(args, "json", False):
@@ -224,7 +228,8 @@ def cmd_pull(args) -> int:
             else:
                 api.pull(args.reference, args.local, options=options, events=events)
         except DkrError as e:         # (one image's failure in a batch has its own event)
-            _emit_error(events, args.reference or args.batch, e, args.local)
+            _emit_error(events, args.reference or args.batch, e,    # (a batch's: no one image's)
+                        None if args.batch else _machine_name(args.reference, args.local))
             raise
         return 0
     finally:
@@ -259,8 +264,7 @@ def _emit_error(events: Events, reference: str, error: DkrError, local: str | No
     tells what failed (the event must not turn it into a broken pipe)."""
     kind = getattr(error, "kind", None)
     try:
-        events.emit("error", reference=reference, local=_machine_name(reference, local),
-                    message=str(error),
+        events.emit("error", reference=reference, local=local, message=str(error),
                     **({"kind": kind} if kind else {}))
     except BrokenPipeError:
         pass
@@ -283,7 +287,7 @@ def _pull_batch(path: str, options, events) -> int:
     outcomes = api.pull_batch(items, options=options, events=events)
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
     for (reference, local), error in failed:
-        _emit_error(events, reference, error, local)
+        _emit_error(events, reference, error, _machine_name(reference, local))
         print(one_line(f"dkr: error: {reference}: {error}"), file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")
