@@ -29,7 +29,26 @@ class Run:
 
     @property
     def events(self) -> list[dict]:
-        return [json.loads(line) for line in self.out.splitlines() if line.startswith("{")]
+        """The --json events on stdout, each checked against the documented schema."""
+        return [checked_event(json.loads(line)) for line in self.out.splitlines()
+                if line.startswith("{")]
+
+
+@functools.cache
+def _event_validators() -> dict:
+    import jsonschema
+    from importlib.resources import files
+    schema = json.loads(files("dkr").joinpath("data/events.schema.json").read_text())
+    return {kind: jsonschema.Draft202012Validator(each) for kind, each in schema["events"].items()}
+
+
+def checked_event(event: dict) -> dict:
+    """``event``, a --json line of dkr's, once it is found as docs/events.md describes it."""
+    validators = _event_validators()
+    assert event.get("event") in validators, f"an event the schema does not know: {event}"
+    errors = list(validators[event["event"]].iter_errors(event))
+    assert not errors, f"{event['event']} event against its schema: {errors[0].message}: {event}"
+    return event
 
 
 # The installed command, run from a directory of its own: a user's working

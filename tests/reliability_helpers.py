@@ -22,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import checked_event
 
 from dkr.plugins import backends
 from dkr.testing import loopfs
@@ -162,7 +163,10 @@ class DkrProcess:
     def _read_out(self) -> None:
         for line in self.proc.stdout:
             if line.startswith("{"):
-                self._queue.put(json.loads(line))
+                try:
+                    self._queue.put(checked_event(json.loads(line)))
+                except AssertionError as off_schema:     # told where the events are read
+                    self._queue.put(off_schema)
         self._queue.put(None)
 
     def _read_err(self) -> None:
@@ -187,7 +191,7 @@ class DkrProcess:
                 self._queue.put(None)
                 raise AssertionError(f"dkr ended before the event; rc={self.proc.wait()}\n"
                                      f"{''.join(self._err)}")
-            self.events.append(event)
+            self.events.append(_raised_if_off_schema(event))
             if predicate(event):
                 return event
 
@@ -221,13 +225,19 @@ class DkrProcess:
             except queue.Empty:
                 break
             if event is not None:
-                self.events.append(event)
+                self.events.append(_raised_if_off_schema(event))
         return rc, "".join(self._err)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.kill_group()
             self.proc.wait(10)
+
+
+def _raised_if_off_schema(event):
+    if isinstance(event, AssertionError):
+        raise event
+    return event
 
 
 def session_pids(sid: int, needle: bytes = b"") -> list[int]:

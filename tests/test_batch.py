@@ -144,7 +144,7 @@ def test_an_image_that_comes_late_builds_on_the_committed_base(shared_base, prox
     listing.write_text(f"{proxy.host}/batch/app0 early\n{proxy.host}/batch/app1 late\n")
     run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
                             "--json", "--batch", listing))
-    events = [(e["event"], e.get("reference", ""), e.get("chain_id")) for e in run.events]
+    events = [(e["event"], e.get("resolved", ""), e.get("chain_id")) for e in run.events]
     late = events.index(("resolved", f"{proxy.host}/batch/app1:latest", None))
     base_done = [i for i, (event, _, _) in enumerate(events) if event == "layer-done"][:2]
     assert len(base_done) == 2 and max(base_done) < late, events       # the case at hand
@@ -218,5 +218,5 @@ def test_what_a_failing_image_gives_up_is_taken_on_by_an_image_that_comes_later(
     for n in (1, 2):
         assert (image_root / f"m{n}" / f"app{n}").read_bytes() == f"app {n}".encode()
     assert (image_root / "m2" / "mid").read_bytes() == b"middle layer"
-    assert [e for e in pull.events if e["event"] == "layer-done" and e["chain_id"] == keys[1]]
+    assert [e for e in pull.events if e["event"] == "layer-done" and e["chain_id"] == f"sha256:{keys[1]}"]
 

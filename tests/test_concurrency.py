@@ -81,10 +81,10 @@ def test_parallel_pulls_share_layers_and_build_each_once(proxy, image_root):
 
     built = Counter(e["chain_id"] for p in [first, *others] for e in p.events
                     if e["event"] == "layer-done")
-    expected = {c.split(":")[1] for c in chain_ids(X) + chain_ids(Y)}
+    expected = set(chain_ids(X) + chain_ids(Y))
     assert set(built) == expected and set(built.values()) == {1}, built
     skipped = Counter(e["chain_id"] for p in others for e in p.events if e["event"] == "skipped")
-    assert skipped[chain_ids(X)[0].split(":")[1]] == 3          # everyone reused the base
+    assert skipped[chain_ids(X)[0]] == 3          # everyone reused the base
     assert all("Waiting for another dkr process building layer" in err
                for _, err in results[1:]), [err for _, err in results[1:]]
     # One download of the base blob for all four processes.
@@ -156,7 +156,7 @@ def test_a_batch_and_a_pull_that_take_over_a_dead_builder_do_not_wait_for_each_o
         procs.append(batch)
         for name in ("b", "c"):
             batch.wait_event(lambda e: e["event"] == "resolved" and
-                             e["reference"].endswith(f"tree/{name}:latest"))
+                             e["resolved"].endswith(f"tree/{name}:latest"))
         batch.wait_until(lambda: _waits(batch), what="the batch waiting for the base")
         # Wait for the batch to claim what else it may claim now (without the fix: C's
         # middle layer, at once); with the fix it claims nothing more.

@@ -15,7 +15,7 @@ import sys
 from contextlib import contextmanager
 
 import pytest
-from helpers import assert_clean_failure, assert_ok, pull, run_dkr
+from helpers import assert_clean_failure, assert_ok, checked_event, pull, run_dkr
 
 from dkr.testing import images, loopfs
 from dkr.testing.faultproxy import FaultProxy
@@ -139,7 +139,7 @@ def test_a_pull_whose_event_reader_left_still_says_why_it_failed(registry, image
         first = proc.stdout.readline()
         proc.stdout.close()
         errors, status = proc.stderr.read(), proc.wait(timeout=60)
-    assert json.loads(first)["event"] == "backend"
+    assert checked_event(json.loads(first))["event"] == "backend"
     assert status == 1
     assert re.search(r"^dkr: error: .*no/such:tag: manifest unknown", errors, re.M), errors
 

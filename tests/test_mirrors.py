@@ -173,7 +173,7 @@ def test_short_names_aliases_and_search_registries(upstream, tmp_path):
         # Permissive: each in turn; the first has no such image.
         conf.write_text(conf.read_text().replace("enforcing", "permissive"))
         run = assert_ok(_pull("team/app:v1", tmp_path / "c", "--registries-conf", conf))
-        assert any(e["event"] == "resolved" and e["reference"].startswith(upstream.host)
+        assert any(e["event"] == "resolved" and e["resolved"].startswith(upstream.host)
                    for e in run.events)
 
 

@@ -164,11 +164,18 @@ def test_shared_layers_are_skipped(srv, root):
 
     assert_ok(pull_v1(srv, root))
     seen = len(srv.requests)
-    run = assert_ok(pull_v1(srv, root, ref="library/other"))
+    run = assert_ok(pull_v1(srv, root, "--json", ref="library/other"))
     assert fetched_layers(srv.requests[seen:]) == [second_ids[2]]
     for shared in first_ids[:2]:
-        key = layer_key(srv.registry_host, shared)
-        assert f"Layer {key[:12]} already exists, skipping." in run.err
+        assert f"Layer {shared[:12]} already exists, skipping." in run.err
+    # The events name v1 layers as any other: 12 hex of the id, the key as chain_id.
+    phases = [(e["layer"], e.get("phase", "committed"), e.get("chain_id"))
+              for e in run.events if e["event"] in ("phase", "layer-done")]
+    key = layer_key(srv.registry_host, second_ids[2])
+    assert phases[:2] == [(i[:12], "reused", None) for i in second_ids[:2]], phases
+    assert (second_ids[2][:12], "committed", key) in phases and \
+        phases[-1] == (second_ids[2][:12], "done", None), phases
+    assert {e["local"] for e in run.events} == {"other"}
     assert (root / "other/etc/hostname").read_bytes() == b"other\n"
     assert (root / LOCAL / "etc/hostname").read_bytes() == b"updated\n"
 
@@ -340,8 +347,7 @@ def test_layer_faults_fail_cleanly(srv, root, fault, pattern):
     srv.reset_faults()
     srv.images[ids[1]].layer = srv.images[ids[1]].tar
     retry = assert_ok(pull_v1(srv, root))
-    assert f"Layer {layer_key(srv.registry_host, ids[0])[:12]} already exists, skipping." \
-        in retry.err
+    assert f"Layer {ids[0][:12]} already exists, skipping." in retry.err
 
 
 @pytest.mark.parametrize("fault, pattern", [

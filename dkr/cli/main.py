@@ -10,14 +10,19 @@ import select
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dkr import __version__, api
 from dkr.cli import login, manage
-from dkr.cli.render import JsonRenderer, StatsRenderer, log_renderer
+from dkr.cli.render import JsonRenderer, LogLines, PlainProgress, StatsRenderer
 from dkr.errors import DkrError, UsageError, error_kind, one_line, os_error_text
-from dkr.events import Events
+from dkr.events import Events, bound_fields
 from dkr.registry.auth import Credentials, parse_creds
+from dkr.registry.reference import default_machine_name, parse_reference
 from dkr.registry.v2 import parse_platform
+
+if TYPE_CHECKING:
+    from dkr.cli.progress_view import LiveView
 
 DEFAULT_IMAGE_ROOT = "/var/lib/machines"
 # Upper bounds: libcurl takes these as C longs, and nothing sensible needs more.
@@ -284,14 +289,25 @@ def _insecure(args) -> bool:
     return args.insecure or args.tls_verify is False
 
 
-def _events(args) -> tuple[Events, StatsRenderer | None]:
-    renderers = [log_renderer]
+def _events(args) -> tuple[Events, StatsRenderer | None, "LiveView | None"]:
+    live = _live_view(args)
+    renderers = [LogLines(phases=live is None), live or PlainProgress()]
     if getattr(args, "json", False):
         renderers.append(JsonRenderer(sys.stdout))
     stats = StatsRenderer() if getattr(args, "stats", False) else None
     if stats:
         renderers.append(stats)
-    return Events(renderers), stats
+    return Events(renderers), stats, live
+
+
+def _live_view(args):
+    """The live display of the layers, where stderr is a terminal that can show it
+    (and no JSON lines are written to the same terminal); None elsewhere."""
+    if args.quiet or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb" or \
+            (args.json and sys.stdout.isatty()):
+        return None
+    from dkr.cli.progress_view import LiveView     # (rich loads only where it draws)
+    return LiveView(sys.stderr, batch=bool(args.batch))
 
 
 def cmd_pull(args) -> int:
@@ -312,8 +328,10 @@ def cmd_pull(args) -> int:
         cert_dir=args.cert_dir, choose=_chooser(),
         signature_policy=args.signature_policy, registries_d=args.registries_d,
         settings=args.settings)
-    events, stats = _events(args)
+    events, stats, live = _events(args)
     try:
+        if live:
+            live.start()
         try:
             if args.v1 and not args.index_url:
                 raise UsageError("--v1 needs --index-url URL")
@@ -327,10 +345,13 @@ def cmd_pull(args) -> int:
             else:
                 api.pull(args.reference, args.local, options=options, events=events)
         except (DkrError, OSError) as e:  # (one image's failure in a batch has its own event)
-            _emit_error(events, args.reference or args.batch, e)
+            _emit_error(events, args.reference or args.batch, e,    # (a batch's: no one image's)
+                        None if args.batch else _machine_name(args.reference, args.local))
             raise
         return 0
     finally:
+        if live:              # (on an error, its event stopped it already)
+            live.stop(keep=sys.exc_info()[0] is not None)
         if stats:
             stats.print()
 
@@ -355,14 +376,23 @@ def _chooser():
     return choose
 
 
-def _emit_error(events: Events, reference: str, error: Exception) -> None:
+def _emit_error(events: Events, reference: str, error: Exception, local: str | None) -> None:
     """The error event; if stdout's reader is gone, the error line on stderr still
     tells what failed (the event must not turn it into a broken pipe)."""
     message = os_error_text(error) if isinstance(error, OSError) else str(error)
     try:
-        events.emit("error", reference=reference, message=message, kind=error_kind(error))
+        events.emit("error", reference=reference, local=local, message=message,
+                    kind=error_kind(error))
     except BrokenPipeError:
         pass
+
+
+def _machine_name(reference: str, local: str | None) -> str | None:
+    """The machine an image was to become (None: its reference says none)."""
+    try:
+        return local or default_machine_name(parse_reference(reference).name)
+    except DkrError:
+        return None
 
 
 def _pull_batch(path: str, options, events) -> int:
@@ -373,8 +403,8 @@ def _pull_batch(path: str, options, events) -> int:
     items = api.read_batch_file(text, "stdin" if path == "-" else path)
     outcomes = api.pull_batch(items, options=options, events=events)
     failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
-    for (reference, _), error in failed:
-        _emit_error(events, reference, error)
+    for (reference, local), error in failed:
+        _emit_error(events, reference, error, _machine_name(reference, local))
         print(one_line(f"dkr: error: {api.about_image(reference, error)}"), file=sys.stderr)
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
                                   len(items), f"; {len(failed)} failed" if failed else "")
@@ -398,14 +428,23 @@ def cmd_demo(args) -> int:
 
 
 class _OneLineFormatter(logging.Formatter):
+    """One line per record; in a batch, led by the machine it is about (the event's,
+    else that of the image whose task logs it)."""
+
+    def __init__(self, batch: bool):
+        super().__init__("%(message)s")
+        self.batch = batch
+
     def format(self, record: logging.LogRecord) -> str:
-        return one_line(super().format(record))
+        text = one_line(super().format(record))
+        image = getattr(record, "image", None) or bound_fields().get("local")
+        return f"{image}: {text}" if self.batch and image else text
 
 
 def _setup_logging(args) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLineFormatter("%(message)s"))
+    handler.setFormatter(_OneLineFormatter(bool(getattr(args, "batch", None))))
     root = logging.getLogger("dkr")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -1,4 +1,5 @@
-"""Renderers of dkr's events (see ``dkr.events``): log lines, JSON lines, the --stats table."""
+"""Renderers of dkr's events (see ``dkr.events``): log lines, progress lines off a
+terminal, JSON lines, the --stats table. (The live display is ``dkr.cli.progress_view``.)"""
 
 from __future__ import annotations
 
@@ -11,10 +12,6 @@ from typing import Callable, TextIO
 log = logging.getLogger("dkr")
 
 
-def _short(digest: str) -> str:
-    return digest.split(":", 1)[-1][:12]
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -23,16 +20,38 @@ def _size_note(size: int | None) -> str:
     return f" ({_mb(size)})" if size else ""
 
 
-_LINES: dict[str, Callable[[dict], str]] = {
+WAITING_FOR = {"spool": "for room in the spool", "parent": "for its parent layer",
+               "image": "for another image's pull of it",
+               "link": "for the layers needed first to download"}
+
+
+def phase_text(fields: dict) -> str:
+    """A layer's phase in words: ``waiting for its parent layer``, ``downloading`` …"""
+    if fields["phase"] == "waiting":
+        return f"waiting {WAITING_FOR.get(fields.get('waiting_for'), '')}".rstrip()
+    return fields["phase"]
+
+
+def _phase_line(f: dict) -> str | None:
+    if f["phase"] == "reused":
+        return f"Layer {f['layer']} already exists, skipping."
+    if f["phase"] == "done":         # (the layer-done line says it, with its sizes)
+        return None
+    if f["phase"] == "downloading" and f.get("bytes"):
+        return f"Layer {f['layer']} downloading, resumed at {_mb(f['bytes'])} of {_mb(f['total'])}."
+    if f["phase"] == "downloading":
+        return f"Layer {f['layer']} downloading{_size_note(f.get('total'))}."
+    return f"Layer {f['layer']} {phase_text(f)}."
+
+
+_LINES: dict[str, Callable[[dict], str | None]] = {
     "backend": lambda f: f"Using {f['why']}.",
-    "resolved": lambda f: (f"Resolved {f['reference']} to {f['digest']} "
-                           f"({f['platform']}, {f['layers']} layers"
+    "resolved": lambda f: (f"Resolved {f['resolved']} to {f['digest']} "
+                           f"({f['platform']}, {f['layers']} layers{_size_note(f.get('size'))}"
                            + (f", from index {f['index_digest']}" if f.get("index_digest") else "")
                            + ")."),
-    "skipped": lambda f: f"Layer {_short(f['chain_id'])} already exists, skipping.",
-    "layer-start": lambda f: (f"Extracting layer {f['index']}/{f['count']} "
-                              f"{_short(f['digest'])}{_size_note(f.get('size'))}."),
-    "layer-done": lambda f: (f"Layer {_short(f['chain_id'])} committed "
+    "phase": _phase_line,
+    "layer-done": lambda f: (f"Layer {f['layer']} done "
                              f"({_mb(f['size'])} → {_mb(f['tar_bytes'])} unpacked)."),
     "machine": lambda f: (
         f"Replaced machine {f['local']} ({f['replaced']} → {f['digest']}) in {f['path']}"
@@ -41,15 +60,80 @@ _LINES: dict[str, Callable[[dict], str]] = {
     "up-to-date": lambda f: f"Machine {f['local']} is up to date ({f['digest']}).",
     # (an image found up to date said so already)
     "done": lambda f: None if f.get("up_to_date") else
-    f"Pulled {f['reference']} as {f['local']} in {f['seconds']:.2f} s.",
+    f"Pulled {f['resolved']} as {f['local']} in {f['seconds']:.2f} s.",
 }
 
 
-def log_renderer(kind: str, fields: dict) -> None:
-    line = _LINES.get(kind)
-    text = line(fields) if line is not None else None
-    if text is not None:
-        log.info(text)
+class LogLines:
+    """A log line per event worth one; ``phases``: also a line per layer and phase
+    (where no live display shows them). Each names its image (see ``image_prefix``)."""
+
+    def __init__(self, phases: bool = True):
+        self.skip = set() if phases else {"phase", "layer-done"}
+
+    def __call__(self, kind: str, fields: dict) -> None:
+        line = _LINES.get(kind) if kind not in self.skip else None
+        text = line(fields) if line is not None else None
+        if text is not None:
+            log.info(text, extra={"image": fields.get("local")})
+
+
+log_renderer = LogLines()
+
+
+class ImageTally:
+    """One image's layers as its phase and progress events tell them: the bytes
+    still to fetch (reused layers and those another image builds are left out)."""
+
+    def __init__(self, count: int = 0):
+        self.count = count
+        self.layers: dict[str, dict] = {}     # short id -> its last phase/progress fields
+
+    def update(self, fields: dict) -> None:
+        self.layers[fields["layer"]] = fields
+
+    def _fetched(self):
+        return [f for f in self.layers.values()
+                if f["phase"] != "reused" and f.get("waiting_for") != "image"]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["total"] if f["phase"] == "done" else f["bytes"] for f in self._fetched())
+
+    @property
+    def total(self) -> int:
+        return sum(f["total"] for f in self._fetched())
+
+    @property
+    def finished(self) -> int:
+        return sum(f["phase"] in ("done", "reused") for f in self.layers.values())
+
+
+class PlainProgress:
+    """Off a terminal: a line per image at most every ``interval`` seconds while its
+    downloads run (bytes, rate, layers done)."""
+
+    def __init__(self, interval: float = 5.0, clock=time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self.images: dict[str | None, tuple[ImageTally, list]] = {}   # [time, bytes] of last line
+
+    def __call__(self, kind: str, fields: dict) -> None:
+        local = fields.get("local")
+        if kind == "resolved":
+            self.images[local] = (ImageTally(fields["layers"]), [self.clock(), 0])
+        elif kind in ("done", "error"):
+            self.images.pop(local, None)
+        elif kind in ("phase", "progress") and local in self.images:
+            tally, last = self.images[local]
+            tally.update(fields)
+            now = self.clock()
+            if kind == "progress" and now - last[0] >= self.interval:
+                rate = (tally.bytes - last[1]) / (now - last[0])
+                log.info("Downloaded %s of %s, %s/s; %d of %d layers done.",
+                         _mb(tally.bytes), _mb(tally.total), _mb(rate), tally.finished,
+                         tally.count, extra={"image": local})
+                last[:] = [now, tally.bytes]
 
 
 class JsonRenderer:

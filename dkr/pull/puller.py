@@ -32,6 +32,7 @@ from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.explain import explained, free_space
 from dkr.pull.hosts import Hosts
+from dkr.pull.progress import Progress
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
 from dkr.registry.client import RegistryClient
@@ -106,6 +107,7 @@ class Puller:
                                         retries=options.retries,
                                         low_speed_time=options.stall_timeout)
         self.glue: CurlGlue | None = None
+        self.progress = Progress(self.events)    # phase and progress events
         self.spool = Spool(self.root.meta / "partial", options.spool_limit,
                            stream=not options.spool_all)
         self._clients: dict[tuple, asyncio.Future] = {}
@@ -221,14 +223,16 @@ class Puller:
     # --- one image ---------------------------------------------------------------
     async def pull(self, ref: Reference | str, local: str) -> PullResult:
         started = time.monotonic()
+        self.events.bind(reference=str(ref), local=local)
         validate_machine_name(local)
         backend = await self.backend()
         self.refuse_existing(local)
         ref, client, plan = await self.hosts.resolve(ref, self.client, self.options.platform)
         # The manifest that is pulled (an index's picked one) is judged before any layer.
         accepted = await self.trust.check(client, ref, plan.manifest_digest)
-        self.events.emit("resolved", reference=str(ref), digest=plan.manifest_digest,
+        self.events.emit("resolved", resolved=str(ref), digest=plan.manifest_digest,
                          platform=plan.platform, layers=len(plan.layers),
+                         size=sum(layer.size for layer in plan.layers),
                          index_digest=plan.index_digest)
         result = PullResult(str(ref), local, plan.manifest_digest,
                             index_digest=plan.index_digest,
@@ -264,7 +268,8 @@ class Puller:
         if result.skipped_xattrs:
             log.warning("%d extended attributes (e.g. file capabilities) could not be set "
                         "here and were left out.", result.skipped_xattrs)
-        self.events.emit("done", reference=result.reference, local=result.local,
+        self.events.emit("done", resolved=result.reference, local=result.local,
+                         digest=result.manifest_digest,
                          seconds=result.seconds, fetched=result.layers_fetched,
                          reused=result.layers_reused, bytes=result.bytes_fetched,
                          up_to_date=up_to_date)
@@ -331,7 +336,7 @@ class Puller:
                 self._start_download(client, plan.reference, layer)
 
         if not claim.builds:
-            return await _outcome(claim.future)
+            return await self.progress.shared(layer.digest, layer.size, _outcome(claim.future))
         await self._remove_leftovers(claim.key, backend)
         stage = None
         stacked = parent is not None and backend.layer_format == "stacked"
@@ -389,7 +394,7 @@ class Puller:
 
         share = await self._claims.claim(key, found)
         if share.mine and share.claim.state is ClaimState.DONE:
-            self.events.emit("skipped", chain_id=key, digest=digest or key)
+            self.progress.emit("skipped", digest or key, key)
             result.layers_reused += 1
         return share
 
@@ -410,7 +415,7 @@ class Puller:
         """
         final = self.root.layer_path(claim.key)
         try:
-            self.events.emit("layer-start", **announce)
+            self.progress.emit("layer-start", announce["digest"], claim.key, **announce)
             for last_try in (False, True):
                 tmp = self.root.layer_tmp(claim.key)
                 await fill.start()
@@ -425,8 +430,7 @@ class Puller:
                     unpacked = await fill.fill(tmp)
                     extracted = time.monotonic()
                     claim.claim.extracted(tmp)
-                    self.events.emit("layer-extracted", chain_id=claim.key,
-                                     digest=announce.get("digest", claim.key))
+                    self.progress.emit("layer-extracted", announce["digest"], claim.key)
                     await self._seal(backend, tmp, claim.key, meta, unpacked)
                     sealed = time.monotonic()
                     if parent_committed is not None:
@@ -450,7 +454,7 @@ class Puller:
         result.recorded_stats += unpacked.get("recorded_owners", 0)
         result.device_stand_ins += unpacked.get("skipped_devices", 0)
         result.skipped_xattrs += unpacked.get("skipped_xattrs", 0)
-        self.events.emit("layer-done", chain_id=claim.key, digest=announce.get("digest", claim.key),
+        self.progress.emit("layer-done", announce["digest"], claim.key,
                          size=announce.get("size") or 0, tar_bytes=unpacked["tar_bytes"],
                          prepare_seconds=prepared - began,
                          extract_seconds=unpacked.get("busy_seconds", extracted - prepared),
@@ -530,13 +534,13 @@ class Puller:
 
     async def _download(self, client: RegistryClient, ref: Reference, blob: SpooledBlob) -> None:
         try:
-            await self.spool.turn(blob)
+            await self.progress.admit(self.spool, blob)
             began = time.monotonic()
             await download(client, ref.name, blob, f"layer {blob.digest}")
             await blob.sink.end()          # its extractor has every byte: EOF
-            self.events.emit("download-done", digest=blob.digest, size=blob.size,
-                             seconds=time.monotonic() - began, spooled=blob.sink.spooled,
-                             pauses=blob.sink.pauses)
+            self.progress.emit("download-done", blob.digest, size=blob.size,
+                               seconds=time.monotonic() - began, spooled=blob.sink.spooled,
+                               pauses=blob.sink.pauses)
         except BaseException as e:
             blob.sink.close_pipe()
             blob.done.set_exception(e if isinstance(e, Exception) else DkrError("interrupted"))
@@ -551,6 +555,7 @@ class Puller:
         """Start pass 1 of a staged layer now (see dkr.staging)."""
         directory = self.root.layer_tmp(key)
         directory.mkdir()
+        self.progress.staging(layer.digest)
         unpacker = LayerUnpacker(None, layer_format, self.extractor_pool, stage=directory)
         task = asyncio.ensure_future(self._stage_pass(key, blob, layer, unpacker))
         task.add_done_callback(retrieved)
@@ -563,7 +568,7 @@ class Puller:
     async def _stage_pass(self, key: str, blob: SpooledBlob, layer: LayerPlan,
                           unpacker: LayerUnpacker) -> dict:
         staged = await self._extract_spooled(blob, layer, unpacker)
-        self.events.emit("layer-staged", chain_id=key, digest=layer.digest,
+        self.progress.emit("layer-staged", layer.digest, key,
                          seconds=staged["busy_seconds"])
         return staged
 

@@ -26,6 +26,7 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
     started = time.monotonic()
     repo, tag = parse_v1_name(name)
     local = validate_machine_name(local or default_machine_name(repo))
+    puller.events.bind(reference=name, local=local)
     session = V1Session(puller.glue, puller.transfer,
                         index_base(index_url, puller.transfer.insecure))
     backend = await puller.backend()
@@ -41,7 +42,7 @@ async def pull_v1(puller, name: str, local: str | None, index_url: str) -> PullR
     reference = f"v1:{session.index}/{repo}:{tag}"
     config_digest = "sha256:" + hashlib.sha256(config_body).hexdigest()
     await puller.save_blob(config_digest, config_body)
-    puller.events.emit("resolved", reference=reference, digest=image_id,
+    puller.events.emit("resolved", resolved=reference, digest=image_id,
                        platform=platform_of(config), layers=len(ancestry))
     result = PullResult(reference, local, image_id, chain=list(ancestry))
     if puller.up_to_date(local, image_id, backend):

@@ -579,8 +579,9 @@ def _tar_reader(stdin: io.BufferedReader, max_bytes: int | None,
 
 
 def _busy_since(began: float, raw: io.RawIOBase) -> float:
-    """Seconds of work: without the time spent waiting for download bytes."""
-    return time.monotonic() - began - getattr(raw, "waited", 0.0)
+    """Seconds of work: without the time spent waiting for download bytes (which,
+    measured around each wait, may add up to a hair more than the whole)."""
+    return max(0.0, time.monotonic() - began - getattr(raw, "waited", 0.0))
 
 
 def _checked(reader: tarstream.TarReader) -> dict:
