@@ -97,7 +97,7 @@ def test_stats_summary(shared_base, registry, image_root):
 
 
 def test_spool_limit_keeps_downloads_behind_extraction(shared_base, registry, image_root):
-    """With room for one blob, each layer downloads only after the one before is extracted."""
+    """With room for one blob, downloads run at most one blob ahead of extraction."""
     run = assert_ok(run_dkr("pull", "--insecure", "--image-root", image_root, "--backend",
                             "dir", "--json", "--spool-limit", "1", f"{registry.host}/batch/app1"))
     assert_downloads_wait_for_extraction(run, 3)

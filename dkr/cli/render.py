@@ -47,7 +47,8 @@ def _phase_line(f: dict) -> str | None:
 _LINES: dict[str, Callable[[dict], str | None]] = {
     "backend": lambda f: f"Using {f['why']}.",
     "resolved": lambda f: (f"Resolved {f['resolved']} to {f['digest']} "
-                           f"({f['platform']}, {f['layers']} layers{_size_note(f.get('size'))}"
+                           f"({f['platform']}, {f['layers']} layers"
+                           + (f", {_mb(f['size'])}" if f.get("size") else "")
                            + (f", from index {f['index_digest']}" if f.get("index_digest") else "")
                            + ")."),
     "phase": _phase_line,

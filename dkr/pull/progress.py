@@ -50,6 +50,7 @@ class _Blob:
     size: int
     measure: Callable[[], int | None]    # bytes there so far (None: no longer known)
     admitted: bool = False
+    waiting: bool = False         # for its turn (told only if it did not come at once)
     spool_full: bool = False
     finished: bool = False
     failed: bool = False
@@ -112,11 +113,16 @@ class Progress:
         """``spool.turn(blob)``, saying what the layer waits for if it has to, and that
         its download runs once it may."""
         state = self._blob(blob.digest, blob.size, lambda: _taken(blob))
-        state.spool_full = _spool_full(spool, blob.size)
-        self._tell_blob(state)
+        turn = asyncio.ensure_future(spool.turn(blob))
         try:
-            await spool.turn(blob)
+            await asyncio.sleep(0)            # (a blob that may start has its turn at once)
+            if not turn.done():
+                state.waiting = True
+                state.spool_full = _spool_full(spool, blob.size)
+                self._tell_blob(state)
+            await turn
         except BaseException:
+            turn.cancel()
             self._download_over(blob.digest, failed=True)
             raise
         state.admitted = True
@@ -226,6 +232,8 @@ def _phase(layer: _Layer) -> tuple[str, str | None] | None:
     if blob is not None and not blob.finished:
         if blob.admitted:
             return DOWNLOADING, None
+        if not blob.waiting:
+            return None
         return WAITING, FOR_SPOOL if blob.spool_full else FOR_LINK
     if layer.extracting:
         return EXTRACTING, None
