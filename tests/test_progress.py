@@ -280,7 +280,8 @@ def test_a_resumed_download_starts_at_the_bytes_spooled_before(slow_image, regis
         assert failed.rc == 1, failed.err
         run = assert_ok(run_dkr(*_pull_args(proxy, image_root, "--json")))
     layer = _short(slow_image[2])
-    first = next(e for e in run.events if e["event"] == "phase" and e["layer"] == layer)
-    assert first["phase"] == "downloading" and first["bytes"] == 700_000, first
+    first = next(e for e in run.events if e["event"] == "phase" and e["layer"] == layer
+                 and e["phase"] == "downloading")
+    assert first["bytes"] == 700_000, first
     assert re.search(rf"^Layer {layer} downloading, resumed at 0\.7 MB of 1\.2 MB\.$", run.err,
                      re.M), run.err
