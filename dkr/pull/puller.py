@@ -32,7 +32,7 @@ from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.explain import explained, free_space
 from dkr.pull.hosts import Hosts
-from dkr.pull.progress import Progress
+from dkr.pull.progress import Progress, short_id
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
 from dkr.registry.client import RegistryClient
@@ -115,8 +115,9 @@ class Puller:
         self._helper_answers: dict[HelperQuestion, asyncio.Future] = {}
         self._helpers_stop = threading.Event()
         self._backend: StorageBackend | None = None
-        self._claims = ClaimTable(lambda key: self._locked(f"layer-{key}",
-                                                          f"building layer {key[:12]}"))
+        self._layer_names: dict[str, str] = {}     # layer key -> its short id in messages
+        self._claims = ClaimTable(lambda key: self._locked(
+            f"layer-{key}", f"building layer {self._layer_names.get(key, key[:12])}"))
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
         self._kept: dict[str, tuple[AsyncFlock, asyncio.Future]] = {}
@@ -385,6 +386,8 @@ class Puller:
         (see dkr.claims: the order in which layers are claimed, and why)."""
         # (kept from gc from before we look for it: see keep())
         await self.keep(f"layer-{key}")
+        self._layer_names.setdefault(key, short_id(digest or key))
+
         def found() -> Path | None:
             final = self.root.layer_path(key)
             if not final.exists():
@@ -520,8 +523,9 @@ class Puller:
         info = self.root.layer_info(key) or {}
         made_by = info.get("backend", backend.name)
         if made_by != backend.name:
-            raise DkrError(f"layer {key[:12]} in {self.root.path} was made by "
-                           f"backend {made_by}, not {backend.name} (use --backend {made_by})")
+            name = self._layer_names.get(key, key[:12])
+            raise DkrError(f"layer {name} in {self.root.path} was made by backend {made_by}, "
+                           f"not {backend.name} (use --backend {made_by})")
 
     # --- layers: download and extraction ----------------------------------------------
     def _start_download(self, client: RegistryClient, ref: Reference,
