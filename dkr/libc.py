@@ -1,7 +1,7 @@
 """The C library, for the system calls Python's os module has no function for.
 
-(statfs, renameat2, unshare, mount and umount2, prctl, the new mount API
-through syscall(2).) One handle, loaded once, for every module that needs one.
+(statfs, renameat2, unshare, mount and umount2, prctl, syncfs, the new mount
+API through syscall(2).) One handle, loaded once, for every module that needs one.
 """
 
 from __future__ import annotations

@@ -50,7 +50,10 @@ HASH_CHUNK = 4 * 1024 * 1024
 # 16 KiB. Gathered, it is one per 256 KiB.
 SPOOL_WRITE = 256 * 1024
 # Downloads nobody waits for yet that may run at once, while the link has room.
-AHEAD_WINDOW = 2
+# One: with two, the layers needed next got less of the link and arrived
+# later, and the chain of extractions ran longer after the last byte
+# (docs/bench.md: 400 Mbit/s 12.81 s against 12.37 s, 1 Gbit/s 7.89 against 7.12).
+AHEAD_WINDOW = 1
 # How long a download running ahead goes on once a needed one wants the link:
 # a needed download's pipe fills and drains many times a second where the
 # extractor is the limit; without this grace, the ones ahead would pause and
