@@ -220,3 +220,11 @@ def example_installed(package: Path, dist: str):
     finally:
         removed = pip("uninstall", "--yes", dist)
         assert removed.returncode == 0, removed.stdout + removed.stderr
+
+
+def env_without_logins(tmp_path) -> dict:
+    """An environment whose auth files hold nothing: a login comes from the command only."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    env.update(HOME=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(tmp_path / "run"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"), CONTAINERS_REGISTRIES_CONF=os.devnull)
+    return env

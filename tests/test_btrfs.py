@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from helpers import (assert_clean_failure, assert_ok, layer_dirs, pull, run_dkr,
                      write_into_one_of_two)
-from reliability_helpers import need
+from reliability_helpers import backend_mount, need
 
 from dkr.testing import images, loopfs
 from dkr.testing.images import Dir, File, Image, Layer
@@ -25,13 +24,7 @@ except ImportError:
 
 @pytest.fixture(scope="module")
 def btrfs_mount():
-    need("the btrfsutil module is missing" if btrfsutil is None
-         else loopfs.unavailable_reason("btrfs"))
-    with ExitStack() as stack:
-        try:
-            mount = stack.enter_context(loopfs.btrfs("512M"))
-        except loopfs.LoopFsError as e:
-            need(str(e))
+    with backend_mount("btrfs") as mount:
         yield mount
 
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DKR, ELSEWHERE, assert_clean_failure, assert_ok, run_dkr
+from helpers import (DKR, ELSEWHERE, assert_clean_failure, assert_ok, env_without_logins,
+                     run_dkr)
 
 from dkr import __version__
 from dkr.testing import images
@@ -45,13 +46,6 @@ def locked():
         images.push_image(reg, "private/img", "v1", _image("secret"))
         yield reg
 
-
-def _no_logins(tmp_path) -> dict:
-    """An environment whose auth files hold nothing: a login comes from the command only."""
-    env = {k: v for k, v in os.environ.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
-    env.update(HOME=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(tmp_path / "run"),
-               XDG_CONFIG_HOME=str(tmp_path / "config"), CONTAINERS_REGISTRIES_CONF=os.devnull)
-    return env
 
 
 def _listed(root) -> list[dict]:
@@ -115,7 +109,7 @@ def test_a_docker_transport_prefix_is_accepted(pushed, tmp_path):
 
 
 def test_authfile_names_the_one_file_logins_come_from(locked, tmp_path):
-    env = _no_logins(tmp_path)
+    env = env_without_logins(tmp_path)
     authfile = tmp_path / "elsewhere.json"
     authfile.write_text(json.dumps({"auths": {locked.host: {
         "auth": base64.b64encode(b"alice:wonderland").decode()}}}))
@@ -166,14 +160,14 @@ def test_creds_without_a_password_asks_for_it_on_the_terminal(locked, tmp_path):
     status, output = _on_a_terminal(
         ["pull", "--tls-verify=false", "--creds", "alice", "--image-root", tmp_path / "m",
          "--backend", "dir", f"{locked.host}/private/img:v1"], "wonderland",
-        _no_logins(tmp_path))
+        env_without_logins(tmp_path))
     assert status == 0, output
     assert "wonderland" not in output             # not echoed
     assert (tmp_path / "m/img/etc/which").read_text() == "secret"
 
 
 def test_password_stdin_reads_the_password_for_creds(locked, tmp_path):
-    env, ref = _no_logins(tmp_path), f"{locked.host}/private/img:v1"
+    env, ref = env_without_logins(tmp_path), f"{locked.host}/private/img:v1"
     assert_ok(run_dkr("pull", "--insecure", "--creds", "alice", "--password-stdin",
                       "--image-root", tmp_path / "m", "--backend", "dir", ref,
                       input="wonderland\n", env=env))

@@ -10,14 +10,13 @@ import re
 import shutil
 import sys
 import subprocess
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from helpers import Run, assert_clean_failure, assert_ok, interpreter_with_site_hook, run_dkr
-from reliability_helpers import need
+from reliability_helpers import backend_mount
 
-from dkr.testing import images, loopfs
+from dkr.testing import images
 from dkr.testing.images import Dir, File, Image, Layer
 
 try:
@@ -54,13 +53,7 @@ def _dkr(python: Path, *args, env=None, cwd=None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def btrfs_mount():
-    need("the btrfsutil module is missing (the test checks with it)" if btrfsutil is None
-         else loopfs.unavailable_reason("btrfs"))
-    with ExitStack() as stack:
-        try:
-            mount = stack.enter_context(loopfs.btrfs("256M"))
-        except loopfs.LoopFsError as e:
-            need(str(e))
+    with backend_mount("btrfs") as mount:
         yield mount
 
 

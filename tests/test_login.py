@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from helpers import assert_clean_failure, assert_ok, run_dkr
+from helpers import assert_clean_failure, assert_ok, env_without_logins, run_dkr
 
 from dkr.testing import images
 from dkr.testing.images import File, Image, Layer
@@ -22,12 +22,6 @@ def locked():
         yield reg
 
 
-def _env(tmp_path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
-    env.update(HOME=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(tmp_path / "run"),
-               XDG_CONFIG_HOME=str(tmp_path / "config"), CONTAINERS_REGISTRIES_CONF=os.devnull)
-    return env
-
 
 def _login(reg, env, password="wonderland", *extra):
     return run_dkr("login", "--username", "alice", "--password-stdin", "--tls-verify=false",
@@ -40,7 +34,7 @@ def _pull(reg, root, env):
 
 
 def test_login_then_pull_without_creds_then_logout(locked, tmp_path):
-    env = _env(tmp_path)
+    env = env_without_logins(tmp_path)
     run = assert_ok(_login(locked, env))
     auth_json = tmp_path / "run/containers/auth.json"      # where podman login writes
     assert str(auth_json) in run.err
@@ -59,7 +53,7 @@ def test_login_then_pull_without_creds_then_logout(locked, tmp_path):
 
 
 def test_a_wrong_password_is_not_stored(locked, tmp_path):
-    env = _env(tmp_path)
+    env = env_without_logins(tmp_path)
     authfile = tmp_path / "auth.json"
     authfile.write_text(json.dumps({"auths": {"other.example": {"auth": "eDp5"}},
                                     "credHelpers": {}}))
@@ -78,7 +72,7 @@ def test_a_wrong_password_is_not_stored(locked, tmp_path):
 
 
 def test_login_without_a_password_and_no_terminal_is_an_error(locked, tmp_path):
-    run = run_dkr("login", "-u", "alice", locked.host, env=_env(tmp_path), input="")
+    run = run_dkr("login", "-u", "alice", locked.host, env=env_without_logins(tmp_path), input="")
     assert run.rc != 0
     assert run.err.strip() == "dkr: error: no password: give it on a terminal, or with " \
                               "--password-stdin"
@@ -90,7 +84,7 @@ def test_login_through_a_token_server(tmp_path):
     with TokenServer(users={"bob": "builder"}, anonymous_pull=False) as tokens, \
             Registry(auth=("token", tokens)) as reg:
         images.push_image(reg, "team/app", "v1", Image([Layer([File("etc/a", b"a")])]))
-        env = _env(tmp_path)
+        env = env_without_logins(tmp_path)
         run = run_dkr("login", "-u", "bob", "--password-stdin", "--tls-verify", "false",
                       reg.host, input="wrong\n", env=env)
         assert run.rc != 0 and "Traceback" not in run.err
@@ -108,7 +102,7 @@ def test_login_to_a_host_registries_conf_marks_insecure(locked, tmp_path):
     conf = tmp_path / "registries.conf"
     conf.write_text(f'[[registry]]\nlocation = "upstream.example"\n'
                     f'[[registry.mirror]]\nlocation = "{locked.host}"\ninsecure = true\n')
-    env = {**_env(tmp_path), "CONTAINERS_REGISTRIES_CONF": str(conf)}
+    env = {**env_without_logins(tmp_path), "CONTAINERS_REGISTRIES_CONF": str(conf)}
     assert_ok(run_dkr("login", "-u", "alice", "--password-stdin", locked.host,
                       input="wonderland\n", env=env))
     env["CONTAINERS_REGISTRIES_CONF"] = os.devnull
