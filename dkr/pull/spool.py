@@ -267,6 +267,7 @@ class Spool:
         self.limit = limit
         self.stream = stream          # False: every blob is read whole from the spool
         self.blobs: dict[str, SpooledBlob] = {}     # shared by whoever asks for the digest
+        self._open: set[SpooledBlob] = set()        # every blob not closed yet
         self.in_use = 0
         self._ranks = itertools.count()
         self._queue: list[SpooledBlob] = []         # waiting for their turn, in need order
@@ -290,6 +291,7 @@ class Spool:
         blob = SpooledBlob(self, digest, size, next(self._ranks))
         blob.users = 1
         self.blobs[digest] = blob
+        self._open.add(blob)
         return blob, True
 
     def need(self, blob: SpooledBlob) -> None:
@@ -322,13 +324,16 @@ class Spool:
         complete = blob.done.done() and not blob.done.cancelled() and \
             blob.done.exception() is None
         blob.close(delete=complete or not keep_partial)
+        self._open.discard(blob)
         self._forget(blob)
 
     def close(self) -> None:
-        for blob in list(self.blobs.values()):
+        """At the end of a run: stop what still downloads; partial files stay."""
+        for blob in list(self._open):
             if blob.task is not None and not blob.task.done():
                 blob.task.cancel()
             blob.close(delete=False)
+        self._open.clear()
         self.blobs.clear()
 
     # --- the downloads' side ---------------------------------------------------------
