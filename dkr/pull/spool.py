@@ -357,7 +357,7 @@ class Spool:
         """A needed download's pipe is full (its extractor is the limit), or drained."""
         if full:
             self._wanting_link.discard(blob)
-        elif blob.task is not None and not blob.task.done():
+        elif blob.needed and blob.task is not None and not blob.task.done():
             self._wanting_link.add(blob)
         self._link_changed()
 
