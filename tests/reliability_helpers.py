@@ -139,6 +139,18 @@ def backend_mount(name: str):
         yield mount
 
 
+def sent(proxy, layer) -> int:
+    """Bytes of ``layer``'s blob the proxy has handed to dkr so far (by its last GET)."""
+    gets = [e for e in proxy.log_for(f"/blobs/{layer.digest}") if e.method == "GET"]
+    return gets[-1].bytes_sent if gets else 0
+
+
+def spool_size(root, layer) -> int:
+    """Bytes of ``layer``'s blob in the spool of image root ``root``."""
+    path = root / ".dkr" / "partial" / layer.digest.split(":")[1]
+    return path.stat().st_size if path.exists() else 0
+
+
 # --- a dkr process to watch and kill ----------------------------------------------------
 
 class DkrProcess:

@@ -34,8 +34,10 @@ from reliability_helpers import (
     fingerprint,
     ignores_sigint,
     layer_dir,
+    sent,
     session_pids,
     spool_files,
+    spool_size,
     visible_layers,
     wait_gone,
 )
@@ -82,17 +84,6 @@ def start(server, repo, root, local, *extra) -> DkrProcess:
     # Upper layers are staged: a kill also finds stage directories to clean up.
     return DkrProcess("pull", "--insecure", "--image-root", root, "--json", "--retries", "2",
                       "--stage-ahead", "always", *extra, f"{server.host}/{repo}", local)
-
-
-def sent(proxy, layer) -> int:
-    """Bytes of ``layer``'s blob the proxy has handed to dkr so far (by its last GET)."""
-    gets = [e for e in proxy.log_for(f"/blobs/{layer.digest}") if e.method == "GET"]
-    return gets[-1].bytes_sent if gets else 0
-
-
-def spool_size(root, layer) -> int:
-    path = root / ".dkr" / "partial" / layer.digest.split(":")[1]
-    return path.stat().st_size if path.exists() else 0
 
 
 def assert_nothing_half_made(root, local=None) -> None:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from helpers import assert_ok, pull
-from reliability_helpers import DkrProcess, extractor_pids
+from reliability_helpers import DkrProcess, extractor_pids, sent, spool_size
 
 from dkr.testing import images
 from dkr.testing.faultproxy import FaultProxy
@@ -39,16 +39,6 @@ def pushed(registry):
 def proxy(pushed):
     with FaultProxy("127.0.0.1", pushed.port) as p:
         yield p
-
-
-def sent(proxy, layer) -> int:
-    gets = [e for e in proxy.log_for(f"/blobs/{layer.digest}") if e.method == "GET"]
-    return gets[-1].bytes_sent if gets else 0
-
-
-def spooled(root, layer) -> int:
-    path = root / ".dkr" / "partial" / layer.digest.split(":")[1]
-    return path.stat().st_size if path.exists() else 0
 
 
 def start(proxy, repo, root, local) -> DkrProcess:
@@ -101,17 +91,17 @@ def test_a_blob_that_must_wait_is_spooled_and_a_killed_pull_resumes_it(proxy, im
     proc = start(proxy, "stream/two", image_root, "two")
     try:
         stop_extraction(proc, proxy)
-        proc.wait_until(lambda: spooled(image_root, WAITING) >= 100_000,
+        proc.wait_until(lambda: spool_size(image_root, WAITING) >= 100_000,
                         what="the waiting blob spooled ahead")
         proc.kill_group()
         proc.finish()
     finally:
         proc.stop()
-    have = spooled(image_root, WAITING)
+    have = spool_size(image_root, WAITING)
     assert 0 < have < WAITING.size
     # Of the base layer, only what came while its tree was being made (its
     # extractor was reading the spool by then); the rest went into the pipe.
-    big_have = spooled(image_root, BIG)
+    big_have = spool_size(image_root, BIG)
     assert big_have < PIPE_SIZE < sent(proxy, BIG)
 
     proxy.clear_faults()
