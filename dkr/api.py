@@ -11,7 +11,7 @@ import dataclasses
 import signal
 from pathlib import Path
 
-from dkr.errors import DkrError, Interrupted, UsageError, os_error
+from dkr.errors import DkrError, Interrupted, UsageError, error_kind, os_error, os_error_text
 from dkr.events import Events
 from dkr.pull.puller import Puller, PullOptions, PullResult
 from dkr.registry.auth import Credentials
@@ -19,7 +19,7 @@ from dkr.registry.reference import default_machine_name, parse_reference
 from dkr.registry.v2 import Platform, parse_platform
 
 __all__ = ["PullOptions", "PullResult", "login", "logout", "pull", "pull_async", "pull_batch",
-           "pull_batch_async", "pull_v1", "pull_v1_async"]
+           "pull_batch_async", "pull_v1", "pull_v1_async", "report_error"]
 
 
 async def pull_async(reference: str, local: str | None = None, *,
@@ -45,7 +45,8 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
     """Pull several images at once over one engine; each succeeds or fails on its own.
 
     Layers the images share are fetched and unpacked once. Returns, in order,
-    a PullResult or the DkrError of each image.
+    a PullResult or the DkrError of each image; each failure is told as it
+    happens by an ``error`` event (with the image's ``local``).
     """
     parsed = []
     seen: dict[str, str] = {}
@@ -61,14 +62,25 @@ async def pull_batch_async(items: list[tuple[str, str | None]], *,
     if options is not None and options.credentials and len(hosts) > 1:
         raise UsageError(f"--creds would go to every registry of the batch ({', '.join(hosts)}): "
                        "put each one's login in ~/.docker/config.json instead")
+    events = events or Events()
+
+    async def pull_one(puller: Puller, reference: str, local: str):
+        try:
+            return await puller.pull(reference, local)
+        except (DkrError, OSError) as e:
+            # A file system's refusal is that image's failure, as any other of its errors;
+            # it is told as it happens, while the others go on.
+            error = os_error(e) if isinstance(e, OSError) else e
+            report_error(events, reference, error, local)
+            return error
+
     async with Puller(_usable(options), events) as puller:
-        outcomes = await asyncio.gather(*(puller.pull(ref, local) for ref, local in parsed),
+        outcomes = await asyncio.gather(*(pull_one(puller, ref, local) for ref, local in parsed),
                                         return_exceptions=True)
     for outcome in outcomes:
-        if isinstance(outcome, BaseException) and not isinstance(outcome, (DkrError, OSError)):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, DkrError):
             raise outcome
-    # A file system's refusal is that image's failure, as any other of its errors.
-    return [os_error(o) if isinstance(o, OSError) else o for o in outcomes]
+    return outcomes
 
 
 def pull_batch(items: list[tuple[str, str | None]], *, options: PullOptions | None = None,
@@ -103,7 +115,19 @@ def _usable(options: PullOptions | None) -> PullOptions:
     return dataclasses.replace(options, **changes) if changes else options
 
 
-def about_image(reference: str, error: Exception) -> str:
+def report_error(events: Events, reference: str, error: Exception, local: str | None) -> None:
+    """Emit the ``error`` event of a failed pull (of one image, or of a whole command when
+    ``local`` is None). If the reader of the events is gone (a closed pipe), the
+    error is still told by whoever raises it: the event must not replace it."""
+    message = os_error_text(error) if isinstance(error, OSError) else str(error)
+    try:
+        events.emit("error", reference=reference, local=local, message=message,
+                    kind=error_kind(error))
+    except BrokenPipeError:
+        pass
+
+
+def about_image(reference: str, error: Exception | str) -> str:
     """``error``'s message for one image of a batch: led by ``reference``, unless it
     already names that image's repository (most do, as HOST/NAME)."""
     message = str(error)

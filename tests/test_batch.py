@@ -38,6 +38,44 @@ def _blob_gets(proxy) -> Counter:
                    if "/blobs/sha256:" in e.path and e.method == "GET")
 
 
+def _app_layer(n: int) -> Layer:
+    return Layer([File(f"app{n}", f"app {n}".encode())])
+
+
+def test_a_failed_image_is_told_when_it_fails_while_the_others_go_on(shared_base, proxy,
+                                                                     image_root, tmp_path):
+    proxy.add_fault(f"/blobs/{_app_layer(1).digest}", "slow", rate=_app_layer(1).size / 3)
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{proxy.host}/batch/app1 slow\n{proxy.host}/batch/missing\n")
+    run = run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                  "--json", "--batch", listing)
+    assert run.rc == 1, run.err
+    kinds = [(e["event"], e.get("local")) for e in run.events]
+    assert kinds.index(("error", "missing")) < kinds.index(("done", "slow")), kinds
+    lines = run.err.splitlines()
+    [error_at] = [i for i, line in enumerate(lines) if line.startswith("dkr: error: ")]
+    [pulled_at] = [i for i, line in enumerate(lines) if "Pulled " in line and " as slow " in line]
+    assert error_at < pulled_at, run.err
+    assert (image_root / "slow" / "app1").read_bytes() == b"app 1"
+
+
+def test_the_layers_of_a_failed_pull_end_failed(shared_base, proxy, image_root):
+    top = _app_layer(2).digest
+    proxy.add_fault(f"/blobs/{top}", "status", times=None, code=404)
+    run = run_dkr("pull", "--insecure", "--image-root", image_root, "--backend", "dir",
+                  "--json", "--retries", "0", f"{proxy.host}/batch/app2", "m")
+    assert run.rc == 1, run.err
+    last_phase = {}
+    for e in run.events:
+        if e["event"] == "phase":
+            last_phase[e["digest"]] = e["phase"]
+    assert last_phase[top] == "failed", last_phase
+    assert {last_phase[layer.digest] for layer in shared_base} <= {"done", "failed"}
+    assert [e["event"] for e in run.events][-1] == "error"
+    assert not any(line.startswith("Layer ") and "failed" in line
+                   for line in run.err.splitlines()), run.err     # the error line says it
+
+
 def test_batch_shares_layers_and_reports_each_image(shared_base, proxy, image_root, tmp_path):
     listing = tmp_path / "images.txt"
     listing.write_text("# three apps on one base, and one that does not exist\n"
@@ -50,7 +88,7 @@ def test_batch_shares_layers_and_reports_each_image(shared_base, proxy, image_ro
     assert len(errors) == 1 and "batch/missing" in errors[0] and "manifest unknown" in errors[0]
     [error] = [e for e in run.events if e["event"] == "error"]
     assert error["reference"] == f"{proxy.host}/batch/missing" and "manifest unknown" in error["message"]
-    assert "Pulled 3 of 4 images; 1 failed." in run.err
+    assert "Pulled 3 of 4 images; 1 failed: missing." in run.err
     for n in range(3):
         assert (image_root / f"machine{n}" / f"app{n}").read_bytes() == f"app {n}".encode()
         assert (image_root / f"machine{n}" / "base" / "7").read_bytes() == bytes([7]) * 5000
@@ -189,7 +227,7 @@ def test_an_image_that_cannot_claim_its_top_layer_still_builds_the_base_it_share
     assert rc == 1, err
     errors = [line for line in err.splitlines() if line.startswith("dkr: error: ")]
     assert len(errors) == 1 and "app0" in errors[0] and keys[2][:12] in errors[0], err
-    assert "Pulled 1 of 2 images; 1 failed." in err
+    assert "Pulled 1 of 2 images; 1 failed: first." in err
     assert (image_root / "second" / "app1").read_bytes() == b"app 1"
     assert (image_root / "second" / "base" / "7").read_bytes() == bytes([7]) * 5000
     assert not (image_root / "first").exists()

@@ -211,9 +211,15 @@ def test_usage_errors_exit_2_with_kind_usage(image_root):
     run = pull("--v1", "--image-root", image_root, "some/name")
     assert run.rc == 2, run.err
     assert "--index-url" in failure(run, "usage")
-    for wrong in (["--jobs", "0", "some/name"], []):         # (no REFERENCE)
+    # Found by the argument parser, or by the command before it names any image: the
+    # --json reader gets the error event too, and it is the only event.
+    for wrong, said in ((["--jobs", "0", "some/name"], "--jobs: must be 1 to 1024"),
+                        ([], "a REFERENCE (or --batch FILE) is required"),
+                        (["--no-such-option", "some/name"], "unrecognized arguments")):
         run = pull("--image-root", image_root, *wrong)
-        assert run.rc == 2 and len(error_lines(run.err)) == 1, run.err
+        assert run.rc == 2, run.err
+        assert said in failure(run, "usage")
+        assert [e["event"] for e in run.events] == ["error"], run.events
     run = pull("--image-root", image_root, "Not A Reference")
     assert run.rc == 2 and "invalid reference" in failure(run, "usage")
 

@@ -426,7 +426,7 @@ def test_a_failing_image_does_not_take_a_shared_layer_down_with_it(registry, roo
         run = run_dkr("pull", "--insecure", "--image-root", root, "--retries", "0",
                       "--batch", listing)
     assert run.rc == 1, run.err
-    assert "Pulled 1 of 2 images; 1 failed." in run.err
+    assert "Pulled 1 of 2 images; 1 failed: broken." in run.err
     errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
     assert len(errors) == 1 and "ovl/broken" in errors[0] and "404" in errors[0], run.err
     assert (root / "app" / "app").read_bytes() == b"app"
@@ -459,7 +459,7 @@ def test_a_failing_image_spares_the_layer_it_builds_for_another(registry, root, 
             run = run_dkr("pull", "--insecure", "--image-root", root, "--retries", "0",
                           "--batch", listing)
     assert run.rc == 1, run.err
-    assert "Pulled 1 of 2 images; 1 failed." in run.err
+    assert "Pulled 1 of 2 images; 1 failed: bad." in run.err
     errors = [line for line in run.err.splitlines() if line.startswith("dkr: error: ")]
     assert len(errors) == 1 and "spare/bad" in errors[0], run.err
     assert (root / "good" / "mid").read_bytes() == b"mid"

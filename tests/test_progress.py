@@ -275,6 +275,22 @@ def test_a_batch_on_a_terminal_has_lines_per_image(slow_image, slow_proxy, image
     assert screen.splitlines()[-1] == "Pulled 2 of 2 images.", screen
 
 
+def test_a_batch_image_that_fails_on_a_terminal_says_so_at_once(slow_image, slow_proxy,
+                                                                  image_root, tmp_path):
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{slow_proxy.host}/progress/one\n{slow_proxy.host}/progress/nosuch gone\n")
+    written = _on_terminal(["pull", "--insecure", "--image-root", str(image_root), "--backend",
+                            "dir", "--batch", str(listing)], status=1)
+    seen = ANSI.sub("", written)
+    # The error comes while the other image still downloads, whose lines go on after it.
+    assert seen.index("dkr: error: ") < seen.index("one: Pulled "), seen
+    assert re.search(r"dkr: error: .*progress/nosuch[^\n]*\n(.|\n)*one: 1/2 layers", seen), seen
+    screen = _screen_of(written)
+    assert not re.search(r"\d/2 layers", screen) and "downloading" not in screen, screen
+    assert re.search(r"^dkr: error: .*progress/nosuch", screen, re.M), screen
+    assert screen.splitlines()[-1] == "Pulled 1 of 2 images; 1 failed: gone.", screen
+
+
 def test_a_resumed_download_starts_at_the_bytes_spooled_before(slow_image, registry,
                                                                 image_root):
     host, port = registry.host.split(":")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from dkr import __version__, api
 from dkr.cli import login, manage
 from dkr.cli.render import JsonRenderer, LogLines, PlainProgress, StatsRenderer
-from dkr.errors import DkrError, UsageError, error_kind, one_line, os_error_text
+from dkr.errors import DkrError, UsageError, one_line, os_error_text
 from dkr.events import Events, bound_fields
 from dkr.registry.auth import Credentials, parse_creds
 from dkr.registry.reference import default_machine_name, parse_reference
@@ -67,7 +67,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"dkr: error: {message} (see '{self.prog} --help')\n")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _common(parser: argparse.ArgumentParser, image_root: bool = True) -> None:
@@ -311,13 +311,44 @@ def _live_view(args):
 
 
 def cmd_pull(args) -> int:
+    events, stats, live = _events(args)
+    try:
+        try:
+            options = _pull_options(args)
+            if live:
+                live.start()
+            if args.batch:
+                return _pull_batch(args.batch, options, events)
+            if args.v1:
+                api.pull_v1(args.reference, args.local, index_url=args.index_url,
+                            options=options, events=events)
+            else:
+                api.pull(args.reference, args.local, options=options, events=events)
+        except (DkrError, OSError) as e:  # (one image's failure in a batch has its own event)
+            api.report_error(events, args.reference or args.batch, e,  # (a batch's: no image's)
+                             None if args.batch else _machine_name(args.reference, args.local))
+            raise
+        return 0
+    finally:
+        if live:              # (on an error, its event stopped it already)
+            live.stop(keep=sys.exc_info()[0] is not None)
+        if stats:
+            stats.print()
+
+
+def _pull_options(args) -> api.PullOptions:
+    """The pull's options from its command line; a UsageError where they cannot be."""
     if args.batch and (args.reference is not None or args.local or args.v1):
         raise UsageError("--batch takes the images from FILE: give no REFERENCE, LOCAL or --v1")
     if not args.batch and args.reference is None:
         raise UsageError("a REFERENCE (or --batch FILE) is required")
     if args.authfile and not os.path.isfile(args.authfile):
         raise UsageError(f"--authfile {args.authfile}: no such file")
-    options = api.PullOptions(
+    if args.v1 and not args.index_url:
+        raise UsageError("--v1 needs --index-url URL")
+    if args.index_url and not args.v1:
+        raise UsageError("--index-url only applies to --v1 pulls")
+    return api.PullOptions(
         image_root=args.image_root, backend=args.backend, force=args.force,
         platform=args.platform, insecure=_insecure(args), ca_file=args.ca_file,
         credentials=_pull_credentials(args), auth_file=args.authfile,
@@ -328,32 +359,6 @@ def cmd_pull(args) -> int:
         cert_dir=args.cert_dir, choose=_chooser(),
         signature_policy=args.signature_policy, registries_d=args.registries_d,
         settings=args.settings)
-    events, stats, live = _events(args)
-    try:
-        if live:
-            live.start()
-        try:
-            if args.v1 and not args.index_url:
-                raise UsageError("--v1 needs --index-url URL")
-            if args.index_url and not args.v1:
-                raise UsageError("--index-url only applies to --v1 pulls")
-            if args.batch:
-                return _pull_batch(args.batch, options, events)
-            if args.v1:
-                api.pull_v1(args.reference, args.local, index_url=args.index_url,
-                            options=options, events=events)
-            else:
-                api.pull(args.reference, args.local, options=options, events=events)
-        except (DkrError, OSError) as e:  # (one image's failure in a batch has its own event)
-            _emit_error(events, args.reference or args.batch, e,    # (a batch's: no one image's)
-                        None if args.batch else _machine_name(args.reference, args.local))
-            raise
-        return 0
-    finally:
-        if live:              # (on an error, its event stopped it already)
-            live.stop(keep=sys.exc_info()[0] is not None)
-        if stats:
-            stats.print()
 
 
 def _chooser():
@@ -376,19 +381,10 @@ def _chooser():
     return choose
 
 
-def _emit_error(events: Events, reference: str, error: Exception, local: str | None) -> None:
-    """The error event; if stdout's reader is gone, the error line on stderr still
-    tells what failed (the event must not turn it into a broken pipe)."""
-    message = os_error_text(error) if isinstance(error, OSError) else str(error)
-    try:
-        events.emit("error", reference=reference, local=local, message=message,
-                    kind=error_kind(error))
-    except BrokenPipeError:
-        pass
-
-
-def _machine_name(reference: str, local: str | None) -> str | None:
+def _machine_name(reference: str | None, local: str | None) -> str | None:
     """The machine an image was to become (None: its reference says none)."""
+    if reference is None:
+        return local
     try:
         return local or default_machine_name(parse_reference(reference).name)
     except DkrError:
@@ -401,14 +397,22 @@ def _pull_batch(path: str, options, events) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise DkrError(f"cannot read batch file {path}: {getattr(e, 'strerror', None) or e}") from None
     items = api.read_batch_file(text, "stdin" if path == "-" else path)
+    events.renderers.append(_print_image_error)
     outcomes = api.pull_batch(items, options=options, events=events)
-    failed = [(item, o) for item, o in zip(items, outcomes) if isinstance(o, DkrError)]
-    for (reference, local), error in failed:
-        _emit_error(events, reference, error, _machine_name(reference, local))
-        print(one_line(f"dkr: error: {api.about_image(reference, error)}"), file=sys.stderr)
+    failed = [local or _machine_name(reference, None)
+              for (reference, local), outcome in zip(items, outcomes)
+              if isinstance(outcome, DkrError)]
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
-                                  len(items), f"; {len(failed)} failed" if failed else "")
+                                  len(items),
+                                  f"; {len(failed)} failed: {', '.join(failed)}" if failed else "")
     return 1 if failed else 0
+
+
+def _print_image_error(kind: str, fields: dict) -> None:
+    """A batch image's error line, when it fails (the others go on)."""
+    if kind == "error" and fields.get("local"):
+        print(one_line(f"dkr: error: {api.about_image(fields['reference'], fields['message'])}"),
+              file=sys.stderr)
 
 
 def cmd_version(args) -> int:
@@ -462,7 +466,14 @@ def _reader_gone(stream) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(one_line(f"dkr: error: {e}"), file=sys.stderr)
+        if "--json" in argv:      # (a script reading the events learns why there are none)
+            api.report_error(Events([JsonRenderer(sys.stdout)]), None, e, None)
+        return e.exit_code
     _setup_logging(args)
     try:
         status = args.func(args)

@@ -79,13 +79,15 @@ class LiveView:
             self._add_image(local, fields["layers"])
         elif kind in ("phase", "progress") and local in self.images:
             self._update_layer(self.images[local], local, fields)
-        elif kind == "done" and local in self.images:
+        elif kind == "done" and local in self.images or \
+                kind == "error" and self.batch and local in self.images:
+            # (a batch image's error line says what failed; the others' lines go on)
             image = self.images.pop(local)
             for task in (image.task, *image.layers.values()):
                 self.progress.remove_task(task)
             self.progress.refresh()   # (lines printed next must not bring them back)
-        elif kind == "error":         # the pull is over: what it was doing stays
-            self.stop(keep=True)
+        elif kind == "error" and not (self.batch and local):
+            self.stop(keep=True)      # the pull is over: what it was doing stays
 
     def _add_image(self, local: str | None, count: int) -> None:
         number = len(self.images) + 1

@@ -35,8 +35,8 @@ def phase_text(fields: dict) -> str:
 def _phase_line(f: dict) -> str | None:
     if f["phase"] == "reused":
         return f"Layer {f['layer']} already exists, skipping."
-    if f["phase"] == "done":         # (the layer-done line says it, with its sizes)
-        return None
+    if f["phase"] in ("done", "failed"):   # (the layer-done line says it, with its sizes;
+        return None                       # the error line, what failed)
     if f["phase"] == "downloading" and f.get("bytes"):
         return f"Layer {f['layer']} downloading, resumed at {_mb(f['bytes'])} of {_mb(f['total'])}."
     if f["phase"] == "downloading":

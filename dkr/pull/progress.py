@@ -26,9 +26,9 @@ from dkr.tasks import retrieved
 # Seconds between two progress events of one download (plus a last one when it ends).
 PROGRESS_INTERVAL = 0.5
 
-WAITING, DOWNLOADING, EXTRACTING, COMMITTING, DONE, REUSED = (
-    "waiting", "downloading", "extracting", "committing", "done", "reused")
-PHASES = (WAITING, DOWNLOADING, EXTRACTING, COMMITTING, DONE, REUSED)
+WAITING, DOWNLOADING, EXTRACTING, COMMITTING, DONE, REUSED, FAILED = (
+    "waiting", "downloading", "extracting", "committing", "done", "reused", "failed")
+PHASES = (WAITING, DOWNLOADING, EXTRACTING, COMMITTING, DONE, REUSED, FAILED)
 # What a waiting layer waits for: room in the spool, its parent layer, another
 # image's pull of it, or the link (blobs needed first download before it).
 FOR_SPOOL, FOR_PARENT, FOR_IMAGE, FOR_LINK = "spool", "parent", "image", "link"
@@ -141,6 +141,16 @@ class Progress:
         layer.final = DONE
         self._tell(layer)
         return outcome
+
+    def image_failed(self) -> None:
+        """The pull of the image bound now failed: each of its layers not finished
+        moves to ``failed``."""
+        bound = bound_fields()
+        image = (bound.get("local"), bound.get("reference"))
+        for key, layer in self._layers.items():
+            if key[:2] == image and layer.final is None:
+                layer.final = FAILED
+                self._tell(layer)
 
     # --- phases ----------------------------------------------------------------------
     def _layer(self, digest: str, size: int | None = None) -> _Layer:

@@ -252,6 +252,7 @@ class Puller:
                 "layers": [digest_hex(layer.chain_id) for layer in plan.layers],
                 "accepted": accepted})
         except (DkrError, OSError) as e:
+            self.progress.image_failed()
             raise explained(e, self.root, plan.layers, self.spool.directory,
                             free_before) from None
         return self.finish(result, started)
