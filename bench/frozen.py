@@ -39,6 +39,7 @@ def frozen_dkr(repo: Path, rev: str, cache: Path, log=print) -> tuple[str, str]:
     pip = [str(home / "venv" / "bin" / "python"), "-m", "pip", "-q",
            "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", str(src)], check=True)
+    # (with btrfsutil, as install.sh installs dkr: not the `btrfs` command fallback)
+    subprocess.run([*pip, "install", f"{src}[btrfs]"], check=True)
     (home / "ok").write_text(commit + "\n")
     return str(exe), commit
