@@ -32,7 +32,6 @@ from dkr.plugins import backend_on_disk, choose_backend
 from dkr.pull.claims import ClaimState, ClaimTable, LayerClaim, LayerTree, Share
 from dkr.pull.explain import explained, free_space
 from dkr.pull.hosts import Hosts
-from dkr.pull.idle import IdleCores
 from dkr.pull.progress import Progress, short_id
 from dkr.pull.spool import ResumedBlobMismatch, Spool, SpooledBlob, download
 from dkr.registry.auth import Credentials
@@ -121,7 +120,6 @@ class Puller:
             f"layer-{key}", f"building layer {self._layer_names.get(key, key[:12])}"))
         self._extractors: asyncio.Semaphore | None = None
         self._stage_ahead = _stage_ahead(options.stage_ahead)
-        self._idle = IdleCores() if self._stage_ahead == "when-idle" else None
         self._kept: dict[str, tuple[AsyncFlock, asyncio.Future]] = {}
         self.trust = Trust(options.signature_policy, options.registries_d)
 
@@ -344,9 +342,8 @@ class Puller:
         await self._remove_leftovers(claim.key, backend)
         stage = None
         stacked = parent is not None and backend.layer_format == "stacked"
-        if stacked and not parent.tree.done() and self._stage_ahead != "never":
-            stage = self._stage(claim.key, take_blob(), layer, backend.layer_format,
-                                parent.tree, functools.partial(prefetched.__setitem__, claim.key))
+        if stacked and not parent.tree.done() and self._stage_ahead:
+            stage = self._stage(claim.key, take_blob(), layer, backend.layer_format)
 
         fill = _SpooledFill(self, layer, backend.layer_format, take_blob, stage)
         try:
@@ -558,48 +555,27 @@ class Puller:
         finally:
             self.spool.finished(blob)
 
-    def _stage(self, key: str, blob: SpooledBlob, layer: LayerPlan, layer_format: str,
-               parent_tree: asyncio.Future, give_back: Callable[[SpooledBlob], None]) -> "_Stage":
-        """Pass 1 of a staged layer (see dkr.staging): it starts when the blob's turn
-        comes, if staging is still worth it then; if not, ``give_back`` returns the
-        blob to be extracted directly."""
+    def _stage(self, key: str, blob: SpooledBlob, layer: LayerPlan,
+               layer_format: str) -> "_Stage":
+        """Start pass 1 of a staged layer now (see dkr.staging)."""
         directory = self.root.layer_tmp(key)
         directory.mkdir()
+        self.progress.staging(layer.digest)
         unpacker = LayerUnpacker(None, layer_format, self.extractor_pool, stage=directory)
+        task = asyncio.ensure_future(self._stage_pass(key, blob, layer, unpacker))
+        task.add_done_callback(retrieved)
         # The blob is held until the replay is done: what is staged counts
         # against --spool-limit as the blob did.
-        stage = _Stage(directory, unpacker, f"layer {layer.digest}",
-                       lambda: self.spool.need(blob),
-                       lambda: self.spool.release(blob, keep_partial=True),
-                       lambda: give_back(blob))
-        stage.task = asyncio.ensure_future(self._stage_pass(key, blob, layer, stage,
-                                                            parent_tree))
-        stage.task.add_done_callback(retrieved)
-        return stage
+        return _Stage(directory, unpacker, task, f"layer {layer.digest}",
+                      lambda: self.spool.need(blob),
+                      lambda: self.spool.release(blob, keep_partial=True))
 
     async def _stage_pass(self, key: str, blob: SpooledBlob, layer: LayerPlan,
-                          stage: "_Stage", parent_tree: asyncio.Future) -> dict | None:
-        await self.spool.started(blob)
-        if not stage.begin(self._worth_staging(layer, parent_tree)):
-            return None
-        self.progress.staging(layer.digest)
-        staged = await self._extract_spooled(blob, layer, stage.unpacker)
+                          unpacker: LayerUnpacker) -> dict:
+        staged = await self._extract_spooled(blob, layer, unpacker)
         self.progress.emit("layer-staged", layer.digest, key,
                          seconds=staged["busy_seconds"])
         return staged
-
-    def _worth_staging(self, layer: LayerPlan, parent_tree: asyncio.Future) -> bool:
-        """Whether to stage ``layer``, whose blob's turn has come, rather than extract
-        it once its parent's tree is there."""
-        if self._stage_ahead == "always":
-            return True
-        if parent_tree.done():
-            return False
-        idle = self._idle.now()
-        worth = idle is not None and idle >= STAGE_WHEN_IDLE_CORES
-        log.debug("Layer %s: %s ahead of its parent (%s cores idle lately).", short_id(layer.digest),
-                  "staging" if worth else "not staging", "?" if idle is None else f"{idle:.2f}")
-        return worth
 
     async def _extract_spooled(self, blob: SpooledBlob, layer: LayerPlan,
                                unpacker: LayerUnpacker) -> dict:
@@ -743,21 +719,18 @@ class Puller:
 
 # Staging a layer ahead of its parent costs ~10% more CPU in all (its members
 # are written twice: into the stage, then into the tree), so it only pays
-# where cores would otherwise be idle: with 4 or more, always; on fewer, where
-# one extractor (inflating on one thread, writing on another) can keep both
-# busy, only while the bytes come slower than that and a core sat idle (over
-# a link: docs/bench.md).
+# where cores would otherwise be idle: on 2 cores, one extractor (inflating
+# on one thread, writing on another) already keeps both busy, and staging
+# measured no faster there (docs/bench.md).
 STAGE_AHEAD_MIN_CORES = 4
-STAGE_WHEN_IDLE_CORES = 0.8
 
 
-def _stage_ahead(when: str) -> str:
-    """``always``, ``never`` or ``when-idle`` (``auto`` on fewer than 4 cores)."""
+def _stage_ahead(when: str) -> bool:
     if when not in ("auto", "always", "never"):
         raise UsageError(f"--stage-ahead must be auto, always or never, not {when!r}")
     if when == "auto":
-        return "always" if (os.cpu_count() or 1) >= STAGE_AHEAD_MIN_CORES else "when-idle"
-    return when
+        return (os.cpu_count() or 1) >= STAGE_AHEAD_MIN_CORES
+    return when == "always"
 
 
 def _now() -> str:
@@ -812,7 +785,7 @@ class _SpooledFill:
         self._ahead: tuple[SpooledBlob, LayerUnpacker] | None = None
 
     def _staged(self) -> bool:
-        return self.stage is not None and self.stage.staged()
+        return self.stage is not None and not self.stage.used
 
     async def start(self) -> None:
         if self._staged():
@@ -858,40 +831,15 @@ class _SpooledFill:
 
 @dataclass
 class _Stage:
-    """A stacked layer to be staged ahead of its parent: pass 1 waits for its blob's
-    turn, then runs, or is declined (the layer is then extracted directly)."""
+    """A stacked layer staged ahead of its parent (pass 1 running or done)."""
 
     directory: Path
     unpacker: LayerUnpacker
+    task: asyncio.Future          # pass 1's checked report
     label: str
     need_blob: Callable[[], None]
     release_blob: Callable[[], None] | None
-    give_back_blob: Callable[[], None]
-    task: asyncio.Future | None = None     # pass 1's checked report; None: declined
-    state: str = "undecided"               # then "staging" or "declined"
     used: bool = False
-
-    def begin(self, worth_it: bool) -> bool:
-        """Pass 1 decides, when its blob's turn comes: stage, or give the blob back."""
-        if self.state == "undecided":
-            if worth_it:
-                self.state = "staging"
-            else:
-                self._decline()
-        return self.state == "staging"
-
-    def staged(self) -> bool:
-        """Whether the layer is replayed from this stage. Asked once its parent's tree
-        is there: a pass 1 still waiting for its turn is declined then."""
-        if self.state == "undecided":
-            self._decline()
-            self.task.cancel()
-        return self.state == "staging" and not self.used
-
-    def _decline(self) -> None:
-        self.state = "declined"
-        self.release_blob = None
-        self.give_back_blob()
 
     async def replay(self, tree: Path) -> dict:
         self.used = True
