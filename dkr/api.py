@@ -115,7 +115,8 @@ def _usable(options: PullOptions | None) -> PullOptions:
     return dataclasses.replace(options, **changes) if changes else options
 
 
-def report_error(events: Events, reference: str, error: Exception, local: str | None) -> None:
+def report_error(events: Events, reference: str | None, error: Exception,
+                 local: str | None) -> None:
     """Emit the ``error`` event of a failed pull (of one image, or of a whole command when
     ``local`` is None). If the reader of the events is gone (a closed pipe), the
     error is still told by whoever raises it: the event must not replace it."""
