@@ -463,7 +463,9 @@ def _write_results(args, data: dict, results: Path, stamp: str) -> None:
         chart_copy = None
         if chart and Path(chart).exists():
             slug = re.sub(r"[^A-Za-z0-9.]+", "-", data["label"]).strip("-")
-            chart_copy = HERE / f"chart-{slug}.png"
+            # (the project's charts live in bench/; a side run's beside its own docs file)
+            project_docs = Path(args.docs).resolve() == (REPO / "docs" / "bench.md").resolve()
+            chart_copy = (HERE if project_docs else Path(args.docs).parent) / f"chart-{slug}.png"
             shutil.copy(chart, chart_copy)
         report.update_docs(Path(args.docs), data, chart_copy)
         log(f"updated {args.docs}")
