@@ -399,7 +399,7 @@ def _pull_batch(path: str, options, events) -> int:
     items = api.read_batch_file(text, "stdin" if path == "-" else path)
     events.renderers.append(_print_image_error)
     outcomes = api.pull_batch(items, options=options, events=events)
-    failed = [local or _machine_name(reference, None)
+    failed = [local or _machine_name(reference, None) or reference
               for (reference, local), outcome in zip(items, outcomes)
               if isinstance(outcome, DkrError)]
     logging.getLogger("dkr").info("Pulled %d of %d images%s.", len(items) - len(failed),
